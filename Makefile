@@ -1,0 +1,33 @@
+# Two entry points, both self-contained on a fresh machine: `make run` and `make test`.
+# Exact tested versions come from constraints.txt (torch 2.13.0 resolves to the local CPU build).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PIP     = $(BIN)/python -m pip install -q -c constraints.txt
+
+.PHONY: install install-dev run test lint slow
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(PIP) -e ".[models]"
+
+install-dev: $(BIN)/python
+	$(PIP) -e ".[dev]"
+
+## The default experiment: tiny_bert on the synthetic task, CPU, W&B offline (about a minute).
+run: install
+	$(BIN)/qatflash
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Lint, then the default test run (slow tests excluded).
+test: lint
+	$(BIN)/pytest
+
+## The long end-to-end runs (default experiment accuracy, MiniLM on SST-2).
+slow: install-dev
+	$(BIN)/pytest -m slow

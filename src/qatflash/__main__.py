@@ -1,0 +1,3 @@
+from qatflash.cli import main
+
+main()

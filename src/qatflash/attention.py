@@ -1,0 +1,123 @@
+"""Attention implementations: what each needs, checked before training, and SDPA kernel forcing.
+
+An implementation is data (`conf/attention/*.yaml`): the name transformers knows plus what it needs
+(CUDA, half precision, an importable package). Checks here are facts about this device and this
+model class, so they run after config validation and before the first batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from qatflash.config import AttentionConfig, ConfigError
+
+SDPA_KERNELS: dict[str, SDPBackend] = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+
+# transformers' class flag for each implementation that needs model support.
+_SUPPORT_FLAGS = {
+    "sdpa": "_supports_sdpa",
+    "flex_attention": "_supports_flex_attn",
+    "flash_attention_2": "_supports_flash_attn",
+    "flash_attention_3": "_supports_flash_attn",
+}
+
+HALF_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true")
+
+
+def check_attention(cfg: AttentionConfig, precision: str, device: torch.device) -> None:
+    """Refuse, in one line each, an implementation or forced kernel this run cannot use."""
+    name = cfg.implementation
+    if cfg.requires_module and importlib.util.find_spec(cfg.requires_module) is None:
+        hint = f"; {cfg.install_hint}" if cfg.install_hint else ""
+        raise ConfigError(
+            f"attention={name} needs the Python package '{cfg.requires_module}', which is not installed"
+            f"{hint}; or use attention=sdpa"
+        )
+    if cfg.requires_cuda and device.type != "cuda":
+        raise ConfigError(
+            f"attention={name} needs a CUDA GPU, but this run is on {device.type}; "
+            "use attention=sdpa or attention=eager"
+        )
+    if cfg.requires_half_precision and precision not in HALF_PRECISIONS:
+        raise ConfigError(
+            f"attention={name} needs fp16/bf16, but trainer.precision={precision}; "
+            f"use one of {list(HALF_PRECISIONS)}"
+        )
+    if cfg.sdpa_backend is not None:
+        _probe_sdpa_kernel(cfg.sdpa_backend, precision, device)
+
+
+def _probe_tensor(precision: str, device: torch.device) -> torch.Tensor:
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
+    return torch.randn(1, 2, 8, 64, device=device, dtype=dtype)
+
+
+def _probe_sdpa_kernel(backend: str, precision: str, device: torch.device) -> None:
+    """Run a tiny attention under the forced kernel: the only reliable test that it exists here."""
+    q = _probe_tensor(precision, device)
+    if _kernel_runs(SDPA_KERNELS[backend], q):
+        return
+    available = [name for name, kernel in SDPA_KERNELS.items() if _kernel_runs(kernel, q)]
+    raise ConfigError(
+        f"attention.sdpa_backend={backend} has no kernel on {device.type} for {q.dtype}; "
+        f"available here: {available}"
+    )
+
+
+def check_padding_support(cfg: AttentionConfig, precision: str, device: torch.device, padded: bool) -> None:
+    """Refuse a forced kernel that cannot take the padding mask this run's batches will carry.
+
+    Unpadded batches reach SDPA with no mask (transformers drops an all-ones mask), so e.g. CUDA's
+    flash kernel serves them; a padded batch would fail at its first step instead.
+    """
+    if cfg.sdpa_backend is None or not padded:
+        return
+    q = _probe_tensor(precision, device)
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool, device=device).tril()
+    if not _kernel_runs(SDPA_KERNELS[cfg.sdpa_backend], q, mask):
+        raise ConfigError(
+            f"attention.sdpa_backend={cfg.sdpa_backend} cannot take a padding mask on {device.type}, and this "
+            "run's batches are padded; use attention.sdpa_backend=null (PyTorch picks per batch) or "
+            "inputs of one length"
+        )
+
+
+def _kernel_runs(kernel: SDPBackend, q: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    try:
+        with sdpa_kernel(kernel):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_model_supports(cfg: AttentionConfig, model_class: type) -> None:
+    """Refuse an implementation the model class does not declare support for (before loading weights)."""
+    flag = _SUPPORT_FLAGS.get(cfg.implementation)
+    if flag is not None and not getattr(model_class, flag, False):
+        supported = ["eager"] + [impl for impl, f in _SUPPORT_FLAGS.items() if getattr(model_class, f, False)]
+        raise ConfigError(
+            f"attention={cfg.implementation} is not supported by {model_class.__name__}; "
+            f"it supports {supported}"
+        )
+
+
+@contextlib.contextmanager
+def forced_kernel(backend: str | None) -> Iterator[None]:
+    """Force one SDPA kernel for the enclosed forwards; a no-op when none is configured."""
+    if backend is None:
+        yield
+        return
+    with sdpa_kernel(SDPA_KERNELS[backend]):
+        yield

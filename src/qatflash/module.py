@@ -1,0 +1,78 @@
+"""The one LightningModule: any `AutoModelForSequenceClassification`, whatever its attention or quantization.
+
+Variants (FP32, QAT-prepared, SDPA or flash attention) are configuration applied to the wrapped
+model, never subclasses of this module. Batches are dicts and reach the model as keyword
+arguments, the way every Hugging Face model expects them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import get_linear_schedule_with_warmup
+
+from qatflash.attention import forced_kernel
+from qatflash.config import OptimConfig
+
+# Parameters that AdamW should not decay (standard BERT practice).
+_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+class SequenceClassifier(L.LightningModule):
+    def __init__(
+        self, model: nn.Module, optim: OptimConfig, num_labels: int, sdpa_backend: str | None = None
+    ) -> None:
+        super().__init__()
+        # from_pretrained returns a model in eval mode; fine-tuning wants dropout on, as HF's Trainer does.
+        self.model = model.train()
+        self.optim = optim
+        self.sdpa_backend = sdpa_backend
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
+                "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        with forced_kernel(self.sdpa_backend):
+            return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+        out = self(**batch)
+        metrics.update(out.logits.argmax(dim=-1), batch["labels"])
+        size = batch["labels"].shape[0]
+        self.log(f"{stage}/loss", out.loss, batch_size=size)
+        self.log_dict(metrics, batch_size=size)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {
+                "params": [p for n, p in named if not n.endswith(_NO_DECAY)],
+                "weight_decay": self.optim.weight_decay,
+            },
+            {"params": [p for n, p in named if n.endswith(_NO_DECAY)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.optim.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,137 @@
+"""results.json: one per job, the only record a sweep or report trusts.
+
+The file is written whole to a temporary name and renamed, so a reader sees the old version or the
+new one, never half of one. A job marks itself `running` before any work, so a killed job can never
+be mistaken for a finished one; only a job that completed every step is `ok`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+TRACEBACK_FILE = "traceback.txt"
+_VERSIONED = (
+    "torch",
+    "transformers",
+    "lightning",
+    "datasets",
+    "hydra-core",
+    "torchmetrics",
+    "wandb",
+    "qatflash",
+)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path: Path) -> dict[str, Any] | None:
+    """The results of a job folder or file, or None when absent or unreadable (truncated, not JSON)."""
+    path = path / RESULTS_FILE if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    env.update({name: _version(name) for name in _VERSIONED})
+    env["cpu"] = _cpu_model()
+    env["threads"] = torch.get_num_threads()
+    env["cuda"] = torch.version.cuda
+    if device is not None:
+        env["device"] = device.type
+        env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"]
+    return env
+
+
+class RunRecord:
+    """The results.json of one job: `running` on entry, `ok` or `failed` (with the error) on exit."""
+
+    def __init__(self, folder: Path, choices: dict[str, Any], params: dict[str, Any]) -> None:
+        self.path = folder / RESULTS_FILE
+        previous = read_results(self.path) or {}
+        self.data: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "status": "running",
+            "error": None,
+            "attempt": int(previous.get("attempt", 0)) + 1,
+            "choices": choices,
+            "params": params,
+            "metrics": {},
+            "latency": [],
+            "model": {},
+            "timing": {},
+            "env": environment(),
+            "argv": sys.argv[1:],
+        }
+        self._started = time.perf_counter()
+
+    def update(self, section: str, values: dict[str, Any] | list[Any]) -> None:
+        current = self.data[section]
+        if isinstance(current, list):
+            current.extend(values)
+        else:
+            current.update(values)
+
+    def __enter__(self) -> RunRecord:
+        write_json_atomic(self.path, self.data)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.data["timing"]["total_s"] = round(time.perf_counter() - self._started, 3)
+        if exc is None:
+            self.data["status"] = "ok"
+        else:
+            self.data["status"] = "failed"
+            self.data["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            trace = self.path.parent / TRACEBACK_FILE
+            trace.write_text("".join(traceback.format_exception(exc_type, exc, tb)))
+            self.data["traceback"] = trace.name
+        write_json_atomic(self.path, self.data)

@@ -1,0 +1,82 @@
+"""The `qatflash` command as users run it: single runs, the documented multirun, W&B files, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import FAST, run_cli
+from wandb_files import run_files, run_info, summary
+
+from qatflash.results import read_results
+
+
+def _results(folder: Path) -> list[dict]:
+    return [read_results(p) for p in sorted(folder.rglob("results.json"))]
+
+
+def test_single_run_logs_to_offline_wandb(tmp_path: Path) -> None:
+    proc = run_cli(*FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = _results(tmp_path)
+    assert results["status"] == "ok"
+    (wandb_file,) = run_files(tmp_path)
+    logged = summary(wandb_file)
+    assert logged["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
+    assert logged["latency/p50_ms"] == pytest.approx(results["latency"][0]["p50_ms"])
+    info = run_info(wandb_file)
+    assert info["name"] == "tiny_bert-synthetic-fp32-sdpa-L64-s0"
+    assert (info["group"], info["job_type"], info["exit_code"]) == ("default", "train", 0)
+    assert info["config"]["attention"] == "sdpa" and info["config"]["max_length"] == 64
+    assert info["config"]["config"]["model"]["arch"]["hidden_size"] == 128
+
+
+def test_documented_multirun_runs_four_jobs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m", "attention=eager,sdpa", "data.max_length=32,64", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(sweep)
+    assert len(results) == 4
+    points = {(r["choices"]["attention"], r["params"]["max_length"]) for r in results}
+    assert points == {("eager", 32), ("eager", 64), ("sdpa", 32), ("sdpa", 64)}
+    for r in results:
+        assert r["status"] == "ok" and 0 <= r["metrics"]["test/acc"] <= 1 and r["latency"][0]["p50_ms"] > 0
+    folders = {p.name for p in sweep.iterdir() if p.is_dir()}
+    assert "0-attention=eager,data.max_length=32" in folders
+    wandb_runs = run_files(sweep)
+    assert len(wandb_runs) == 4
+    assert {run_info(f)["group"] for f in wandb_runs} == {"default/sweep"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.max_length=0"], "qatflash: error: data.max_length=0 must be > 0"),
+        (["attention=flash_attention_2"], "qatflash: error: attention=flash_attention_2 needs"),
+        (
+            ["attention=sdpa", "attention.sdpa_backend=efficient"],
+            "qatflash: error: attention.sdpa_backend=efficient has no kernel on cpu",
+        ),
+        (
+            ["data=sst2", "data.path=/nonexistent/sst2"],
+            "qatflash: error: data.path=/nonexistent/sst2 is not a folder",
+        ),
+    ],
+)
+def test_refusals_exit_nonzero_with_one_line_and_record_nothing_ok(
+    tmp_path: Path, overrides, message
+) -> None:
+    proc = run_cli(*overrides, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("qatflash: error:")]
+    assert len(errors) == 1 and errors[0].startswith(message)
+    assert all(r["status"] != "ok" for r in _results(tmp_path))
+
+
+def test_unknown_option_lists_choices(tmp_path: Path) -> None:
+    proc = run_cli("attention=fastest", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'attention/fastest'" in proc.stderr and "Available options" in proc.stderr
+    assert not list(tmp_path.rglob("results.json"))

