@@ -123,7 +123,6 @@ def test_configs_ship_inside_the_wheel(tmp_path: Path) -> None:
         "register_schema()\n"
         "with initialize_config_dir(config_dir=config_dir(), version_base='1.3'):\n"
         "    cfg = compose('config', overrides=['model=minilm', 'attention=eager'])\n"
-        "cfg.pop('hydra')\n"
         "print(config_dir()); print(to_config(cfg).attention.implementation)\n"
     )
     out = subprocess.run(

@@ -8,10 +8,11 @@ random-init path never needs a download and its vocabulary fits its data.
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -56,12 +57,25 @@ def load_tokenizer(cfg: ModelConfig, training_texts: Iterable[str]) -> PreTraine
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A BERT-style uncased WordPiece tokenizer learnt from `texts` (deterministic for the same texts)."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    """A BERT-style uncased WordPiece tokenizer whose vocabulary is learnt from `texts`.
+
+    The vocabulary is every character seen (alone and as a ##continuation, so no word is ever
+    unknown) plus the most frequent words, ties broken alphabetically. tokenizers' own trainer breaks
+    ties in hash order, which gave the same config different token ids on different runs and so
+    different results and cache misses; this ordering is fixed by the texts alone.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    chars = sorted({c for word in counts for c in word})
+    pieces = [*_SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    vocab = pieces + words[: max(0, vocab_size - len(pieces))]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
