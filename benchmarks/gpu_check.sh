@@ -18,12 +18,18 @@ for attn in eager sdpa sdpa_flash flash_attention_2; do
   python3 -m qatflash "${common[@]}" attention=$attn hydra.run.dir="$OUT/$attn" 2>"$OUT/$attn.err" >/dev/null
   echo "attention=$attn exit=$? $(grep -h '^qatflash: error' "$OUT/$attn.err")"
 done
-# Refusals that only a GPU can show: flash in fp32, and each forced kernel's availability in bf16.
+# Refusals only a GPU can show: forced kernels missing in fp32, and CUDA's flash kernel (which takes
+# no mask) with padded batches (synthetic sentences are 62 tokens; fixed-length evaluation pads to 128).
+refuse() {
+  local name=$1; shift
+  python3 -m qatflash trainer=gpu logger=none trainer.max_epochs=1 benchmark=none "$@" hydra.run.dir="$OUT/$name" \
+    >/dev/null 2>"$OUT/$name.err"
+  echo "$name exit=$? $(grep -h '^qatflash: error' "$OUT/$name.err")"
+}
 for backend in flash efficient cudnn math; do
-  python3 -m qatflash trainer=gpu trainer.precision=32-true attention=sdpa attention.sdpa_backend=$backend \
-    logger=none trainer.max_epochs=1 benchmark=none hydra.run.dir="$OUT/fp32_$backend" 2>&1 >/dev/null | grep '^qatflash: error' \
-    || echo "sdpa_backend=$backend in fp32: accepted"
+  refuse "fp32_$backend" trainer.precision=32-true attention=sdpa attention.sdpa_backend=$backend
 done
+refuse padded_flash attention=sdpa_flash data.max_length=128 data.eval_padding=max_length
 
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib

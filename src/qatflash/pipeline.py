@@ -113,34 +113,36 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         test_s = time.perf_counter() - started
         record.update("metrics", metrics)
 
-        latency = {}
         if cfg.benchmark.enabled:
             started = time.perf_counter()
-            stats = measure_forward_latency(
-                module.to(device),
-                cfg.benchmark,
-                seq_len=bench_len,
-                device=device,
-                vocab_size=hf_config.vocab_size,
-                autocast_dtype=_AUTOCAST.get(str(cfg.trainer.precision)),
+            record.update(
+                "latency", [latency_row(cfg, module.to(device), device, bench_len, hf_config.vocab_size)]
             )
-            latency = {
-                "variant": "fp32"
-                if str(cfg.trainer.precision) in ("32", "32-true")
-                else str(cfg.trainer.precision),
-                "backend": "torch",
-                "device": device.type,
-                "threads": cfg.benchmark.threads or torch.get_num_threads(),
-                "seq_len": bench_len,
-                "batch_size": cfg.benchmark.batch_size,
-                "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
-                **stats.as_dict(),
-            }
-            record.update("latency", [latency])
             record.update("timing", {"bench_s": round(time.perf_counter() - started, 3)})
         record.update("timing", {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)})
+        latency = record.data["latency"][0] if record.data["latency"] else {}
         tracker.summarize({**metrics, **{f"latency/{k}": v for k, v in latency.items()}})
     return record.data
+
+
+def latency_row(
+    cfg: Config, module: torch.nn.Module, device: torch.device, seq_len: int, vocab_size: int
+) -> dict[str, Any]:
+    """One latency record: what was timed, how, and the figures."""
+    precision = str(cfg.trainer.precision)
+    stats = measure_forward_latency(
+        module, cfg.benchmark, seq_len, device, vocab_size, autocast_dtype=_AUTOCAST.get(precision)
+    )
+    return {
+        "variant": "fp32" if precision in ("32", "32-true") else precision,
+        "backend": "torch",
+        "device": device.type,
+        "threads": cfg.benchmark.threads or torch.get_num_threads(),
+        "seq_len": seq_len,
+        "batch_size": cfg.benchmark.batch_size,
+        "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
+        **stats.as_dict(),
+    }
 
 
 def _check_length(hf_config: Any, *lengths: tuple[str, int]) -> None:
