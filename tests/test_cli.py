@@ -23,7 +23,7 @@ def test_single_run_logs_to_offline_wandb(tmp_path: Path) -> None:
     (wandb_file,) = run_files(tmp_path)
     logged = summary(wandb_file)
     assert logged["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
-    assert logged["latency/p50_ms"] == pytest.approx(results["latency"][0]["p50_ms"])
+    assert logged["latency/fp32/p50_ms"] == pytest.approx(results["latency"][0]["p50_ms"])
     info = run_info(wandb_file)
     assert info["name"] == "tiny_bert-synthetic-fp32-sdpa-L64-s0"
     assert (info["group"], info["job_type"], info["exit_code"]) == ("default", "train", 0)

@@ -170,15 +170,93 @@ class AttentionConfig:
             )
 
 
-QUANT_METHODS = ("none",)
+QUANT_METHODS = ("none", "ptq_dynamic", "ptq_static", "qat")
+OBSERVERS = (
+    "minmax",
+    "moving_average_minmax",
+    "per_channel_minmax",
+    "moving_average_per_channel_minmax",
+    "histogram",
+)
+QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric")
+
+
+@dataclass
+class ObserverConfig:
+    """How one tensor kind (activations or weights) is observed and quantized (torch.ao terms)."""
+
+    observer: str = "moving_average_minmax"
+    dtype: str = "quint8"
+    qscheme: str = "per_tensor_affine"
+    quant_min: int = 0
+    quant_max: int = 255
+    reduce_range: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("quant observer", self.observer, OBSERVERS)
+        _one_of("quant dtype", self.dtype, ("quint8", "qint8"))
+        _one_of("quant qscheme", self.qscheme, QSCHEMES)
+        _require(
+            self.quant_min < self.quant_max,
+            f"quant range [{self.quant_min}, {self.quant_max}] is empty; quant_min must be < quant_max",
+        )
+        per_channel = self.qscheme.startswith("per_channel")
+        _require(
+            per_channel == ("per_channel" in self.observer),
+            f"quant qscheme={self.qscheme} needs a{' per-channel' if per_channel else ' per-tensor'} observer, "
+            f"not observer={self.observer}",
+        )
+
+
+@dataclass
+class TargetsConfig:
+    """Which nn.Linear modules are quantized: glob patterns over module names (fnmatch)."""
+
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
 
 
 @dataclass
 class QuantConfig:
     method: str = "none"
+    # torch.backends.quantized.engine for conversion and INT8 inference.
+    engine: str = "x86"
+    activation: ObserverConfig | None = None
+    weight: ObserverConfig | None = None
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    # int8: embedding tables quantized weight-only (per-row), about half of a BERT's bytes.
+    embeddings: str = "float"
+    # ptq_static: training batches that calibrate the observers.
+    calibration_batches: int = 32
+    # qat: train in float for this many steps before fake quantization starts ...
+    fake_quant_start_step: int = 0
+    # ... and stop updating observers (scales, zero points) from this step on; null = never.
+    freeze_observers_step: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("quant.method", self.method, QUANT_METHODS)
+        _one_of("quant.engine", self.engine, ("x86", "fbgemm", "qnnpack", "onednn"))
+        _one_of("quant.embeddings", self.embeddings, ("float", "int8"))
+        if self.method in ("ptq_static", "qat"):
+            _require(
+                self.activation is not None and self.weight is not None,
+                f"quant.method={self.method} needs quant.activation and quant.weight observers",
+            )
+        if self.method == "ptq_dynamic":
+            _require(self.weight is not None, "quant.method=ptq_dynamic needs a quant.weight observer")
+        _require(
+            self.calibration_batches > 0, f"quant.calibration_batches={self.calibration_batches} must be > 0"
+        )
+        _require(
+            self.fake_quant_start_step >= 0,
+            f"quant.fake_quant_start_step={self.fake_quant_start_step} must be >= 0",
+        )
+        _require(
+            self.freeze_observers_step is None or self.freeze_observers_step > self.fake_quant_start_step,
+            f"quant.freeze_observers_step={self.freeze_observers_step} must come after "
+            f"quant.fake_quant_start_step={self.fake_quant_start_step}",
+        )
+        _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
 
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")

@@ -109,12 +109,20 @@ def build_model(cfg: ModelConfig, attention: AttentionConfig, hf_config: Pretrai
     if model_class is None:
         raise ConfigError(f"model type '{hf_config.model_type}' has no sequence-classification head")
     check_model_supports(attention, model_class)
-    kwargs = {"attn_implementation": attention.implementation}
     if cfg.name_or_path is not None:
         return AutoModelForSequenceClassification.from_pretrained(
-            resolve_name_or_path(cfg.name_or_path), config=hf_config, **kwargs
+            resolve_name_or_path(cfg.name_or_path),
+            config=hf_config,
+            attn_implementation=attention.implementation,
         )
-    return AutoModelForSequenceClassification.from_config(hf_config, **kwargs)
+    return build_model_from_config(hf_config, attention)
+
+
+def build_model_from_config(hf_config: PretrainedConfig, attention: AttentionConfig) -> PreTrainedModel:
+    """Random weights in the model's shape: a from-scratch model, or a skeleton to load a state_dict into."""
+    return AutoModelForSequenceClassification.from_config(
+        hf_config, attn_implementation=attention.implementation
+    )
 
 
 def max_positions(hf_config: PretrainedConfig) -> int | None:

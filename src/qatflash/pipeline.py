@@ -6,6 +6,7 @@ against the model's positions) runs before the first training batch.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -17,10 +18,12 @@ import torch
 
 from qatflash.attention import check_attention, check_padding_support
 from qatflash.bench import measure_forward_latency
-from qatflash.config import Config, ConfigError
+from qatflash.config import AttentionConfig, Config, ConfigError, QuantConfig
 from qatflash.data import TextClassificationData
-from qatflash.models import build_model, load_tokenizer, max_positions, model_config
+from qatflash.models import build_model, build_model_from_config, load_tokenizer, max_positions, model_config
 from qatflash.module import SequenceClassifier
+from qatflash.quant import EagerRecipe, QuantizationAwareTraining, count_quantized
+from qatflash.quant.artifact import INT8_ARTIFACT, load_state, save_state, serialized_bytes
 from qatflash.results import RunRecord, environment
 from qatflash.tracking import Tracker
 
@@ -83,6 +86,7 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         device = resolve_device(cfg.trainer.accelerator)
         record.update("env", environment(device))
         check_attention(cfg.attention, str(cfg.trainer.precision), device)
+        recipe = EagerRecipe(cfg.quant) if cfg.quant.method != "none" else None
 
         data = TextClassificationData(cfg.data, partial(load_tokenizer, cfg.model), cfg.seed)
         data.setup()
@@ -95,46 +99,146 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         record.update(
             "model", {"parameters": sum(p.numel() for p in model.parameters()), "num_labels": data.num_labels}
         )
-
+        qat, float_model = None, None
+        if recipe is not None:
+            recipe.select_targets(model)  # patterns that match nothing are refused now, not after training
+        if cfg.quant.method == "qat":
+            qat = QuantizationAwareTraining(
+                recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step
+            )
+            float_model = copy.deepcopy(model)  # the FP32 twin, for size and latency
         trainer = L.Trainer(
             **asdict(cfg.trainer),
             logger=tracker.lightning_logger,
             default_root_dir=str(job.folder),
             enable_checkpointing=False,
+            callbacks=[qat] if qat is not None else [],
         )
         started = time.perf_counter()
         trainer.fit(module, datamodule=data)
-        fit_s = time.perf_counter() - started
+        record.update("timing", {"fit_s": round(time.perf_counter() - started, 3)})
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         started = time.perf_counter()
-        metrics.update(
-            {k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()}
-        )
-        test_s = time.perf_counter() - started
+        tested = _test(trainer, module, data)
+        record.update("timing", {"test_s": round(time.perf_counter() - started, 3)})
+
+        variants: dict[str, tuple[torch.nn.Module, torch.device]] = {"fp32": (module.model, device)}
+        if recipe is None:
+            metrics.update(tested)
+        else:
+            metrics.update(_suffixed(tested, "fakequant" if qat else "fp32"))
+            float_model = float_model or module.model  # PTQ quantizes a copy; this one stays FP32
+            int8 = (
+                qat.int8_model if qat is not None else _post_training(recipe, module.model, data, cfg.quant)
+            )
+            skeleton = partial(_int8_skeleton, recipe, cfg.attention, hf_config)
+            metrics.update(_record_int8(record, job.folder, int8, float_model, skeleton, data))
+            module.model = int8
+            metrics.update(_int8_metrics(_test(_cpu_trainer(), module, data), metrics))
+            variants = {"fp32": (float_model, device), "int8": (int8, torch.device("cpu"))}
         record.update("metrics", metrics)
 
         if cfg.benchmark.enabled:
             started = time.perf_counter()
-            record.update(
-                "latency", [latency_row(cfg, module.to(device), device, bench_len, hf_config.vocab_size)]
-            )
+            for variant, (timed, timed_on) in variants.items():
+                module.model = timed
+                row = latency_row(
+                    cfg, module.to(timed_on), timed_on, bench_len, hf_config.vocab_size, variant
+                )
+                record.update("latency", [row])
             record.update("timing", {"bench_s": round(time.perf_counter() - started, 3)})
-        record.update("timing", {"fit_s": round(fit_s, 3), "test_s": round(test_s, 3)})
-        latency = record.data["latency"][0] if record.data["latency"] else {}
-        tracker.summarize({**metrics, **{f"latency/{k}": v for k, v in latency.items()}})
+        summary = {
+            f"latency/{row['variant']}/{k}": v for row in record.data["latency"] for k, v in row.items()
+        }
+        tracker.summarize(
+            {**metrics, **summary, **{f"model/{k}": v for k, v in record.data["model"].items()}}
+        )
     return record.data
 
 
+def _test(trainer: L.Trainer, module: SequenceClassifier, data: TextClassificationData) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()}
+
+
+def _int8_metrics(tested: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """The INT8 model is what ships: its figures are test/*, also kept as test/*_int8, with the delta to FP32."""
+    metrics = {**tested, **_suffixed(tested, "int8")}
+    if "test/acc_fp32" in before:
+        metrics["test/acc_delta"] = tested["test/acc"] - before["test/acc_fp32"]
+    return metrics
+
+
+def _suffixed(metrics: dict[str, float], suffix: str) -> dict[str, float]:
+    return {f"{k}_{suffix}": v for k, v in metrics.items()}
+
+
+def _cpu_trainer() -> L.Trainer:
+    """INT8 kernels are CPU kernels, whatever device trained the model."""
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+
+
+def _post_training(
+    recipe: EagerRecipe, model: torch.nn.Module, data: TextClassificationData, cfg: QuantConfig
+) -> torch.nn.Module:
+    """PTQ of the fine-tuned model: observe calibration batches (static), then convert."""
+    model = recipe.prepare(copy.deepcopy(model).cpu().train())
+    if cfg.method == "ptq_static":
+        model.eval()
+        with torch.inference_mode():
+            for _, batch in zip(range(cfg.calibration_batches), data.train_dataloader(), strict=False):
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+    return recipe.convert(model)
+
+
+def _int8_skeleton(recipe: EagerRecipe, attention: AttentionConfig, hf_config: Any) -> torch.nn.Module:
+    """A freshly built, prepared and converted model: the shape an INT8 state_dict loads into."""
+    model = build_model_from_config(hf_config, attention).train()
+    return recipe.convert(recipe.prepare(model))
+
+
+def _record_int8(
+    record: RunRecord,
+    folder: Path,
+    int8: torch.nn.Module,
+    float_model: torch.nn.Module,
+    skeleton: Any,
+    data: TextClassificationData,
+) -> dict[str, float]:
+    """Save the INT8 artifact, prove it reloads to identical logits, record sizes; returns metrics."""
+    path = folder / INT8_ARTIFACT
+    int8_bytes = save_state(int8, path)
+    reloaded = load_state(skeleton, path)
+    batch = {k: v for k, v in next(iter(data.test_dataloader())).items() if k != "labels"}
+    with torch.inference_mode():
+        if not torch.equal(int8.eval()(**batch).logits, reloaded(**batch).logits):
+            raise RuntimeError(f"the INT8 artifact {path} does not reproduce the model's logits")
+    fp32_bytes = serialized_bytes(float_model)
+    record.update(
+        "model",
+        {
+            "int8_artifact": path.name,
+            "int8_bytes": int8_bytes,
+            "fp32_bytes": fp32_bytes,
+            "quantized_modules": count_quantized(int8),
+        },
+    )
+    return {"model/size_ratio": int8_bytes / fp32_bytes}
+
+
 def latency_row(
-    cfg: Config, module: torch.nn.Module, device: torch.device, seq_len: int, vocab_size: int
+    cfg: Config, module: torch.nn.Module, device: torch.device, seq_len: int, vocab_size: int, variant: str
 ) -> dict[str, Any]:
     """One latency record: what was timed, how, and the figures."""
     precision = str(cfg.trainer.precision)
+    autocast = _AUTOCAST.get(precision) if variant == "fp32" else None
     stats = measure_forward_latency(
-        module, cfg.benchmark, seq_len, device, vocab_size, autocast_dtype=_AUTOCAST.get(precision)
+        module, cfg.benchmark, seq_len, device, vocab_size, autocast_dtype=autocast
     )
     return {
-        "variant": "fp32" if precision in ("32", "32-true") else precision,
+        "variant": variant,
+        "precision": precision if variant == "fp32" else "int8",
         "backend": "torch",
         "device": device.type,
         "threads": cfg.benchmark.threads or torch.get_num_threads(),

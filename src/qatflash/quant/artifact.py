@@ -1,0 +1,38 @@
+"""INT8 artifacts: a state_dict saved atomically, loaded with weights_only=True into a rebuilt skeleton.
+
+weights_only loading executes no code from the file (a tampered pickle is refused), and rebuilding
+the skeleton with the same recipe is what makes packed INT8 parameters loadable at all.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+INT8_ARTIFACT = "int8_model.pt"
+
+
+def save_state(model: nn.Module, path: Path) -> int:
+    """Write the state_dict to `path` via a temporary file; returns its size in bytes."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """What `save_state` would write, without writing it (the FP32 size beside the INT8 artifact)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def load_state(skeleton: Callable[[], nn.Module], path: Path) -> nn.Module:
+    model = skeleton()
+    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    return model.eval()

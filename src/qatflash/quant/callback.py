@@ -1,0 +1,73 @@
+"""The QAT schedule as a Lightning callback: prepare, fake-quant start, observer freeze, INT8 at fit end.
+
+torch.ao's FakeQuantize updates its observer on every forward in which the observer is enabled,
+whatever `module.training` says. Lightning 1.x's QuantizationAwareTraining callback therefore let
+validation and sanity-check batches move the scales; here observers are switched on only for
+training batches, and only inside [fake_quant_start_step, freeze_observers_step).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+from torch import nn
+from torch.ao import quantization as tq
+from torch.ao.nn.intrinsic import qat as nniqat
+
+from qatflash.quant.eager import EagerRecipe
+
+
+class QuantizationAwareTraining(L.Callback):
+    def __init__(
+        self,
+        recipe: EagerRecipe,
+        fake_quant_start_step: int = 0,
+        freeze_observers_step: int | None = None,
+        on_converted: Callable[[nn.Module], None] | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.start = fake_quant_start_step
+        self.freeze = freeze_observers_step
+        self.on_converted = on_converted
+        self.int8_model: nn.Module | None = None
+
+    def observing(self, step: int) -> bool:
+        return step >= self.start and (self.freeze is None or step < self.freeze)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before optimizers exist, so they see the QAT modules' parameters; idempotent for re-entry.
+        if stage == "fit" and not _is_prepared(pl_module.model):
+            self.recipe.prepare(pl_module.model)
+            _set(pl_module.model, fake_quant=False, observe=False)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        _set(pl_module.model, fake_quant=step >= self.start, observe=self.observing(step))
+        if self.freeze is not None and step >= self.freeze:
+            pl_module.model.apply(nniqat.freeze_bn_stats)
+
+    def _evaluating(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _set(pl_module.model, fake_quant=trainer.global_step >= self.start, observe=False)
+
+    on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = _evaluating
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Convert a copy to INT8; the fake-quant model stays in place for its own evaluation."""
+        _set(pl_module.model, fake_quant=True, observe=False)
+        self.int8_model = self.recipe.convert(copy.deepcopy(pl_module.model))
+        if self.on_converted is not None:
+            self.on_converted(self.int8_model)
+
+
+def _is_prepared(model: nn.Module) -> bool:
+    return any(isinstance(m, tq.FakeQuantizeBase) for m in model.modules())
+
+
+def _set(model: nn.Module, fake_quant: bool, observe: bool) -> None:
+    model.apply(tq.enable_fake_quant if fake_quant else tq.disable_fake_quant)
+    model.apply(tq.enable_observer if observe else tq.disable_observer)

@@ -1,0 +1,122 @@
+"""torch.ao eager-mode INT8 recipes: dynamic PTQ, static PTQ and QAT, built from `quant/*.yaml`.
+
+Each targeted Linear is wrapped in its own QuantWrapper (quantize -> Linear -> dequantize), so
+quantization never depends on how the model's forward is called: Hugging Face models take keyword
+arguments, which the Lightning 1.x callback's single-input wrapper around the whole model broke.
+Embedding tables can be quantized weight-only at conversion, where most of a BERT's bytes are.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.ao import quantization as tq
+from torch.ao.nn import quantized as nnq
+
+from qatflash.config import ConfigError, ObserverConfig, QuantConfig
+from qatflash.quant.targeting import embedding_targets, linear_targets, replace_module
+
+_OBSERVERS = {
+    "minmax": tq.MinMaxObserver,
+    "moving_average_minmax": tq.MovingAverageMinMaxObserver,
+    "per_channel_minmax": tq.PerChannelMinMaxObserver,
+    "moving_average_per_channel_minmax": tq.MovingAveragePerChannelMinMaxObserver,
+    "histogram": tq.HistogramObserver,
+}
+_DTYPES = {"quint8": torch.quint8, "qint8": torch.qint8}
+_QSCHEMES = {
+    "per_tensor_affine": torch.per_tensor_affine,
+    "per_tensor_symmetric": torch.per_tensor_symmetric,
+    "per_channel_affine": torch.per_channel_affine,
+    "per_channel_symmetric": torch.per_channel_symmetric,
+}
+_DYNAMIC_ACTIVATION = tq.PlaceholderObserver.with_args(
+    dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True
+)
+
+
+def _observer(cfg: ObserverConfig, fake_quant: bool) -> Any:
+    kwargs = {
+        "dtype": _DTYPES[cfg.dtype],
+        "qscheme": _QSCHEMES[cfg.qscheme],
+        "quant_min": cfg.quant_min,
+        "quant_max": cfg.quant_max,
+        "reduce_range": cfg.reduce_range,
+    }
+    observer = _OBSERVERS[cfg.observer]
+    return (
+        tq.FakeQuantize.with_args(observer=observer, **kwargs) if fake_quant else observer.with_args(**kwargs)
+    )
+
+
+def check_engine(engine: str) -> None:
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise ConfigError(
+            f"quant.engine={engine} is not in this torch build; available: {[e for e in supported if e != 'none']}"
+        )
+
+
+class EagerRecipe:
+    """prepare (before training or calibration) and convert (to real INT8 kernels) for one QuantConfig."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        check_engine(cfg.engine)
+        self.cfg = cfg
+        self.targets: list[str] = []
+        qat = cfg.method == "qat"
+        assert cfg.weight is not None, "QuantConfig checks that every method but none has weight observers"
+        activation = _DYNAMIC_ACTIVATION
+        if cfg.method != "ptq_dynamic":
+            assert cfg.activation is not None, (
+                "QuantConfig checks that static PTQ and QAT have activation observers"
+            )
+            activation = _observer(cfg.activation, qat)
+        self.qconfig = tq.QConfig(activation=activation, weight=_observer(cfg.weight, qat))
+
+    def select_targets(self, model: nn.Module) -> list[str]:
+        """The Linear layers this recipe quantizes in `model` (ConfigError when the patterns match none)."""
+        self.targets = linear_targets(model, self.cfg.targets)
+        return self.targets
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Wrap the targeted Linears and insert observers (static PTQ) or fake quantization (QAT)."""
+        self.select_targets(model)
+        if self.cfg.method == "ptq_dynamic":
+            return model  # dynamic quantization observes nothing ahead of conversion
+        for name in self.targets:
+            wrapper = tq.QuantWrapper(model.get_submodule(name))
+            wrapper.qconfig = self.qconfig
+            replace_module(model, name, wrapper)
+        with warnings.catch_warnings():
+            # torch.ao warns about every untargeted submodule that has no qconfig: that is the point.
+            warnings.simplefilter("ignore", UserWarning)
+            if self.cfg.method == "qat":
+                tq.prepare_qat(model, inplace=True)
+            else:
+                tq.prepare(model, inplace=True)
+        return model
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        """The INT8 model for `cfg.engine` (CPU, eval mode), converted in place."""
+        torch.backends.quantized.engine = self.cfg.engine
+        model.cpu().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.cfg.method == "ptq_dynamic":
+                tq.quantize_dynamic(model, {name: self.qconfig for name in self.targets}, inplace=True)
+            else:
+                tq.convert(model, inplace=True)
+            if self.cfg.embeddings == "int8":
+                tables = {name: tq.float_qparams_weight_only_qconfig for name in embedding_targets(model)}
+                tq.quantize_dynamic(model, tables, mapping={nn.Embedding: nnq.Embedding}, inplace=True)
+        return model
+
+
+def count_quantized(model: nn.Module) -> int:
+    """Modules running INT8 kernels (Linear and Embedding, static or dynamic)."""
+    kinds = (nnq.Linear, nnq.Embedding, torch.ao.nn.quantized.dynamic.Linear)
+    return sum(isinstance(m, kinds) for m in model.modules())
