@@ -20,6 +20,7 @@ def test_single_run_logs_to_offline_wandb(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results,) = _results(tmp_path)
     assert results["status"] == "ok"
+    assert (tmp_path / "run" / "qatflash.log").is_file()
     (wandb_file,) = run_files(tmp_path)
     logged = summary(wandb_file)
     assert logged["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
