@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from conftest import FAST
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.ao import quantization as tq
 from torch.ao.nn import quantized as nnq
 from transformers import AutoConfig
 
+from qatflash.callbacks import RngState
 from qatflash.cli import config_dir
 from qatflash.config import AttentionConfig, ConfigError, TargetsConfig, to_config
 from qatflash.data import TextClassificationData
 from qatflash.models import build_model_from_config, load_tokenizer
 from qatflash.module import SequenceClassifier
 from qatflash.pipeline import JobContext, run
-from qatflash.quant import EagerRecipe, QuantizationAwareTraining
+from qatflash.quant import QuantizationAwareTraining, make_recipe
 from qatflash.quant.eager import check_engine
 from qatflash.quant.targeting import linear_targets
 
@@ -47,8 +50,10 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(make_cfg, tmp_path: 
     reference = "test/acc_fakequant" if config.quant.method == "qat" else "test/acc_fp32"
     assert 0 <= metrics[reference] <= 1
     # 2 blocks x (q, k, v, attention out, intermediate, output) + pooler, and the token-embedding table
-    assert model["quantized_modules"] == 14
-    assert (tmp_path / model["int8_artifact"]).stat().st_size == model["int8_bytes"] < model["fp32_bytes"]
+    assert model["quantized_modules"] == 13 + (config.quant.embeddings == "int8")
+    assert (tmp_path / model["int8_artifact"]).stat().st_size == model["int8_bytes"]
+    if config.quant.api != "pt2e":  # a .pt2 archive also holds the program: larger than tiny_bert's weights
+        assert model["int8_bytes"] < model["fp32_bytes"]
     assert {row["variant"] for row in results["latency"]} == {"fp32", "int8"}
 
 
@@ -80,7 +85,7 @@ def test_target_presets_select_modules_by_name(make_cfg, targets: str, expected:
 
 def test_only_targeted_linears_are_quantized_and_keyword_forwards_still_work(make_cfg) -> None:
     config = to_config(make_cfg("quant=qat_x86", "quant/targets=ffn", "quant.embeddings=float"))
-    recipe = EagerRecipe(config.quant)
+    recipe = make_recipe(config.quant)
     model = recipe.prepare(_tiny_bert().train())
     ids = torch.randint(5, 60, (2, 7))
     model(
@@ -130,7 +135,7 @@ def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_
     data.setup()
     module = SequenceClassifier(_tiny_bert(len(data.tokenizer)), config.model.optim, 2)
     callback = QuantizationAwareTraining(
-        EagerRecipe(config.quant), fake_quant_start_step=2, freeze_observers_step=6
+        make_recipe(config.quant), fake_quant_start_step=2, freeze_observers_step=6
     )
     before_step: dict[int, list[torch.Tensor]] = {}
     validations: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
@@ -168,3 +173,98 @@ def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_
     for start, end in validations:
         assert same(start, end), "a validation pass moved the observers"
     assert callback.int8_model is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["quant=qat_torchao_int8", "quant.freeze_observers_step=5"], "has no observers to freeze"),
+        (["quant=qat_pt2e_x86", "quant.embeddings=int8"], "keeps embeddings float"),
+        (["quant=qat_pt2e_x86", "quant.engine=qnnpack"], "quant.api=pt2e targets x86"),
+        (
+            ["quant=ptq_dynamic", "quant.api=pt2e"],
+            "quant.method=ptq_dynamic is not available with quant.api=pt2e",
+        ),
+        (
+            ["quant=qat_torchao_8da4w", "quant.torchao.weight_dtype=int16"],
+            "quant.torchao.weight_dtype='int16'",
+        ),
+    ],
+)
+def test_api_combinations_that_cannot_run_are_refused(make_cfg, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        to_config(make_cfg(*overrides))
+
+
+def test_inner_blocks_preset_leaves_out_the_first_and_last_block(make_cfg) -> None:
+    hf_config = AutoConfig.for_model("bert", num_labels=2, **{**TINY, "num_hidden_layers": 4})
+    model = build_model_from_config(hf_config, AttentionConfig(implementation="sdpa"))
+    config = to_config(make_cfg("quant=qat_x86", "quant/targets=inner_blocks"))
+    blocks = {name.split(".")[3] for name in linear_targets(model, config.quant.targets)}
+    assert blocks == {"1", "2"}
+
+
+def test_pt2e_graph_matches_the_float_model_on_padded_batches_of_any_shape(make_cfg) -> None:
+    """The exported graph is traced once at (2, 16); padding and other shapes must give the float logits."""
+    model = _tiny_bert().eval()
+    recipe = make_recipe(to_config(make_cfg("quant=qat_pt2e_x86")).quant)
+    prepared = recipe.prepare(copy.deepcopy(model))
+    recipe.set_phase(prepared, fake_quant=False, observe=False)
+    for batch, length in ((1, 5), (3, 40)):
+        ids = torch.randint(5, 60, (batch, length))
+        mask = torch.ones_like(ids)
+        mask[0, length // 2 :] = 0
+        with torch.inference_mode():
+            expected = model(input_ids=ids, attention_mask=mask).logits
+            got = prepared(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe_name", ["qat_x86", "qat_torchao_int8"])
+def test_resuming_mid_qat_reproduces_the_int8_model(make_cfg, tmp_path: Path, recipe_name: str) -> None:
+    """Stop after epoch 1 of 2, resume from the checkpoint: same INT8 weights and scales as one run."""
+    config = to_config(make_cfg(*FAST, f"quant={recipe_name}", "data.batch_size=32"))
+    data = TextClassificationData(config.data, lambda texts: load_tokenizer(config.model, texts), config.seed)
+    data.setup()
+
+    def fit(
+        folder: Path, stop_after_first_epoch: bool, ckpt_path: str | None = None
+    ) -> QuantizationAwareTraining:
+        L.seed_everything(config.seed, verbose=False)
+        module = SequenceClassifier(_tiny_bert(len(data.tokenizer)), config.model.optim, 2)
+        L.seed_everything(config.seed + 1, verbose=False)  # the resumed run must not rely on this
+        qat = QuantizationAwareTraining(make_recipe(config.quant))
+        stop = [_StopAfterFirstEpoch()] if stop_after_first_epoch else []
+        trainer = L.Trainer(
+            max_epochs=2,
+            limit_val_batches=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=folder,
+            callbacks=[qat, RngState(), ModelCheckpoint(dirpath=folder, save_last=True), *stop],
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        test = trainer.test(module, datamodule=data, ckpt_path=str(folder / "last.ckpt"), verbose=False)
+        assert 0 <= test[0]["test/acc"] <= 1  # trainer.test(ckpt_path=...) loads into the prepared model
+        return qat
+
+    whole = fit(tmp_path / "whole", stop_after_first_epoch=False)
+    fit(tmp_path / "resumed", stop_after_first_epoch=True)
+    resumed = fit(tmp_path / "resumed", False, ckpt_path=str(tmp_path / "resumed" / "last.ckpt"))
+    expected, got = whole.int8_model.state_dict(), resumed.int8_model.state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(_plain(value), _plain(got[key])), key
+
+
+def _plain(value: torch.Tensor) -> torch.Tensor:
+    """Float values of eager quantized tensors and torchao tensor subclasses, comparable with torch.equal."""
+    quantized = value.is_quantized or type(value) not in (torch.Tensor, torch.nn.Parameter)
+    return value.dequantize() if quantized else value
+
+
+class _StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True

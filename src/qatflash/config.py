@@ -214,15 +214,47 @@ class TargetsConfig:
 
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
+    # Also leave out the first and the last transformer block (numbered `layer.N` / `layers.N`).
+    skip_edge_blocks: bool = False
+
+
+INT_DTYPES = tuple(f"int{bits}" for bits in range(2, 9))
+
+
+@dataclass
+class TorchaoConfig:
+    """torchao fake quantization: int8 per-token asymmetric activations, intN symmetric weights."""
+
+    weight_dtype: str = "int8"
+    # Weight scales per group of this many input channels; null = one per output channel.
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("quant.torchao.weight_dtype", self.weight_dtype, INT_DTYPES)
+        _require(
+            self.group_size is None or self.group_size > 0,
+            f"quant.torchao.group_size={self.group_size} must be > 0 or null (per channel)",
+        )
+
+
+# Which methods each API implements here.
+QUANT_APIS = {
+    "eager": ("ptq_dynamic", "ptq_static", "qat"),
+    "torchao": ("ptq_dynamic", "qat"),
+    "pt2e": ("ptq_static", "qat"),
+}
 
 
 @dataclass
 class QuantConfig:
     method: str = "none"
-    # torch.backends.quantized.engine for conversion and INT8 inference.
+    # eager: torch.ao eager mode; torchao: quantize_ with QATConfig; pt2e: torch.export + X86InductorQuantizer.
+    api: str = "eager"
+    # torch.backends.quantized.engine for conversion and INT8 inference (eager).
     engine: str = "x86"
     activation: ObserverConfig | None = None
     weight: ObserverConfig | None = None
+    torchao: TorchaoConfig | None = None
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     # int8: embedding tables quantized weight-only (per-row), about half of a BERT's bytes.
     embeddings: str = "float"
@@ -235,15 +267,11 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _one_of("quant.method", self.method, QUANT_METHODS)
+        _one_of("quant.api", self.api, tuple(QUANT_APIS))
         _one_of("quant.engine", self.engine, ("x86", "fbgemm", "qnnpack", "onednn"))
         _one_of("quant.embeddings", self.embeddings, ("float", "int8"))
-        if self.method in ("ptq_static", "qat"):
-            _require(
-                self.activation is not None and self.weight is not None,
-                f"quant.method={self.method} needs quant.activation and quant.weight observers",
-            )
-        if self.method == "ptq_dynamic":
-            _require(self.weight is not None, "quant.method=ptq_dynamic needs a quant.weight observer")
+        if self.method != "none":
+            self._check_api()
         _require(
             self.calibration_batches > 0, f"quant.calibration_batches={self.calibration_batches} must be > 0"
         )
@@ -257,6 +285,32 @@ class QuantConfig:
             f"quant.fake_quant_start_step={self.fake_quant_start_step}",
         )
         _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
+
+    def _check_api(self) -> None:
+        _require(
+            self.method in QUANT_APIS[self.api],
+            f"quant.method={self.method} is not available with quant.api={self.api}; "
+            f"it offers {list(QUANT_APIS[self.api])}",
+        )
+        if self.api == "eager":
+            needs = ("weight",) if self.method == "ptq_dynamic" else ("activation", "weight")
+            missing = [f"quant.{name}" for name in needs if getattr(self, name) is None]
+            _require(not missing, f"quant.method={self.method} (api=eager) needs observers: {missing}")
+        if self.api == "torchao":
+            _require(self.torchao is not None, "quant.api=torchao needs a quant.torchao section")
+            _require(
+                self.freeze_observers_step is None,
+                f"quant.freeze_observers_step={self.freeze_observers_step}: torchao fake quantization "
+                "computes its scales every step and has no observers to freeze; use null",
+            )
+        if self.api == "pt2e":
+            _require(
+                self.engine == "x86", f"quant.engine={self.engine}: quant.api=pt2e targets x86 (Inductor)"
+            )
+            _require(
+                self.embeddings == "float",
+                "quant.embeddings=int8: the x86 Inductor quantizer (quant.api=pt2e) keeps embeddings float",
+            )
 
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -41,20 +42,25 @@ class SequenceClassifier(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
-    def forward(self, **batch: torch.Tensor) -> Any:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits; the loss is computed here, not by the model, so that exported graphs hold no loss."""
         with forced_kernel(self.sdpa_backend):
-            return self.model(**batch)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return logits, F.cross_entropy(logits.float(), batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
+        _, loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
-        out = self(**batch)
-        metrics.update(out.logits.argmax(dim=-1), batch["labels"])
+        logits, loss = self._loss(batch)
+        metrics.update(logits.argmax(dim=-1), batch["labels"])
         size = batch["labels"].shape[0]
-        self.log(f"{stage}/loss", out.loss, batch_size=size)
+        self.log(f"{stage}/loss", loss, batch_size=size)
         self.log_dict(metrics, batch_size=size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

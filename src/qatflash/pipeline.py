@@ -18,12 +18,12 @@ import torch
 
 from qatflash.attention import check_attention, check_padding_support
 from qatflash.bench import measure_forward_latency
-from qatflash.config import AttentionConfig, Config, ConfigError, QuantConfig
+from qatflash.config import Config, ConfigError, QuantConfig
 from qatflash.data import TextClassificationData
 from qatflash.models import build_model, build_model_from_config, load_tokenizer, max_positions, model_config
 from qatflash.module import SequenceClassifier
-from qatflash.quant import EagerRecipe, QuantizationAwareTraining, count_quantized
-from qatflash.quant.artifact import INT8_ARTIFACT, load_state, save_state, serialized_bytes
+from qatflash.quant import QuantizationAwareTraining, Recipe, make_recipe
+from qatflash.quant.artifact import serialized_bytes
 from qatflash.results import RunRecord, environment
 from qatflash.tracking import Tracker
 
@@ -86,7 +86,7 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         device = resolve_device(cfg.trainer.accelerator)
         record.update("env", environment(device))
         check_attention(cfg.attention, str(cfg.trainer.precision), device)
-        recipe = EagerRecipe(cfg.quant) if cfg.quant.method != "none" else None
+        recipe = make_recipe(cfg.quant) if cfg.quant.method != "none" else None
 
         data = TextClassificationData(cfg.data, partial(load_tokenizer, cfg.model), cfg.seed)
         data.setup()
@@ -131,11 +131,14 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
             int8 = (
                 qat.int8_model if qat is not None else _post_training(recipe, module.model, data, cfg.quant)
             )
-            skeleton = partial(_int8_skeleton, recipe, cfg.attention, hf_config)
-            metrics.update(_record_int8(record, job.folder, int8, float_model, skeleton, data))
+            skeleton = partial(build_model_from_config, hf_config, cfg.attention)
+            metrics.update(_record_int8(record, job.folder, recipe, int8, float_model, skeleton, data))
             module.model = int8
             metrics.update(_int8_metrics(_test(_cpu_trainer(), module, data), metrics))
-            variants = {"fp32": (float_model, device), "int8": (int8, torch.device("cpu"))}
+            variants = {
+                "fp32": (float_model, device),
+                "int8": (recipe.for_inference(int8), torch.device("cpu")),
+            }
         record.update("metrics", metrics)
 
         if cfg.benchmark.enabled:
@@ -180,7 +183,7 @@ def _cpu_trainer() -> L.Trainer:
 
 
 def _post_training(
-    recipe: EagerRecipe, model: torch.nn.Module, data: TextClassificationData, cfg: QuantConfig
+    recipe: Recipe, model: torch.nn.Module, data: TextClassificationData, cfg: QuantConfig
 ) -> torch.nn.Module:
     """PTQ of the fine-tuned model: observe calibration batches (static), then convert."""
     model = recipe.prepare(copy.deepcopy(model).cpu().train())
@@ -192,27 +195,23 @@ def _post_training(
     return recipe.convert(model)
 
 
-def _int8_skeleton(recipe: EagerRecipe, attention: AttentionConfig, hf_config: Any) -> torch.nn.Module:
-    """A freshly built, prepared and converted model: the shape an INT8 state_dict loads into."""
-    model = build_model_from_config(hf_config, attention).train()
-    return recipe.convert(recipe.prepare(model))
-
-
 def _record_int8(
     record: RunRecord,
     folder: Path,
+    recipe: Recipe,
     int8: torch.nn.Module,
     float_model: torch.nn.Module,
     skeleton: Any,
     data: TextClassificationData,
 ) -> dict[str, float]:
     """Save the INT8 artifact, prove it reloads to identical logits, record sizes; returns metrics."""
-    path = folder / INT8_ARTIFACT
-    int8_bytes = save_state(int8, path)
-    reloaded = load_state(skeleton, path)
+    path = folder / recipe.artifact_name
+    int8_bytes = recipe.save(int8, path)
+    reloaded = recipe.load(path, skeleton)
     batch = {k: v for k, v in next(iter(data.test_dataloader())).items() if k != "labels"}
+    int8.eval()  # not chained: exported graphs' eval() returns None
     with torch.inference_mode():
-        if not torch.equal(int8.eval()(**batch).logits, reloaded(**batch).logits):
+        if not torch.equal(int8(**batch).logits, reloaded(**batch).logits):
             raise RuntimeError(f"the INT8 artifact {path} does not reproduce the model's logits")
     fp32_bytes = serialized_bytes(float_model)
     record.update(
@@ -221,7 +220,7 @@ def _record_int8(
             "int8_artifact": path.name,
             "int8_bytes": int8_bytes,
             "fp32_bytes": fp32_bytes,
-            "quantized_modules": count_quantized(int8),
+            "quantized_modules": recipe.count_quantized(int8),
         },
     )
     return {"model/size_ratio": int8_bytes / fp32_bytes}

@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-INT8_ARTIFACT = "int8_model.pt"
-
 
 def save_state(model: nn.Module, path: Path) -> int:
     """Write the state_dict to `path` via a temporary file; returns its size in bytes."""
@@ -34,5 +32,6 @@ def serialized_bytes(model: nn.Module) -> int:
 
 def load_state(skeleton: Callable[[], nn.Module], path: Path) -> nn.Module:
     model = skeleton()
-    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    # assign: torchao's INT8 weights are tensor subclasses that must replace, not fill, the skeleton's.
+    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"), assign=True)
     return model.eval()

@@ -14,16 +14,15 @@ from typing import Any
 
 import lightning as L
 from torch import nn
-from torch.ao import quantization as tq
 from torch.ao.nn.intrinsic import qat as nniqat
 
-from qatflash.quant.eager import EagerRecipe
+from qatflash.quant.recipe import Recipe
 
 
 class QuantizationAwareTraining(L.Callback):
     def __init__(
         self,
-        recipe: EagerRecipe,
+        recipe: Recipe,
         fake_quant_start_step: int = 0,
         freeze_observers_step: int | None = None,
         on_converted: Callable[[nn.Module], None] | None = None,
@@ -39,35 +38,31 @@ class QuantizationAwareTraining(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before optimizers exist, so they see the QAT modules' parameters; idempotent for re-entry.
-        if stage == "fit" and not _is_prepared(pl_module.model):
-            self.recipe.prepare(pl_module.model)
-            _set(pl_module.model, fake_quant=False, observe=False)
+        # A checkpoint (resume, or trainer.test(ckpt_path=...)) is restored after this hook, into the
+        # prepared modules, so fake-quant and observer state come back with the weights.
+        if stage == "fit" and not self.recipe.is_prepared(pl_module.model):
+            pl_module.model = self.recipe.prepare(pl_module.model)
+            self.recipe.set_phase(pl_module.model, fake_quant=False, observe=False)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        _set(pl_module.model, fake_quant=step >= self.start, observe=self.observing(step))
+        self.recipe.set_phase(pl_module.model, fake_quant=step >= self.start, observe=self.observing(step))
         if self.freeze is not None and step >= self.freeze:
+            # Batch-norm statistics (conv-bn QAT modules; transformers have none) freeze with the observers.
             pl_module.model.apply(nniqat.freeze_bn_stats)
 
     def _evaluating(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _set(pl_module.model, fake_quant=trainer.global_step >= self.start, observe=False)
+        # Fake quantization needs scales, which exist only once a training step has observed data:
+        # a sanity check at step 0 runs in float (Lightning 1.x's callback crashed there on per-channel weights).
+        self.recipe.set_phase(pl_module.model, fake_quant=trainer.global_step > self.start, observe=False)
 
     on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = _evaluating
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Convert a copy to INT8; the fake-quant model stays in place for its own evaluation."""
-        _set(pl_module.model, fake_quant=True, observe=False)
+        self.recipe.set_phase(pl_module.model, fake_quant=True, observe=False)
         self.int8_model = self.recipe.convert(copy.deepcopy(pl_module.model))
         if self.on_converted is not None:
             self.on_converted(self.int8_model)
-
-
-def _is_prepared(model: nn.Module) -> bool:
-    return any(isinstance(m, tq.FakeQuantizeBase) for m in model.modules())
-
-
-def _set(model: nn.Module, fake_quant: bool, observe: bool) -> None:
-    model.apply(tq.enable_fake_quant if fake_quant else tq.disable_fake_quant)
-    model.apply(tq.enable_observer if observe else tq.disable_observer)

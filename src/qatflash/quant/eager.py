@@ -15,9 +15,11 @@ import torch
 from torch import nn
 from torch.ao import quantization as tq
 from torch.ao.nn import quantized as nnq
+from torch.ao.nn.quantized import dynamic as nnqd
 
 from qatflash.config import ConfigError, ObserverConfig, QuantConfig
-from qatflash.quant.targeting import embedding_targets, linear_targets, replace_module
+from qatflash.quant.recipe import Recipe
+from qatflash.quant.targeting import embedding_targets, replace_module
 
 _OBSERVERS = {
     "minmax": tq.MinMaxObserver,
@@ -60,13 +62,12 @@ def check_engine(engine: str) -> None:
         )
 
 
-class EagerRecipe:
-    """prepare (before training or calibration) and convert (to real INT8 kernels) for one QuantConfig."""
+class EagerRecipe(Recipe):
+    """torch.ao eager mode: QuantWrapper per targeted Linear, observers or FakeQuantize, convert to fbgemm/x86/qnnpack kernels."""
 
     def __init__(self, cfg: QuantConfig) -> None:
         check_engine(cfg.engine)
-        self.cfg = cfg
-        self.targets: list[str] = []
+        super().__init__(cfg)
         qat = cfg.method == "qat"
         assert cfg.weight is not None, "QuantConfig checks that every method but none has weight observers"
         activation = _DYNAMIC_ACTIVATION
@@ -76,11 +77,6 @@ class EagerRecipe:
             )
             activation = _observer(cfg.activation, qat)
         self.qconfig = tq.QConfig(activation=activation, weight=_observer(cfg.weight, qat))
-
-    def select_targets(self, model: nn.Module) -> list[str]:
-        """The Linear layers this recipe quantizes in `model` (ConfigError when the patterns match none)."""
-        self.targets = linear_targets(model, self.cfg.targets)
-        return self.targets
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap the targeted Linears and insert observers (static PTQ) or fake quantization (QAT)."""
@@ -100,6 +96,13 @@ class EagerRecipe:
                 tq.prepare(model, inplace=True)
         return model
 
+    def is_prepared(self, model: nn.Module) -> bool:
+        return any(isinstance(m, tq.FakeQuantizeBase | tq.ObserverBase) for m in model.modules())
+
+    def set_phase(self, model: nn.Module, fake_quant: bool, observe: bool) -> None:
+        model.apply(tq.enable_fake_quant if fake_quant else tq.disable_fake_quant)
+        model.apply(tq.enable_observer if observe else tq.disable_observer)
+
     def convert(self, model: nn.Module) -> nn.Module:
         """The INT8 model for `cfg.engine` (CPU, eval mode), converted in place."""
         torch.backends.quantized.engine = self.cfg.engine
@@ -115,8 +118,6 @@ class EagerRecipe:
                 tq.quantize_dynamic(model, tables, mapping={nn.Embedding: nnq.Embedding}, inplace=True)
         return model
 
-
-def count_quantized(model: nn.Module) -> int:
-    """Modules running INT8 kernels (Linear and Embedding, static or dynamic)."""
-    kinds = (nnq.Linear, nnq.Embedding, torch.ao.nn.quantized.dynamic.Linear)
-    return sum(isinstance(m, kinds) for m in model.modules())
+    def count_quantized(self, model: nn.Module) -> int:
+        kinds = (nnq.Linear, nnq.Embedding, nnqd.Linear)
+        return sum(isinstance(m, kinds) for m in model.modules())

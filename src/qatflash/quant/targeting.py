@@ -7,6 +7,7 @@ a module) is never touched.
 
 from __future__ import annotations
 
+import re
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -22,12 +23,25 @@ def linear_targets(model: nn.Module, targets: TargetsConfig) -> list[str]:
         if any(fnmatchcase(name, p) for p in targets.include)
         and not any(fnmatchcase(name, p) for p in targets.exclude)
     ]
+    if targets.skip_edge_blocks:
+        chosen = _inner_blocks(chosen)
     if not chosen:
         raise ConfigError(
-            f"quant.targets include={list(targets.include)} exclude={list(targets.exclude)} match no nn.Linear; "
+            f"quant.targets include={list(targets.include)} exclude={list(targets.exclude)} "
+            f"skip_edge_blocks={targets.skip_edge_blocks} match no nn.Linear; "
             f"this model's Linear layers are named like {names[:3]}"
         )
     return chosen
+
+
+_BLOCK = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def _inner_blocks(names: list[str]) -> list[str]:
+    """`names` without those in the lowest- and highest-numbered transformer block."""
+    blocks = {name: int(m.group(1)) for name in names if (m := _BLOCK.search(f".{name}"))}
+    edges = {min(blocks.values()), max(blocks.values())} if blocks else set()
+    return [name for name in names if blocks.get(name) not in edges]
 
 
 def embedding_targets(model: nn.Module) -> list[str]:

@@ -1,0 +1,66 @@
+"""The verbs every quantization recipe offers, whichever API (torch.ao eager, torchao, pt2e) does the work.
+
+The pipeline and the QAT callback speak only these verbs, so a sweep compares APIs by changing
+`quant.api` in YAML: select targets (refused early if none match), prepare (fake quantization or
+observers; may return a new module, as torch.export does), switch fake quantization and observers
+per step, convert to INT8, and save/load the INT8 artifact so that it reproduces its logits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from qatflash.config import QuantConfig
+from qatflash.quant.artifact import load_state, save_state
+from qatflash.quant.targeting import linear_targets
+
+
+class Recipe(ABC):
+    """One `quant/*.yaml`: how its targeted Linear layers become INT8."""
+
+    # The INT8 artifact's file name in the run folder.
+    artifact_name = "int8_model.pt"
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+        self.targets: list[str] = []
+
+    def select_targets(self, model: nn.Module) -> list[str]:
+        """The Linear layers this recipe quantizes in `model` (ConfigError when the patterns match none)."""
+        self.targets = linear_targets(model, self.cfg.targets)
+        return self.targets
+
+    @abstractmethod
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model to train (QAT) or calibrate (static PTQ): fake quantization or observers in place."""
+
+    @abstractmethod
+    def is_prepared(self, model: nn.Module) -> bool: ...
+
+    @abstractmethod
+    def set_phase(self, model: nn.Module, fake_quant: bool, observe: bool) -> None:
+        """Switch fake quantization and observer updates; recipes without observers ignore `observe`."""
+
+    @abstractmethod
+    def convert(self, model: nn.Module) -> nn.Module:
+        """The INT8 model (CPU, eval mode)."""
+
+    @abstractmethod
+    def count_quantized(self, model: nn.Module) -> int:
+        """Modules (Linear layers, embedding tables) that run with INT8 weights in a converted model."""
+
+    def save(self, model: nn.Module, path: Path) -> int:
+        """Write the INT8 artifact; returns its size in bytes."""
+        return save_state(model, path)
+
+    def load(self, path: Path, skeleton: Callable[[], nn.Module]) -> nn.Module:
+        """Read an artifact written by `save`; `skeleton` builds the float model it was converted from."""
+        return load_state(lambda: self.convert(self.prepare(skeleton().train())), path)
+
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        """The form of a converted model that is timed (pt2e models run through torch.compile)."""
+        return model
