@@ -61,10 +61,27 @@ def make_cfg(hf_cache: Path) -> Callable[..., DictConfig]:
     return _make
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m qatflash ...` in a subprocess, as a user would run it."""
+@pytest.fixture
+def make_bench_cfg() -> Callable[..., DictConfig]:
+    """compose(overrides) for `qatflash-bench` (conf/bench.yaml), hydra's node kept out."""
+    register_schema()
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("bench", overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        return cfg
+
+    return _make
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, app: str = "qatflash"
+) -> subprocess.CompletedProcess[str]:
+    """`python -m qatflash ...` (or `-m qatflash.bench`) in a subprocess, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "qatflash", *args],
+        [sys.executable, "-m", app, *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,

@@ -11,12 +11,15 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from qatflash.cli import config_dir
-from qatflash.config import Config, ConfigError, to_config
+from qatflash.config import BenchAppConfig, Config, ConfigError, to_config
 
 CONF = Path(config_dir())
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 # Options that need a value only the user can give.
 REQUIRED = {("data", "local"): ["data.path=."]}
+# Presets of `qatflash-bench` (conf/bench.yaml), and the groups it shares with `qatflash`.
+BENCH_ONLY = {("experiment", "attention_scaling")}
+SHARED = ("model", "attention", "benchmark", "logger")
 
 
 def _options() -> list[tuple[str, str]]:
@@ -24,10 +27,13 @@ def _options() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("group", "option"), _options(), ids=lambda v: str(v))
-def test_every_option_composes_and_validates(make_cfg, group: str, option: str) -> None:
-    cfg = make_cfg(f"{group}={option}", *REQUIRED.get((group, option), []))
-    config = to_config(cfg)
-    assert isinstance(config, Config)
+def test_every_option_composes_and_validates(make_cfg, make_bench_cfg, group: str, option: str) -> None:
+    if (group, option) not in BENCH_ONLY:
+        assert isinstance(
+            to_config(make_cfg(f"{group}={option}", *REQUIRED.get((group, option), []))), Config
+        )
+    if group in SHARED or (group, option) in BENCH_ONLY:
+        assert isinstance(to_config(make_bench_cfg(f"{group}={option}")), BenchAppConfig)
 
 
 def test_groups_mirror_the_domain() -> None:

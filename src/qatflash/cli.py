@@ -1,16 +1,20 @@
-"""Entry point: `qatflash` (and `python -m qatflash`), a Hydra app over the config groups in conf/."""
+"""Entry points: `qatflash` (train, test, time; also `python -m qatflash`) and `qatflash-bench` (time only),
+two Hydra apps over the config groups in conf/."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from qatflash.bench.app import bench
 from qatflash.config import ConfigError, register_schema, to_config
 from qatflash.pipeline import JobContext, run
 
@@ -41,15 +45,19 @@ def job_context(cfg: DictConfig, experiment_name: str) -> JobContext:
     )
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def train(cfg: DictConfig) -> None:
+def _run_job(cfg: DictConfig, job: Callable[[Any, JobContext], dict[str, Any]]) -> dict[str, Any]:
     try:
         config = to_config(cfg)
-        results = run(config, job_context(cfg, config.experiment_name))
+        return job(config, job_context(cfg, config.experiment_name))
     except ConfigError as error:
-        # Bad input: one line, no traceback, non-zero exit, before any training step.
+        # Bad input: one line, no traceback, non-zero exit, before any training step or benchmark point.
         print(f"qatflash: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def train(cfg: DictConfig) -> None:
+    results = _run_job(cfg, run)
     metrics, latency = results["metrics"], (results["latency"] or [{}])[0]
     log.info(
         "test/acc=%.4f test/f1=%.4f latency p50=%s ms -> %s",
@@ -60,9 +68,33 @@ def train(cfg: DictConfig) -> None:
     )
 
 
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
+def benchmark(cfg: DictConfig) -> None:
+    results = _run_job(cfg, bench)
+    for row in results["latency"]:
+        figures = (
+            f"p50 {row['p50_ms']:.2f} ms (rsd {100 * row['rel_stdev']:.1f}%), peak {row['peak_memory_bytes'] / 2**20:.0f} MiB"
+            if row["status"] == "ok"
+            else f"failed: {row['error']}"
+        )
+        log.info(
+            "%s L=%d B=%d %s: %s",
+            row["attention"],
+            row["seq_len"],
+            row["batch_size"],
+            row["backend"],
+            figures,
+        )
+
+
 def main() -> None:
     register_schema()
     train()
+
+
+def bench_main() -> None:
+    register_schema()
+    benchmark()
 
 
 if __name__ == "__main__":

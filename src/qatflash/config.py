@@ -383,26 +383,76 @@ class BenchmarkConfig:
         _require(self.threads is None or self.threads > 0, f"benchmark.threads={self.threads} must be > 0")
 
 
+BENCH_BACKENDS = ("torch", "torch_compile")
+BENCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
-class Config:
-    """The root: every group is filled by a YAML file of its `conf/` folder (no defaults here)."""
+class BenchSweepConfig:
+    """What `qatflash-bench` times: every (seq_len, batch_size, backend) of one model and attention."""
+
+    seq_lens: list[int] = field(default_factory=lambda: [128])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    backends: list[str] = field(default_factory=lambda: ["torch"])
+    device: str = "cpu"
+    dtype: str = "float32"
+    # Each point in a fresh spawned process, so its memory and latency owe nothing to earlier points.
+    isolate: bool = True
+    # Cap each point's memory (CPU: address space above the loaded model; CUDA: allocator fraction);
+    # a point over the cap is recorded as `failed: out of memory`. null = no cap.
+    max_memory_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("seq_lens", "batch_sizes", "backends"):
+            _require(bool(getattr(self, name)), f"bench.{name} is empty")
+        for name in ("seq_lens", "batch_sizes"):
+            bad = [v for v in getattr(self, name) if v <= 0]
+            _require(not bad, f"bench.{name} holds {bad}; every value must be > 0")
+        for backend in self.backends:
+            _one_of("bench.backends entry", backend, BENCH_BACKENDS)
+        _one_of("bench.device", self.device, ("cpu", "cuda"))
+        _one_of("bench.dtype", self.dtype, BENCH_DTYPES)
+        _require(
+            self.max_memory_gb is None or self.max_memory_gb > 0,
+            f"bench.max_memory_gb={self.max_memory_gb} must be > 0 or null",
+        )
+
+
+@dataclass
+class SharedRoot:
+    """The groups both apps read: a model, its attention, timing settings and experiment tracking."""
 
     model: ModelConfig = MISSING
-    data: DataConfig = MISSING
     attention: AttentionConfig = MISSING
-    quant: QuantConfig = MISSING
-    trainer: TrainerConfig = MISSING
-    logger: LoggerConfig = MISSING
     benchmark: BenchmarkConfig = MISSING
+    logger: LoggerConfig = MISSING
     experiment_name: str = "default"
     seed: int = 0
 
 
+@dataclass
+class Config(SharedRoot):
+    """The root of `qatflash`: every group is filled by a YAML file of its `conf/` folder (no defaults here)."""
+
+    data: DataConfig = MISSING
+    quant: QuantConfig = MISSING
+    trainer: TrainerConfig = MISSING
+
+
+@dataclass
+class BenchAppConfig(SharedRoot):
+    """The root of `qatflash-bench`: the shared groups and the sweep of points, no training."""
+
+    bench: BenchSweepConfig = field(default_factory=BenchSweepConfig)
+
+
 def register_schema() -> None:
-    """Make `Config` the schema that `conf/config.yaml` composes onto (defaults entry `schema`)."""
+    """The schemas that `conf/config.yaml` (`schema`) and `conf/bench.yaml` (`bench_schema`) compose onto."""
     ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="bench_schema", node=BenchAppConfig)
 
 
-def to_config(cfg: DictConfig) -> Config:
-    """Resolve interpolations and build the dataclasses, which runs every `__post_init__` check."""
+def to_config(cfg: DictConfig) -> Any:
+    """Resolve interpolations and build the dataclasses (Config or BenchAppConfig), which runs every
+    `__post_init__` check."""
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]

@@ -103,12 +103,16 @@ def model_config(cfg: ModelConfig, num_labels: int, vocab_size: int) -> Pretrain
     return AutoConfig.for_model(model_type, num_labels=num_labels, **arch)
 
 
-def build_model(cfg: ModelConfig, attention: AttentionConfig, hf_config: PretrainedConfig) -> PreTrainedModel:
-    """The sequence classifier with the chosen attention implementation, refused early if unsupported."""
+def sequence_classifier_class(hf_config: PretrainedConfig) -> type:
     model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(hf_config), None)
     if model_class is None:
         raise ConfigError(f"model type '{hf_config.model_type}' has no sequence-classification head")
-    check_model_supports(attention, model_class)
+    return model_class
+
+
+def build_model(cfg: ModelConfig, attention: AttentionConfig, hf_config: PretrainedConfig) -> PreTrainedModel:
+    """The sequence classifier with the chosen attention implementation, refused early if unsupported."""
+    check_model_supports(attention, sequence_classifier_class(hf_config))
     if cfg.name_or_path is not None:
         return AutoModelForSequenceClassification.from_pretrained(
             resolve_name_or_path(cfg.name_or_path),

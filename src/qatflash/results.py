@@ -118,8 +118,12 @@ class RunRecord:
         else:
             current.update(values)
 
-    def __enter__(self) -> RunRecord:
+    def save(self) -> None:
+        """Write the record as it stands (still `running`): progress of a long job, readable at any time."""
         write_json_atomic(self.path, self.data)
+
+    def __enter__(self) -> RunRecord:
+        self.save()
         return self
 
     def __exit__(

@@ -84,7 +84,7 @@ class Pt2eRecipe(Recipe):
         model.apply(pt2e.enable_observer if observe else pt2e.disable_observer)
 
     def convert(self, model: nn.Module) -> nn.Module:
-        return _with_train_eval(convert_pt2e(model.cpu()))
+        return _with_train_eval(_without_unused_tensors(convert_pt2e(model.cpu())))
 
     def count_quantized(self, model: nn.Module) -> int:
         graph = model.graph if isinstance(model, torch.fx.GraphModule) else model.module().graph
@@ -102,6 +102,20 @@ class Pt2eRecipe(Recipe):
 
     def for_inference(self, model: nn.Module) -> nn.Module:
         return torch.compile(model)
+
+
+def _without_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop the float weights that convert_pt2e leaves on the module beside their int8 copies.
+
+    The graph no longer reads them, but export would still save them: the artifact would be
+    larger than the FP32 model (measured on MiniLM: 102.8 MB against 90.9 MB before this).
+    """
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*graph.named_parameters(), *graph.named_buffers()]:
+        if name not in used:
+            owner, _, attribute = name.rpartition(".")
+            delattr(graph.get_submodule(owner) if owner else graph, attribute)
+    return graph
 
 
 def _with_train_eval(graph: nn.Module) -> nn.Module:

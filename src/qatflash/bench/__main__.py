@@ -1,0 +1,3 @@
+from qatflash.cli import bench_main
+
+bench_main()

@@ -1,0 +1,155 @@
+"""One benchmark point (model × attention × seq_len × batch × backend), measured in a fresh process.
+
+A spawned process per point is what makes a sweep's figures independent of its order: the
+allocator holds no blocks from an earlier, larger point (which would hide part of the peak), no
+warm caches or compiled graphs carry over, and an out-of-memory kill takes down the point, not
+the sweep. Out-of-memory is a result (`failed: out of memory`); any other error fails the job.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from qatflash.bench.latency import LatencyStats, time_iterations
+from qatflash.bench.memory import address_space_bytes, peak_memory
+from qatflash.config import AttentionConfig, BenchmarkConfig, BenchSweepConfig, ModelConfig
+from qatflash.models import build_model, model_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUT_OF_MEMORY = "out of memory"
+# How allocation failures read: CUDA's OutOfMemoryError, or the CPU allocator under an address-space cap.
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "bad_alloc")
+
+
+@dataclass(frozen=True)
+class PointJob:
+    """Everything a fresh process needs to build the model and time one point (picklable)."""
+
+    model: ModelConfig
+    attention: AttentionConfig
+    timing: BenchmarkConfig
+    sweep: BenchSweepConfig
+    seq_len: int
+    batch_size: int
+    backend: str
+    seed: int
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "backend": self.backend,
+            "attention": self.attention.implementation,
+            "sdpa_backend": self.attention.sdpa_backend,
+            "device": self.sweep.device,
+            "dtype": self.sweep.dtype,
+        }
+
+
+def bench_model_config(cfg: ModelConfig) -> Any:
+    """The HF config a benchmark builds: a pretrained model's own, or `model.arch` with its vocab size."""
+    vocab_size = int((cfg.arch or {}).get("vocab_size", 30522))
+    return model_config(cfg, num_labels=2, vocab_size=vocab_size)
+
+
+def measure(job: PointJob) -> dict[str, Any]:
+    """Build, warm up, take the peak memory of one forward, then time forwards; in this process."""
+    device, dtype = torch.device(job.sweep.device), DTYPES[job.sweep.dtype]
+    if job.timing.threads is not None:
+        torch.set_num_threads(job.timing.threads)
+    torch.manual_seed(job.seed)
+    hf_config = bench_model_config(job.model)
+    model = build_model(job.model, job.attention, hf_config).to(device=device, dtype=dtype).eval()
+    if job.backend == "torch_compile":
+        model = torch.compile(model)
+    ids = torch.randint(0, hf_config.vocab_size, (job.batch_size, job.seq_len), device=device)
+    mask = torch.ones_like(ids)
+
+    def forward() -> object:
+        return model(input_ids=ids, attention_mask=mask)
+
+    with torch.inference_mode():
+        if job.backend == "torch_compile":
+            forward()  # compile at this shape; compilation's own memory is not the model's
+        else:  # load lazily initialised kernels and libraries, at a size that costs no memory
+            model(input_ids=ids[:1, :8], attention_mask=mask[:1, :8])
+        _cap_memory(job.sweep.max_memory_gb, device)
+        memory = peak_memory(forward, device)
+        samples = time_iterations(forward, device, job.timing)
+    stats = LatencyStats.from_samples(samples, job.timing.warmup, job.batch_size, job.seq_len)
+    return {
+        **job.describe(),
+        "status": "ok",
+        "error": None,
+        "threads": torch.get_num_threads(),
+        "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
+        "isolated": job.sweep.isolate,
+        **memory,
+        **stats.as_dict(),
+    }
+
+
+def _cap_memory(max_gb: float | None, device: torch.device) -> None:
+    if max_gb is None:
+        return
+    limit = int(max_gb * 2**30)
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, limit / torch.cuda.get_device_properties(device).total_memory), device
+        )
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + limit, hard))
+
+
+def failed(job: PointJob, error: str) -> dict[str, Any]:
+    return {**job.describe(), "status": "failed", "error": error}
+
+
+def measure_or_oom(job: PointJob) -> dict[str, Any]:
+    """`measure`, with running out of memory recorded as the point's result."""
+    try:
+        return measure(job)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if not any(m in str(error) for m in _OOM_MESSAGES) and not isinstance(error, MemoryError):
+            raise
+        return failed(job, OUT_OF_MEMORY)
+
+
+def _child(job: PointJob, send: Connection) -> None:
+    try:
+        send.send(("row", measure_or_oom(job)))
+    except Exception as error:  # the parent fails the job with this message
+        send.send(("error", f"{type(error).__name__}: {error}".splitlines()[0]))
+    finally:
+        send.close()
+
+
+def run_point(job: PointJob) -> dict[str, Any]:
+    """The point's row, measured in a fresh spawned process when `bench.isolate` (the default)."""
+    if not job.sweep.isolate:
+        return measure_or_oom(job)
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(job, send), daemon=True)
+    process.start()
+    send.close()
+    try:
+        kind, payload = receive.recv()
+    except EOFError:  # died without a word: the kernel's OOM killer, or a crash
+        kind, payload = "died", None
+    process.join()
+    if kind == "row":
+        return payload
+    if kind == "error":
+        raise RuntimeError(f"benchmark point {job.describe()} failed: {payload}")
+    if process.exitcode == -signal.SIGKILL:
+        return failed(job, f"{OUT_OF_MEMORY} (killed by the OS)")
+    raise RuntimeError(f"benchmark point {job.describe()} crashed (exit code {process.exitcode})")

@@ -1,0 +1,101 @@
+"""qatflash-bench: a row per point, memory from a fresh process, out-of-memory as a result, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from qatflash.bench.app import bench
+from qatflash.config import ConfigError, to_config
+from qatflash.pipeline import JobContext
+from qatflash.results import read_results
+
+# tiny_bert's shape with random weights: points take well under a second.
+QUICK = [
+    "model=tiny_bert",
+    "logger=none",
+    "benchmark.warmup=1",
+    "benchmark.min_iters=3",
+    "benchmark.min_duration_s=0",
+]
+
+
+def _bench(make_bench_cfg, folder: Path, *overrides: str) -> dict:
+    config = to_config(make_bench_cfg(*QUICK, *overrides))
+    return bench(config, JobContext(folder=folder, choices={"model": "tiny_bert", "attention": "eager"}))
+
+
+def test_every_point_gets_a_row_with_latency_and_memory(make_bench_cfg, tmp_path: Path) -> None:
+    results = _bench(
+        make_bench_cfg, tmp_path, "attention=eager", "bench.seq_lens=[32,512]", "bench.batch_sizes=[1,2]"
+    )
+    assert results["status"] == "ok" and read_results(tmp_path)["status"] == "ok"
+    rows = results["latency"]
+    assert [(r["seq_len"], r["batch_size"]) for r in rows] == [(32, 1), (32, 2), (512, 1), (512, 2)]
+    for row in rows:
+        assert row["status"] == "ok" and row["isolated"] is True
+        assert row["iters"] >= 3 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["memory_method"].startswith("cpu: VmHWM")
+        assert row["tokens_per_s"] == pytest.approx(1000 * row["batch_size"] * row["seq_len"] / row["p50_ms"])
+    peak = {(r["seq_len"], r["batch_size"]): r["peak_memory_bytes"] for r in rows}
+    # Eager attention holds (batch, heads, seq, seq) scores: 16x the tokens cost far more than 16x the memory floor.
+    assert peak[(512, 2)] > peak[(512, 1)] > peak[(32, 1)] >= 0
+
+
+def test_a_point_over_the_memory_cap_is_recorded_not_raised(make_bench_cfg, tmp_path: Path) -> None:
+    results = _bench(
+        make_bench_cfg,
+        tmp_path,
+        "attention=eager",
+        "bench.seq_lens=[16,512]",
+        "bench.batch_sizes=[8]",
+        "bench.max_memory_gb=0.02",
+    )
+    small, large = results["latency"]
+    assert small["status"] == "ok"
+    assert (large["status"], large["error"]) == ("failed", "out of memory")
+    assert results["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["bench.seq_lens=[1024]"], r"bench.seq_lens holds \[1024\], beyond the model's position limit 512"),
+        (["bench.backends=[onnx]"], "bench.backends entry='onnx' is not allowed"),
+        (["bench.batch_sizes=[0]"], r"bench.batch_sizes holds \[0\]"),
+    ],
+)
+def test_bad_bench_input_is_refused_before_any_point(
+    make_bench_cfg, tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _bench(make_bench_cfg, tmp_path, *overrides)
+    assert read_results(tmp_path) is None or read_results(tmp_path)["latency"] == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_without_a_gpu_is_refused(make_bench_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"bench.device=cuda but no CUDA device is visible"):
+        _bench(make_bench_cfg, tmp_path, "bench.device=cuda")
+
+
+def test_bench_multirun_over_attention_from_the_command_line(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m",
+        "attention=eager,sdpa",
+        *QUICK,
+        "bench.seq_lens=[64]",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        app="qatflash.bench",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [read_results(p) for p in sorted(sweep.rglob("results.json"))]
+    assert [r["choices"]["attention"] for r in results] == ["eager", "sdpa"]
+    assert all(
+        r["status"] == "ok" and r["latency"][0]["attention"] == r["choices"]["attention"] for r in results
+    )
