@@ -268,3 +268,37 @@ def _plain(value: torch.Tensor) -> torch.Tensor:
 class _StopAfterFirstEpoch(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.should_stop = True
+
+
+def test_attention_matmuls_are_fake_quantized_through_eager_attention(make_cfg, tmp_path: Path) -> None:
+    overrides = ("quant=qat_x86", "quant.attention_matmuls=true", "attention=eager", "logger=none")
+    config = to_config(make_cfg(*FAST, *overrides))
+    recipe = make_recipe(config.quant)
+    model = recipe.prepare(_tiny_bert().train())
+    ids = torch.randint(5, 60, (2, 7))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    quantizers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleDict)]
+    assert len(quantizers) == 2 and model.config._attn_implementation == "qat_eager"
+    # the observers saw the operands: probabilities lie in [0, 1], queries are signed
+    probs, query = (
+        quantizers[0]["probs"].activation_post_process,
+        quantizers[0]["query"].activation_post_process,
+    )
+    assert 0 <= probs.min_val <= probs.max_val <= 1 and query.min_val < 0 < query.max_val
+    results = run(config, JobContext(folder=tmp_path, choices={"quant": "qat_x86"}))
+    assert results["status"] == "ok"  # trained, converted, reloaded to identical logits
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["attention=sdpa"], "runs a fused kernel; use attention=eager"),
+        (["attention=eager", "quant=qat_torchao_int8"], "needs quant.api=eager and quant.method=qat"),
+        (["attention=eager", "quant=ptq_static"], "needs quant.api=eager and quant.method=qat"),
+    ],
+)
+def test_attention_matmuls_only_with_eager_attention_and_eager_qat(
+    make_cfg, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        to_config(make_cfg("quant=qat_x86", *overrides, "quant.attention_matmuls=true"))

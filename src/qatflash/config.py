@@ -264,6 +264,8 @@ class QuantConfig:
     fake_quant_start_step: int = 0
     # ... and stop updating observers (scales, zero points) from this step on; null = never.
     freeze_observers_step: int | None = None
+    # qat (eager api, attention=eager): also fake-quantize the inputs of QKᵀ and probabilities·V.
+    attention_matmuls: bool = False
 
     def __post_init__(self) -> None:
         _one_of("quant.method", self.method, QUANT_METHODS)
@@ -296,6 +298,12 @@ class QuantConfig:
             needs = ("weight",) if self.method == "ptq_dynamic" else ("activation", "weight")
             missing = [f"quant.{name}" for name in needs if getattr(self, name) is None]
             _require(not missing, f"quant.method={self.method} (api=eager) needs observers: {missing}")
+        if self.attention_matmuls:
+            _require(
+                self.api == "eager" and self.method == "qat",
+                f"quant.attention_matmuls=true needs quant.api=eager and quant.method=qat, not "
+                f"api={self.api} method={self.method}",
+            )
         if self.api == "torchao":
             _require(self.torchao is not None, "quant.api=torchao needs a quant.torchao section")
             _require(
@@ -437,6 +445,13 @@ class Config(SharedRoot):
     data: DataConfig = MISSING
     quant: QuantConfig = MISSING
     trainer: TrainerConfig = MISSING
+
+    def __post_init__(self) -> None:
+        _require(
+            not self.quant.attention_matmuls or self.attention.implementation == "eager",
+            f"quant.attention_matmuls=true fake-quantizes eager attention's matmuls, but "
+            f"attention={self.attention.implementation} runs a fused kernel; use attention=eager",
+        )
 
 
 @dataclass

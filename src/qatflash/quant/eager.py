@@ -18,6 +18,7 @@ from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized import dynamic as nnqd
 
 from qatflash.config import ConfigError, ObserverConfig, QuantConfig
+from qatflash.quant.attention_matmuls import add_attention_fake_quant, set_aside
 from qatflash.quant.recipe import Recipe
 from qatflash.quant.targeting import embedding_targets, replace_module
 
@@ -94,6 +95,9 @@ class EagerRecipe(Recipe):
                 tq.prepare_qat(model, inplace=True)
             else:
                 tq.prepare(model, inplace=True)
+        if self.cfg.attention_matmuls:
+            assert self.cfg.activation is not None, "QuantConfig checks that QAT has activation observers"
+            add_attention_fake_quant(model, _observer(self.cfg.activation, fake_quant=True))
         return model
 
     def is_prepared(self, model: nn.Module) -> bool:
@@ -107,7 +111,7 @@ class EagerRecipe(Recipe):
         """The INT8 model for `cfg.engine` (CPU, eval mode), converted in place."""
         torch.backends.quantized.engine = self.cfg.engine
         model.cpu().eval()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), set_aside(model):
             warnings.simplefilter("ignore")
             if self.cfg.method == "ptq_dynamic":
                 tq.quantize_dynamic(model, {name: self.qconfig for name in self.targets}, inplace=True)
