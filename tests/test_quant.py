@@ -124,6 +124,17 @@ def test_bad_quant_values_are_refused(make_cfg, override: str, message: str) -> 
     assert message in str(info.value)
 
 
+def _data(config) -> TextClassificationData:
+    data = TextClassificationData(config.data, lambda texts: load_tokenizer(config.model, texts), config.seed)
+    data.setup()
+    return data
+
+
+def _quiet_trainer(**kwargs) -> L.Trainer:
+    """A Trainer with no logger, progress bar or model summary: tests read callbacks and results."""
+    return L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
 def _scales(model: torch.nn.Module) -> list[torch.Tensor]:
     return [m.scale.clone() for m in model.modules() if isinstance(m, tq.FakeQuantize)]
 
@@ -131,8 +142,7 @@ def _scales(model: torch.nn.Module) -> list[torch.Tensor]:
 def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_cfg) -> None:
     """Sanity checks and validation never move a scale; after freeze_observers_step, training does not either."""
     config = to_config(make_cfg(*FAST, "quant=qat_x86", "data.batch_size=16"))
-    data = TextClassificationData(config.data, lambda texts: load_tokenizer(config.model, texts), config.seed)
-    data.setup()
+    data = _data(config)
     module = SequenceClassifier(_tiny_bert(len(data.tokenizer)), config.model.optim, 2)
     callback = QuantizationAwareTraining(
         make_recipe(config.quant), fake_quant_start_step=2, freeze_observers_step=6
@@ -150,15 +160,12 @@ def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_
         def on_validation_end(self, trainer, pl_module) -> None:
             validations[-1][1].extend(_scales(pl_module.model))
 
-    trainer = L.Trainer(
+    trainer = _quiet_trainer(
         max_steps=10,
         val_check_interval=4,
         limit_val_batches=2,
         num_sanity_val_steps=2,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[callback, Watch()],
     )
     trainer.fit(module, datamodule=data)
@@ -224,8 +231,7 @@ def test_pt2e_graph_matches_the_float_model_on_padded_batches_of_any_shape(make_
 def test_resuming_mid_qat_reproduces_the_int8_model(make_cfg, tmp_path: Path, recipe_name: str) -> None:
     """Stop after epoch 1 of 2, resume from the checkpoint: same INT8 weights and scales as one run."""
     config = to_config(make_cfg(*FAST, f"quant={recipe_name}", "data.batch_size=32"))
-    data = TextClassificationData(config.data, lambda texts: load_tokenizer(config.model, texts), config.seed)
-    data.setup()
+    data = _data(config)
 
     def fit(
         folder: Path, stop_after_first_epoch: bool, ckpt_path: str | None = None
@@ -235,12 +241,9 @@ def test_resuming_mid_qat_reproduces_the_int8_model(make_cfg, tmp_path: Path, re
         L.seed_everything(config.seed + 1, verbose=False)  # the resumed run must not rely on this
         qat = QuantizationAwareTraining(make_recipe(config.quant))
         stop = [_StopAfterFirstEpoch()] if stop_after_first_epoch else []
-        trainer = L.Trainer(
+        trainer = _quiet_trainer(
             max_epochs=2,
             limit_val_batches=1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             default_root_dir=folder,
             callbacks=[qat, RngState(), ModelCheckpoint(dirpath=folder, save_last=True), *stop],
         )

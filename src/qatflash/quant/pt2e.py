@@ -74,7 +74,7 @@ class Pt2eRecipe(Recipe):
         # QAT through pt2e therefore fine-tunes without dropout.
         graph = self._export(model.eval(), self.example_inputs()).module()
         prepare = prepare_qat_pt2e if qat else prepare_pt2e
-        return _with_train_eval(prepare(graph, quantizer))
+        return _fixed_mode(prepare(graph, quantizer))
 
     def is_prepared(self, model: nn.Module) -> bool:
         return any(isinstance(m, pt2e.FakeQuantizeBase | pt2e.ObserverBase) for m in model.modules())
@@ -84,7 +84,7 @@ class Pt2eRecipe(Recipe):
         model.apply(pt2e.enable_observer if observe else pt2e.disable_observer)
 
     def convert(self, model: nn.Module) -> nn.Module:
-        return _with_train_eval(_without_unused_tensors(convert_pt2e(model.cpu())))
+        return _fixed_mode(_without_unused_tensors(convert_pt2e(model.cpu())))
 
     def count_quantized(self, model: nn.Module) -> int:
         graph = model.graph if isinstance(model, torch.fx.GraphModule) else model.module().graph
@@ -98,7 +98,7 @@ class Pt2eRecipe(Recipe):
         return path.stat().st_size
 
     def load(self, path: Path, skeleton: Callable[[], nn.Module]) -> nn.Module:
-        return _with_train_eval(torch.export.load(path).module())
+        return _fixed_mode(torch.export.load(path).module())
 
     def for_inference(self, model: nn.Module) -> nn.Module:
         return torch.compile(model)
@@ -118,7 +118,7 @@ def _without_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule
     return graph
 
 
-def _with_train_eval(graph: nn.Module) -> nn.Module:
+def _fixed_mode(graph: nn.Module) -> nn.Module:
     """Let Lightning and the benchmark call .train()/.eval() on an exported graph, changing nothing.
 
     The graph was traced in eval mode and stays that way (QAT through pt2e trains without dropout).
