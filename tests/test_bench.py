@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import FAST, run_cli
 
+from qatflash.bench import onnx
 from qatflash.bench.app import bench
 from qatflash.config import ConfigError, to_config
 from qatflash.pipeline import JobContext
@@ -64,7 +65,12 @@ def test_a_point_over_the_memory_cap_is_recorded_not_raised(make_bench_cfg, tmp_
     ("overrides", "message"),
     [
         (["bench.seq_lens=[1024]"], r"bench.seq_lens holds \[1024\], beyond the model's position limit 512"),
-        (["bench.backends=[onnx]"], "bench.backends entry='onnx' is not allowed"),
+        (["benchmark.backends=[onnx]"], "benchmark.backends entry='onnx' is not allowed"),
+        (["benchmark.backends=[torch,torch]"], r"benchmark.backends=\['torch', 'torch'\] repeats a backend"),
+        (
+            ["benchmark.backends=[onnxruntime]", "bench.dtype=bfloat16"],
+            "onnxruntime, which runs float32 on the CPU here; got bench.device=cpu bench.dtype=bfloat16",
+        ),
         (["bench.batch_sizes=[0]"], r"bench.batch_sizes holds \[0\]"),
     ],
 )
@@ -74,6 +80,44 @@ def test_bad_bench_input_is_refused_before_any_point(
     with pytest.raises(ConfigError, match=message):
         _bench(make_bench_cfg, tmp_path, *overrides)
     assert read_results(tmp_path) is None or read_results(tmp_path)["latency"] == []
+
+
+def test_onnxruntime_point_times_the_exported_model(make_bench_cfg, tmp_path: Path) -> None:
+    results = _bench(
+        make_bench_cfg, tmp_path, "bench.seq_lens=[64]", "benchmark.backends=[torch,onnxruntime]"
+    )
+    rows = {row["backend"]: row for row in results["latency"]}
+    assert set(rows) == {"torch", "onnxruntime"}
+    assert all(row["status"] == "ok" and row["p50_ms"] > 0 for row in rows.values())
+    assert rows["onnxruntime"]["memory_method"] == rows["torch"]["memory_method"]
+
+
+def test_a_training_runs_int8_artifact_is_timed_without_retraining(make_bench_cfg, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    trained = run_cli(
+        *FAST, "logger=none", "benchmark=none", "quant=ptq_dynamic", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    results = _bench(
+        make_bench_cfg, tmp_path / "bench", f"bench.artifact={run_dir}", "bench.seq_lens=[32,64]"
+    )
+    assert [(r["status"], r["seq_len"], r["artifact"]) for r in results["latency"]] == [
+        ("ok", 32, str(run_dir)),
+        ("ok", 64, str(run_dir)),
+    ]
+    with pytest.raises(
+        ConfigError, match=r"bench.artifact=.* is not a run folder with a readable results.json"
+    ):
+        _bench(make_bench_cfg, tmp_path / "refused", f"bench.artifact={tmp_path / 'bench'}/nothing")
+    (run_dir / "int8_model.pt").unlink()
+    with pytest.raises(ConfigError, match=r"bench.artifact=.* holds no INT8 artifact"):
+        _bench(make_bench_cfg, tmp_path / "refused", f"bench.artifact={run_dir}")
+
+
+def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onnx, "_PACKAGES", ("onnxruntime", "no_such_onnx_package"))
+    with pytest.raises(ConfigError, match=r"\['no_such_onnx_package'\] are not installed; install the extra"):
+        onnx.check_onnxruntime()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

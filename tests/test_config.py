@@ -11,7 +11,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from qatflash.cli import config_dir
-from qatflash.config import BenchAppConfig, Config, ConfigError, to_config
+from qatflash.config import BenchAppConfig, Config, ConfigError, point_dir, to_config
 
 CONF = Path(config_dir())
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -140,3 +140,12 @@ def test_configs_ship_inside_the_wheel(tmp_path: Path) -> None:
         check=True,
     ).stdout.split()
     assert out == [str(target / "qatflash" / "conf"), "eager"]
+
+
+def test_point_folders_are_stable_and_fit_a_file_name() -> None:
+    assert point_dir("") == "base"
+    assert point_dir("attention=eager,seed=1") == "attention=eager,seed=1"
+    long_a, long_b = "x=" + "a" * 300 + ",seed=0", "x=" + "a" * 300 + ",seed=1"
+    assert point_dir(long_a) == point_dir(long_a)  # the same command lands in the same folder
+    assert point_dir(long_a) != point_dir(long_b)  # points differing only past the cut never collide
+    assert len(point_dir(long_a).encode()) <= 200 and point_dir(long_a).startswith("x=aaaa")

@@ -49,12 +49,33 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(make_cfg, tmp_path: 
     assert 0 <= metrics["test/acc_int8"] <= 1 and metrics["test/acc"] == metrics["test/acc_int8"]
     reference = "test/acc_fakequant" if config.quant.method == "qat" else "test/acc_fp32"
     assert 0 <= metrics[reference] <= 1
-    # 2 blocks x (q, k, v, attention out, intermediate, output) + pooler, and the token-embedding table
-    assert model["quantized_modules"] == 13 + (config.quant.embeddings == "int8")
+    # all_linears: 2 blocks x (q, k, v, attention out, intermediate, output) + pooler; ffn: 2 x 2.
+    # Plus the token-embedding table.
+    linears = len(linear_targets(_tiny_bert(), config.quant.targets))
+    assert linears == (4 if recipe.endswith("_ffn") else 13)
+    assert model["quantized_modules"] == linears + (config.quant.embeddings == "int8")
     assert (tmp_path / model["int8_artifact"]).stat().st_size == model["int8_bytes"]
     if config.quant.api != "pt2e":  # a .pt2 archive also holds the program: larger than tiny_bert's weights
         assert model["int8_bytes"] < model["fp32_bytes"]
-    assert {row["variant"] for row in results["latency"]} == {"fp32", "int8"}
+    int8_backend = "torch_compile" if config.quant.api == "pt2e" else "torch"  # pt2e INT8 runs compiled
+    rows = {(row["variant"], row["backend"]) for row in results["latency"]}
+    assert rows == {("fp32", "torch"), ("int8", int8_backend)}
+
+
+def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(make_cfg, tmp_path: Path) -> None:
+    config = to_config(
+        make_cfg(*FAST, "logger=none", "quant=ptq_dynamic", "benchmark.backends=[torch,onnxruntime]")
+    )
+    results = run(config, JobContext(folder=tmp_path, choices={"quant": "ptq_dynamic"}))
+    rows = {(row["variant"], row["backend"]): row for row in results["latency"]}
+    assert set(rows) == {(v, b) for v in ("fp32", "int8") for b in ("torch", "onnxruntime")}
+    assert rows["fp32", "onnxruntime"]["precision"] == "32-true" and rows["int8", "onnxruntime"]["p50_ms"] > 0
+    metrics, model = results["metrics"], results["model"]
+    # The FP32 export predicts what the torch model predicts; ORT's own INT8 is its PTQ baseline.
+    assert metrics["test/acc_ort_fp32"] == metrics["test/acc_fp32"]
+    assert 0 <= metrics["test/acc_ort_int8"] <= 1
+    assert model["onnx_int8_bytes"] < model["onnx_fp32_bytes"]
+    assert (tmp_path / "model_int8_ort.onnx").stat().st_size == model["onnx_int8_bytes"]
 
 
 @pytest.mark.parametrize(

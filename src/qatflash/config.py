@@ -8,6 +8,7 @@ knows those facts (`attention.py`, `models.py`) and also run before training.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,6 +371,9 @@ class LoggerConfig:
         _one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
+BENCH_BACKENDS = ("torch", "torch_compile", "onnxruntime")
+
+
 @dataclass
 class BenchmarkConfig:
     enabled: bool = True
@@ -381,8 +385,17 @@ class BenchmarkConfig:
     min_duration_s: float = 1.0
     # CPU threads during timing; null = leave torch's setting and record it.
     threads: int | None = None
+    # What runs the timed forwards: torch (eager), torch_compile, onnxruntime (optional extra).
+    backends: list[str] = field(default_factory=lambda: ["torch"])
 
     def __post_init__(self) -> None:
+        _require(bool(self.backends), "benchmark.backends is empty; allowed: " + ", ".join(BENCH_BACKENDS))
+        for backend in self.backends:
+            _one_of("benchmark.backends entry", backend, BENCH_BACKENDS)
+        _require(
+            len(set(self.backends)) == len(self.backends),
+            f"benchmark.backends={list(self.backends)} repeats a backend",
+        )
         _require(self.batch_size > 0, f"benchmark.batch_size={self.batch_size} must be > 0")
         _require(self.seq_len is None or self.seq_len > 0, f"benchmark.seq_len={self.seq_len} must be > 0")
         _require(self.warmup >= 0, f"benchmark.warmup={self.warmup} must be >= 0")
@@ -391,17 +404,15 @@ class BenchmarkConfig:
         _require(self.threads is None or self.threads > 0, f"benchmark.threads={self.threads} must be > 0")
 
 
-BENCH_BACKENDS = ("torch", "torch_compile")
 BENCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class BenchSweepConfig:
-    """What `qatflash-bench` times: every (seq_len, batch_size, backend) of one model and attention."""
+    """What `qatflash-bench` times: every (seq_len, batch_size) of one model and attention, per `benchmark.backends`."""
 
     seq_lens: list[int] = field(default_factory=lambda: [128])
     batch_sizes: list[int] = field(default_factory=lambda: [1])
-    backends: list[str] = field(default_factory=lambda: ["torch"])
     device: str = "cpu"
     dtype: str = "float32"
     # Each point in a fresh spawned process, so its memory and latency owe nothing to earlier points.
@@ -409,15 +420,15 @@ class BenchSweepConfig:
     # Cap each point's memory (CPU: address space above the loaded model; CUDA: allocator fraction);
     # a point over the cap is recorded as `failed: out of memory`. null = no cap.
     max_memory_gb: float | None = None
+    # A training run's folder: time its INT8 artifact instead of building `model` (CPU, float32).
+    artifact: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("seq_lens", "batch_sizes", "backends"):
+        for name in ("seq_lens", "batch_sizes"):
             _require(bool(getattr(self, name)), f"bench.{name} is empty")
         for name in ("seq_lens", "batch_sizes"):
             bad = [v for v in getattr(self, name) if v <= 0]
             _require(not bad, f"bench.{name} holds {bad}; every value must be > 0")
-        for backend in self.backends:
-            _one_of("bench.backends entry", backend, BENCH_BACKENDS)
         _one_of("bench.device", self.device, ("cpu", "cuda"))
         _one_of("bench.dtype", self.dtype, BENCH_DTYPES)
         _require(
@@ -435,6 +446,10 @@ class SharedRoot:
     benchmark: BenchmarkConfig = MISSING
     logger: LoggerConfig = MISSING
     experiment_name: str = "default"
+    # A sweep's folder under multirun/<experiment_name>/: the same command lands in the same folders,
+    # so running it again resumes it (points whose results.json is ok are skipped unless force=true).
+    sweep_name: str = "default"
+    force: bool = False
     seed: int = 0
 
 
@@ -465,6 +480,25 @@ def register_schema() -> None:
     """The schemas that `conf/config.yaml` (`schema`) and `conf/bench.yaml` (`bench_schema`) compose onto."""
     ConfigStore.instance().store(name="schema", node=Config)
     ConfigStore.instance().store(name="bench_schema", node=BenchAppConfig)
+    OmegaConf.register_new_resolver("point_dir", point_dir, replace=True)
+
+
+# Most file systems refuse names longer than 255 bytes; keep well below, with room for a digest.
+_MAX_POINT_DIR = 200
+
+
+def point_dir(overrides: str) -> str:
+    """A sweep point's folder name: its overrides, readable and the same for the same command.
+
+    A point with no overrides gets `base`; one whose overrides would exceed a file name's limit
+    keeps their readable start and a digest of all of them, so distinct points never collide.
+    """
+    if not overrides:
+        return "base"
+    if len(overrides.encode()) <= _MAX_POINT_DIR:
+        return overrides
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:12]
+    return f"{overrides.encode()[: _MAX_POINT_DIR - 13].decode(errors='ignore')}-{digest}"
 
 
 def to_config(cfg: DictConfig) -> Any:

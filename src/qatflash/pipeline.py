@@ -7,6 +7,8 @@ against the model's positions) runs before the first training batch.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -18,6 +20,8 @@ import torch
 
 from qatflash.attention import check_attention, check_padding_support
 from qatflash.bench import measure_forward_latency
+from qatflash.bench.onnx import ORT_INT8_METHOD, OrtModel, check_onnxruntime, export_onnx, quantize_onnx
+from qatflash.bench.saved_run import MODEL_CONFIG_FILE
 from qatflash.config import Config, ConfigError, QuantConfig
 from qatflash.data import TextClassificationData
 from qatflash.models import build_model, build_model_from_config, load_tokenizer, max_positions, model_config
@@ -27,6 +31,8 @@ from qatflash.quant.artifact import serialized_bytes
 from qatflash.results import RunRecord, environment
 from qatflash.tracking import Tracker
 
+# Where results go and whether a finished point is redone; none of them changes a figure.
+_NOT_RESULT_KEYS = ("logger", "force", "sweep_name")
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -39,6 +45,12 @@ class JobContext:
     overrides: list[str] = field(default_factory=list)
     group: str = "default"
     resolved_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config_hash(self) -> str:
+        """What the job computes: its resolved config, less the keys that cannot change a result."""
+        relevant = {k: v for k, v in self.resolved_config.items() if k not in _NOT_RESULT_KEYS}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def resolve_device(accelerator: str) -> torch.device:
@@ -79,13 +91,15 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
     """Run one job and return its results; raises (after recording `failed`) when any step fails."""
     params = job_params(cfg, job.overrides)
     wandb_config = {**job.choices, **params, "experiment": cfg.experiment_name, "config": job.resolved_config}
-    record = RunRecord(job.folder, job.choices, params)
+    record = RunRecord(job.folder, job.choices, params, job.config_hash)
     tracker_args = (run_name(cfg, job.choices), job.group, "train", wandb_config)
     with record, Tracker(cfg.logger, job.folder, *tracker_args) as tracker:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         device = resolve_device(cfg.trainer.accelerator)
         record.update("env", environment(device))
         check_attention(cfg.attention, str(cfg.trainer.precision), device)
+        if cfg.benchmark.enabled and "onnxruntime" in cfg.benchmark.backends:
+            check_onnxruntime()
         recipe = make_recipe(cfg.quant) if cfg.quant.method != "none" else None
 
         data = TextClassificationData(cfg.data, partial(load_tokenizer, cfg.model), cfg.seed)
@@ -95,6 +109,7 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         bench_len = cfg.benchmark.seq_len or cfg.data.max_length
         _check_length(hf_config, ("data.max_length", cfg.data.max_length), ("benchmark.seq_len", bench_len))
         model = build_model(cfg.model, cfg.attention, hf_config)
+        hf_config.to_json_file(job.folder / MODEL_CONFIG_FILE)  # rebuilds the artifact's skeleton later
         module = SequenceClassifier(model, cfg.model.optim, data.num_labels, cfg.attention.sdpa_backend)
         record.update(
             "model", {"parameters": sum(p.numel() for p in model.parameters()), "num_labels": data.num_labels}
@@ -122,9 +137,10 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         tested = _test(trainer, module, data)
         record.update("timing", {"test_s": round(time.perf_counter() - started, 3)})
 
-        variants: dict[str, tuple[torch.nn.Module, torch.device]] = {"fp32": (module.model, device)}
+        int8 = None
         if recipe is None:
             metrics.update(tested)
+            float_model = module.model
         else:
             metrics.update(_suffixed(tested, "fakequant" if qat else "fp32"))
             float_model = float_model or module.model  # PTQ quantizes a copy; this one stays FP32
@@ -135,23 +151,28 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
             metrics.update(_record_int8(record, job.folder, recipe, int8, float_model, skeleton, data))
             module.model = int8
             metrics.update(_int8_metrics(_test(_cpu_trainer(), module, data), metrics))
-            variants = {
-                "fp32": (float_model, device),
-                "int8": (recipe.for_inference(int8), torch.device("cpu")),
-            }
+        onnx: dict[str, torch.nn.Module] = {}
+        if cfg.benchmark.enabled and "onnxruntime" in cfg.benchmark.backends:
+            onnx = _onnxruntime_models(record, job.folder, float_model, data, cfg.benchmark.threads)
+            for variant, session in onnx.items():
+                module.model = session
+                metrics.update(_suffixed(_test(_cpu_trainer(), module, data), f"ort_{variant}"))
         record.update("metrics", metrics)
 
         if cfg.benchmark.enabled:
             started = time.perf_counter()
-            for variant, (timed, timed_on) in variants.items():
+            timed_models = _timed_models(cfg.benchmark.backends, recipe, float_model, int8, onnx, device)
+            for (variant, backend), (timed, timed_on) in timed_models.items():
                 module.model = timed
                 row = latency_row(
-                    cfg, module.to(timed_on), timed_on, bench_len, hf_config.vocab_size, variant
+                    cfg, module.to(timed_on), timed_on, bench_len, hf_config.vocab_size, variant, backend
                 )
                 record.update("latency", [row])
             record.update("timing", {"bench_s": round(time.perf_counter() - started, 3)})
         summary = {
-            f"latency/{row['variant']}/{k}": v for row in record.data["latency"] for k, v in row.items()
+            f"latency/{row['variant']}/{row['backend']}/{k}": v
+            for row in record.data["latency"]
+            for k, v in row.items()
         }
         tracker.summarize(
             {**metrics, **summary, **{f"model/{k}": v for k, v in record.data["model"].items()}}
@@ -227,7 +248,13 @@ def _record_int8(
 
 
 def latency_row(
-    cfg: Config, module: torch.nn.Module, device: torch.device, seq_len: int, vocab_size: int, variant: str
+    cfg: Config,
+    module: torch.nn.Module,
+    device: torch.device,
+    seq_len: int,
+    vocab_size: int,
+    variant: str,
+    backend: str,
 ) -> dict[str, Any]:
     """One latency record: what was timed, how, and the figures."""
     precision = str(cfg.trainer.precision)
@@ -237,8 +264,9 @@ def latency_row(
     )
     return {
         "variant": variant,
-        "precision": precision if variant == "fp32" else "int8",
-        "backend": "torch",
+        # ONNX Runtime runs the FP32 export in float32 whatever the training precision.
+        "precision": "int8" if variant == "int8" else "32-true" if backend == "onnxruntime" else precision,
+        "backend": backend,
         "device": device.type,
         "threads": cfg.benchmark.threads or torch.get_num_threads(),
         "seq_len": seq_len,
@@ -246,6 +274,53 @@ def latency_row(
         "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
         **stats.as_dict(),
     }
+
+
+def _timed_models(
+    backends: list[str],
+    recipe: Recipe | None,
+    float_model: torch.nn.Module,
+    int8: torch.nn.Module | None,
+    onnx: dict[str, torch.nn.Module],
+    device: torch.device,
+) -> dict[tuple[str, str], tuple[torch.nn.Module, torch.device]]:
+    """(variant, backend) -> the model to time and where. INT8 and ONNX Runtime run on the CPU.
+
+    A recipe whose INT8 runs only compiled (pt2e) is timed under torch_compile, whichever torch
+    backend was asked for, and once.
+    """
+    timed: dict[tuple[str, str], tuple[torch.nn.Module, torch.device]] = {}
+    for backend in backends:
+        if backend == "onnxruntime":
+            timed.update({(variant, backend): (m, torch.device("cpu")) for variant, m in onnx.items()})
+            continue
+        timed["fp32", backend] = (_on(backend, float_model), device)
+        if int8 is not None and recipe is not None:
+            int8_backend = "torch_compile" if recipe.compiled_only else backend
+            timed["int8", int8_backend] = (_on(int8_backend, int8), torch.device("cpu"))
+    return timed
+
+
+def _on(backend: str, model: torch.nn.Module) -> torch.nn.Module:
+    return torch.compile(model) if backend == "torch_compile" else model
+
+
+def _onnxruntime_models(
+    record: RunRecord,
+    folder: Path,
+    float_model: torch.nn.Module,
+    data: TextClassificationData,
+    threads: int | None,
+) -> dict[str, torch.nn.Module]:
+    """The FP32 model exported to ONNX and ONNX Runtime's dynamic INT8 of it, as sessions; sizes recorded."""
+    fp32_path, int8_path = folder / "model_fp32.onnx", folder / "model_int8_ort.onnx"
+    example = {k: v for k, v in next(iter(data.test_dataloader())).items() if k != "labels"}
+    model = copy.deepcopy(float_model).float().cpu()
+    sizes = {"onnx_fp32_bytes": export_onnx(model, fp32_path, example, max_positions(model.config))}
+    sizes["onnx_int8_bytes"] = quantize_onnx(fp32_path, int8_path)
+    record.update("model", {**sizes, "onnx_int8_method": ORT_INT8_METHOD})
+    threads = threads or torch.get_num_threads()
+    return {"fp32": OrtModel(fp32_path, threads), "int8": OrtModel(int8_path, threads)}
 
 
 def _check_length(hf_config: Any, *lengths: tuple[str, int]) -> None:

@@ -92,7 +92,9 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
 class RunRecord:
     """The results.json of one job: `running` on entry, `ok` or `failed` (with the error) on exit."""
 
-    def __init__(self, folder: Path, choices: dict[str, Any], params: dict[str, Any]) -> None:
+    def __init__(
+        self, folder: Path, choices: dict[str, Any], params: dict[str, Any], config_hash: str | None = None
+    ) -> None:
         self.path = folder / RESULTS_FILE
         previous = read_results(self.path) or {}
         self.data: dict[str, Any] = {
@@ -100,6 +102,8 @@ class RunRecord:
             "status": "running",
             "error": None,
             "attempt": int(previous.get("attempt", 0)) + 1,
+            # Identifies the config that produced the record: a sweep skips an ok point only if it matches.
+            "config_hash": config_hash,
             "choices": choices,
             "params": params,
             "metrics": {},

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from qatflash.attention import check_attention, check_model_supports
+from qatflash.bench.onnx import check_onnxruntime
 from qatflash.bench.points import PointJob, bench_model_config, run_point
+from qatflash.bench.saved_run import open_run
 from qatflash.config import BenchAppConfig, ConfigError
 from qatflash.models import max_positions, sequence_classifier_class
 from qatflash.pipeline import JobContext
@@ -30,7 +32,24 @@ def check_bench(cfg: BenchAppConfig) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench.device=cuda but no CUDA device is visible; use bench.device=cpu")
     check_attention(cfg.attention, _PRECISION[cfg.bench.dtype], device)
-    hf_config = bench_model_config(cfg.model)
+    if cfg.bench.artifact is not None:
+        run = open_run(cfg.bench.artifact)
+        if device.type != "cpu" or cfg.bench.dtype != "float32" or "onnxruntime" in cfg.benchmark.backends:
+            raise ConfigError(
+                f"bench.artifact runs INT8 kernels on the CPU through torch: use bench.device=cpu "
+                f"bench.dtype=float32 and benchmark.backends from [torch, torch_compile]; got "
+                f"{cfg.bench.device}, {cfg.bench.dtype}, {list(cfg.benchmark.backends)}"
+            )
+        hf_config = run.hf_config()
+    else:
+        hf_config = bench_model_config(cfg.model)
+    if "onnxruntime" in cfg.benchmark.backends:
+        check_onnxruntime()
+        if device.type != "cpu" or cfg.bench.dtype != "float32":
+            raise ConfigError(
+                f"benchmark.backends includes onnxruntime, which runs float32 on the CPU here; "
+                f"got bench.device={cfg.bench.device} bench.dtype={cfg.bench.dtype}"
+            )
     check_model_supports(cfg.attention, sequence_classifier_class(hf_config))
     limit = max_positions(hf_config)
     too_long = [n for n in cfg.bench.seq_lens if limit is not None and n > limit]
@@ -48,14 +67,15 @@ def bench(cfg: BenchAppConfig, job: JobContext) -> dict[str, Any]:
     params = {
         "seq_lens": list(sweep.seq_lens),
         "batch_sizes": list(sweep.batch_sizes),
-        "backends": list(sweep.backends),
+        "backends": list(cfg.benchmark.backends),
         "device": sweep.device,
         "dtype": sweep.dtype,
         "isolate": sweep.isolate,
+        "artifact": sweep.artifact,
         "sdpa_backend": cfg.attention.sdpa_backend,
         "overrides": job.overrides,
     }
-    record = RunRecord(job.folder, job.choices, params)
+    record = RunRecord(job.folder, job.choices, params, job.config_hash)
     name = "-".join([job.choices.get("model", "?"), job.choices.get("attention", "?"), sweep.dtype])
     wandb_config = {**job.choices, **params, "experiment": cfg.experiment_name, "config": job.resolved_config}
     with record, Tracker(cfg.logger, job.folder, name, job.group, "bench", wandb_config) as tracker:
@@ -63,7 +83,7 @@ def bench(cfg: BenchAppConfig, job: JobContext) -> dict[str, Any]:
         record.update("env", environment(torch.device(sweep.device)))
         record.update("model", {"model_type": hf_config.model_type, "layers": hf_config.num_hidden_layers})
         for seq_len, batch_size, backend in itertools.product(
-            sweep.seq_lens, sweep.batch_sizes, sweep.backends
+            sweep.seq_lens, sweep.batch_sizes, cfg.benchmark.backends
         ):
             point = PointJob(
                 cfg.model, cfg.attention, cfg.benchmark, sweep, seq_len, batch_size, backend, cfg.seed

@@ -11,16 +11,21 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import signal
+import tempfile
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from qatflash.bench.latency import LatencyStats, time_iterations
 from qatflash.bench.memory import address_space_bytes, peak_memory
+from qatflash.bench.onnx import OrtModel, export_onnx
+from qatflash.bench.saved_run import open_run
 from qatflash.config import AttentionConfig, BenchmarkConfig, BenchSweepConfig, ModelConfig
-from qatflash.models import build_model, model_config
+from qatflash.models import build_model, max_positions, model_config
+from qatflash.quant import make_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUT_OF_MEMORY = "out of memory"
@@ -50,6 +55,7 @@ class PointJob:
             "sdpa_backend": self.attention.sdpa_backend,
             "device": self.sweep.device,
             "dtype": self.sweep.dtype,
+            "artifact": self.sweep.artifact,
         }
 
 
@@ -65,12 +71,22 @@ def measure(job: PointJob) -> dict[str, Any]:
     if job.timing.threads is not None:
         torch.set_num_threads(job.timing.threads)
     torch.manual_seed(job.seed)
-    hf_config = bench_model_config(job.model)
-    model = build_model(job.model, job.attention, hf_config).to(device=device, dtype=dtype).eval()
-    if job.backend == "torch_compile":
-        model = torch.compile(model)
+    compile_model = job.backend == "torch_compile"
+    if job.sweep.artifact is None:
+        hf_config = bench_model_config(job.model)
+        model = build_model(job.model, job.attention, hf_config).to(device=device, dtype=dtype).eval()
+    else:  # check_bench allows artifacts on the CPU in float32 only, their kernels' home
+        run = open_run(job.sweep.artifact)
+        recipe = make_recipe(run.quant)
+        hf_config = run.hf_config()
+        model = run.load_int8(recipe, job.attention)
+        compile_model = compile_model or recipe.compiled_only
     ids = torch.randint(0, hf_config.vocab_size, (job.batch_size, job.seq_len), device=device)
     mask = torch.ones_like(ids)
+    if compile_model:
+        model = torch.compile(model)
+    elif job.backend == "onnxruntime":
+        model = _in_onnxruntime(model, {"input_ids": ids, "attention_mask": mask}, max_positions(hf_config))
 
     def forward() -> object:
         return model(input_ids=ids, attention_mask=mask)
@@ -91,9 +107,20 @@ def measure(job: PointJob) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
         "isolated": job.sweep.isolate,
+        "compiled": compile_model,  # pt2e INT8 artifacts run compiled whatever the backend
         **memory,
         **stats.as_dict(),
     }
+
+
+def _in_onnxruntime(
+    model: torch.nn.Module, example: dict[str, torch.Tensor], max_len: int | None
+) -> OrtModel:
+    """The model exported to ONNX and loaded into a session; the file is not needed once loaded."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(model, path, example, max_len)
+        return OrtModel(path, torch.get_num_threads())
 
 
 def _cap_memory(max_gb: float | None, device: torch.device) -> None:

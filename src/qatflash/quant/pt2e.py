@@ -42,6 +42,7 @@ class Pt2eRecipe(Recipe):
     """QAT (`qat`) or static PTQ (`ptq_static`) of an exported graph for the x86 Inductor backend."""
 
     artifact_name = "int8_model.pt2"
+    compiled_only = True
 
     def __init__(self, cfg: QuantConfig) -> None:
         check_compiler()
@@ -99,9 +100,6 @@ class Pt2eRecipe(Recipe):
 
     def load(self, path: Path, skeleton: Callable[[], nn.Module]) -> nn.Module:
         return _fixed_mode(torch.export.load(path).module())
-
-    def for_inference(self, model: nn.Module) -> nn.Module:
-        return torch.compile(model)
 
 
 def _without_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -24,6 +24,9 @@ class Recipe(ABC):
 
     # The INT8 artifact's file name in the run folder.
     artifact_name = "int8_model.pt"
+    # Whether the converted model runs INT8 kernels only through torch.compile (pt2e: in eager mode
+    # its graph merely simulates quantization), so it is timed compiled whatever the backend.
+    compiled_only = False
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg
@@ -60,7 +63,3 @@ class Recipe(ABC):
     def load(self, path: Path, skeleton: Callable[[], nn.Module]) -> nn.Module:
         """Read an artifact written by `save`; `skeleton` builds the float model it was converted from."""
         return load_state(lambda: self.convert(self.prepare(skeleton().train())), path)
-
-    def for_inference(self, model: nn.Module) -> nn.Module:
-        """The form of a converted model that is timed (pt2e models run through torch.compile)."""
-        return model

@@ -1,0 +1,3 @@
+from qatflash.cli import report_main
+
+report_main()

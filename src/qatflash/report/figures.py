@@ -1,0 +1,130 @@
+"""The report's plots: accuracy vs latency with its Pareto frontier, attention scaling, INT8 vs FP32 size.
+
+Each function takes the flat table and returns a matplotlib Figure, or None when the sweep holds
+nothing to plot (a benchmark-only sweep has no accuracy; a training sweep has no sequence scaling).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+# The latency a shipped model has: its INT8 form where the job made one, else FP32; torch first.
+_SHIPPED_LATENCY = [
+    f"latency.{variant}.{backend}.p50_ms"
+    for variant in ("int8", "fp32")
+    for backend in ("torch", "torch_compile", "onnxruntime")
+]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def shipped_latency(table: pd.DataFrame) -> pd.Series:
+    columns = [c for c in _SHIPPED_LATENCY if c in table]
+    if not columns:
+        return pd.Series(float("nan"), index=table.index)
+    return table[columns].bfill(axis=1).iloc[:, 0]
+
+
+def pareto_mask(latency: pd.Series, accuracy: pd.Series) -> pd.Series:
+    """Points no other point beats on both axes (lower latency and higher accuracy)."""
+    best, keep = float("-inf"), pd.Series(False, index=latency.index)
+    for index in sorted(latency.index, key=lambda i: (latency[i], -accuracy[i])):
+        if accuracy[index] > best:
+            keep[index], best = True, accuracy[index]
+    return keep
+
+
+def accuracy_vs_latency(table: pd.DataFrame) -> Figure | None:
+    if "metrics.test/acc" not in table:
+        return None
+    points = table[table["status"] == "ok"].assign(latency=shipped_latency(table))
+    points = points.dropna(subset=["metrics.test/acc", "latency"])
+    if points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = dict(
+        zip(sorted(points["choices.quant"].astype(str).unique()), itertools.cycle(plt.cm.tab10.colors))
+    )
+    markers = dict(zip(sorted(points["choices.attention"].astype(str).unique()), itertools.cycle(_MARKERS)))
+    for (quant, attention), group in points.groupby(["choices.quant", "choices.attention"]):
+        ax.scatter(
+            group["latency"],
+            group["metrics.test/acc"],
+            color=colours[str(quant)],
+            marker=markers[str(attention)],
+            s=60,
+            label=f"{quant} / {attention}",
+        )
+    front = points[pareto_mask(points["latency"], points["metrics.test/acc"])].sort_values("latency")
+    ax.step(front["latency"], front["metrics.test/acc"], where="post", color="black", lw=1, ls="--")
+    ax.scatter(
+        front["latency"],
+        front["metrics.test/acc"],
+        s=180,
+        facecolors="none",
+        edgecolors="black",
+        label="Pareto frontier",
+    )
+    ax.set(
+        xlabel="latency p50 (ms, INT8 where quantized)", ylabel="test accuracy", title="Accuracy vs latency"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def attention_scaling(table: pd.DataFrame) -> Figure | None:
+    if "bench.seq_len" not in table:
+        return None
+    points = table[(table["status"] == "ok") & (table.get("bench.status") == "ok")]
+    if points.empty:
+        return None
+    fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (attention, backend, batch), group in points.groupby(
+        ["bench.attention", "bench.backend", "bench.batch_size"]
+    ):
+        group = group.sort_values("bench.seq_len")
+        label = f"{attention} ({backend}, batch {int(batch)})"
+        lat.plot(group["bench.seq_len"], group["bench.p50_ms"], marker="o", label=label)
+        mem.plot(group["bench.seq_len"], group["bench.peak_memory_bytes"] / 2**20, marker="o", label=label)
+    lengths = sorted(int(n) for n in points["bench.seq_len"].unique())
+    for ax, ylabel in ((lat, "latency p50 (ms)"), (mem, "peak memory of one forward (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set(yscale="log", xlabel="sequence length (tokens)", ylabel=ylabel)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Attention scaling")
+    fig.tight_layout()
+    return fig
+
+
+def model_sizes(table: pd.DataFrame) -> Figure | None:
+    if "model.int8_bytes" not in table:
+        return None
+    points = table[(table["status"] == "ok")].dropna(subset=["model.int8_bytes"])
+    if points.empty:
+        return None
+    labels = points["choices.quant"].astype(str) + " / " + points["choices.attention"].astype(str)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(points) + 1.5))
+    y = range(len(points))
+    ax.barh([i + 0.2 for i in y], points["model.fp32_bytes"] / 1e6, height=0.4, label="FP32")
+    ax.barh([i - 0.2 for i in y], points["model.int8_bytes"] / 1e6, height=0.4, label="INT8 artifact")
+    ax.set_yticks(list(y), labels)
+    ax.set(xlabel="size on disk (MB)", title="INT8 vs FP32 model size")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"pareto": accuracy_vs_latency, "scaling": attention_scaling, "sizes": model_sizes}

@@ -1,0 +1,86 @@
+"""qatflash-report on real results: CSV, Markdown, PNGs and HTML; bad points skipped and listed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import FAST, run_cli
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from qatflash.bench.app import bench
+from qatflash.cli import config_dir, report_main
+from qatflash.config import register_schema, to_config
+from qatflash.pipeline import JobContext, run
+from qatflash.report.figures import pareto_mask
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two training points, one benchmark job, a truncated results.json and a killed (running) one."""
+    register_schema()
+    root = tmp_path_factory.mktemp("sweep")
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        for quant in ("fp32", "ptq_dynamic"):
+            cfg = compose("config", overrides=[*FAST, "logger=none", f"quant={quant}"])
+            with open_dict(cfg):
+                cfg.pop("hydra", None)
+            choices = {"quant": quant, "attention": "sdpa"}
+            run(to_config(cfg), JobContext(folder=root / f"quant={quant}", choices=choices))
+        cfg = compose(
+            "bench",
+            overrides=[
+                "model=tiny_bert",
+                "logger=none",
+                "benchmark.min_iters=2",
+                "benchmark.warmup=0",
+                "benchmark.min_duration_s=0",
+                "bench.seq_lens=[32,128]",
+            ],
+        )
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        bench(to_config(cfg), JobContext(folder=root / "bench", choices={"attention": "sdpa"}))
+    (root / "truncated").mkdir()
+    (root / "truncated" / "results.json").write_text('{"schema": 1, "status": "ok", "metr')
+    (root / "killed").mkdir()
+    (root / "killed" / "results.json").write_text(json.dumps({"schema": 1, "status": "running"}))
+    return root
+
+
+def test_report_writes_every_output_and_lists_what_it_skipped(sweep: Path, tmp_path: Path, capsys) -> None:
+    report_main([str(sweep), "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "truncated" in captured.err and "status 'running'" in captured.err
+    for name in ("results.csv", "report.md", "report.html", "pareto.png", "scaling.png", "sizes.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert len(table) == 4  # two training jobs, and one row per benchmark point
+    training = table[table["choices.quant"].notna()].set_index("choices.quant")
+    assert training.loc["ptq_dynamic", "model.int8_bytes"] < training.loc["ptq_dynamic", "model.fp32_bytes"]
+    assert sorted(table["bench.seq_len"].dropna()) == [32, 128]
+    assert (table["report_schema"] == 1).all()
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| quant=ptq_dynamic" in markdown and "Skipped 2 point(s)" in markdown
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "<table" in html
+
+
+def test_report_logs_a_summary_run_to_offline_wandb(sweep: Path, tmp_path: Path) -> None:
+    proc = run_cli(str(sweep), "--out", str(tmp_path), "--wandb", cwd=tmp_path, app="qatflash.report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_report_refuses_folders_without_results(tmp_path: Path) -> None:
+    proc = run_cli(str(tmp_path), cwd=tmp_path, app="qatflash.report")
+    assert proc.returncode == 2 and "no usable results.json" in proc.stderr
+
+
+def test_pareto_frontier_keeps_only_unbeaten_points() -> None:
+    latency = pd.Series([10.0, 20.0, 15.0, 30.0, 10.0])
+    accuracy = pd.Series([0.80, 0.90, 0.79, 0.95, 0.85])
+    assert pareto_mask(latency, accuracy).tolist() == [False, True, False, True, True]
