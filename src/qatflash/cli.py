@@ -19,7 +19,7 @@ from qatflash.bench.app import bench
 from qatflash.config import ConfigError, register_schema, to_config
 from qatflash.pipeline import JobContext, run
 from qatflash.report import log_to_wandb, write_report
-from qatflash.results import RunRecord, read_results
+from qatflash.results import RunRecord, read_results, summary_figures
 
 log = logging.getLogger("qatflash")
 
@@ -45,6 +45,7 @@ def job_context(cfg: DictConfig) -> JobContext:
         overrides=list(hc.overrides.task),
         group=group,
         resolved_config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        sweep_dir=Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None,
     )
 
 
@@ -87,7 +88,7 @@ def _run_job(cfg: DictConfig, job: Callable[[Any, JobContext], dict[str, Any]]) 
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def train(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> float | tuple[float, ...] | None:
     results = _run_job(cfg, run)
     metrics, latency = results["metrics"], (results["latency"] or [{}])[0]
     log.info(
@@ -97,6 +98,20 @@ def train(cfg: DictConfig) -> None:
         f"{latency['p50_ms']:.2f}" if latency else "n/a",
         HydraConfig.get().runtime.output_dir,
     )
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return objective(results, list(cfg.objective))
+
+
+def objective(results: dict[str, Any], keys: list[str]) -> float | tuple[float, ...]:
+    """The figures an optimising sweeper (hydra/sweeper=optuna) maximises or minimises."""
+    figures = summary_figures(results)
+    missing = [k for k in keys if not isinstance(figures.get(k), int | float)]
+    if missing:
+        numeric = sorted(k for k, v in figures.items() if isinstance(v, int | float))
+        raise ConfigError(f"objective={keys}: {missing} are not figures of this job; it has {numeric}")
+    values = tuple(float(figures[k]) for k in keys)
+    return values[0] if len(values) == 1 else values
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")

@@ -460,6 +460,11 @@ class Config(SharedRoot):
     data: DataConfig = MISSING
     quant: QuantConfig = MISSING
     trainer: TrainerConfig = MISSING
+    # FP32 and PTQ points of a sweep share one FP32 fine-tune (qatflash.finetune_cache); false: each trains.
+    reuse_fp32: bool = True
+    # What the job returns to a sweeper that optimises (hydra/sweeper=optuna): metrics or summary keys,
+    # e.g. [test/acc] or [test/acc, latency/int8/torch/p50_ms] with directions [maximize, minimize].
+    objective: list[str] = field(default_factory=lambda: ["test/acc"])
 
     def __post_init__(self) -> None:
         _require(

@@ -24,15 +24,17 @@ from qatflash.bench.onnx import ORT_INT8_METHOD, OrtModel, check_onnxruntime, ex
 from qatflash.bench.saved_run import MODEL_CONFIG_FILE
 from qatflash.config import Config, ConfigError, QuantConfig
 from qatflash.data import TextClassificationData
+from qatflash.finetune_cache import FinetuneCache
 from qatflash.models import build_model, build_model_from_config, load_tokenizer, max_positions, model_config
 from qatflash.module import SequenceClassifier
 from qatflash.quant import QuantizationAwareTraining, Recipe, make_recipe
 from qatflash.quant.artifact import serialized_bytes
-from qatflash.results import RunRecord, environment
+from qatflash.results import RunRecord, environment, summary_figures
 from qatflash.tracking import Tracker
 
-# Where results go and whether a finished point is redone; none of them changes a figure.
-_NOT_RESULT_KEYS = ("logger", "force", "sweep_name")
+# Where results go, whether a finished point is redone or its training shared, what a sweeper reads:
+# none of them changes a figure.
+_NOT_RESULT_KEYS = ("logger", "force", "sweep_name", "reuse_fp32", "objective")
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -45,6 +47,8 @@ class JobContext:
     overrides: list[str] = field(default_factory=list)
     group: str = "default"
     resolved_config: dict[str, Any] = field(default_factory=dict)
+    # The sweep's folder when the job is one point of a multirun: what its points may share.
+    sweep_dir: Path | None = None
 
     @property
     def config_hash(self) -> str:
@@ -129,10 +133,18 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
             enable_checkpointing=False,
             callbacks=[qat] if qat is not None else [],
         )
+        shared = cfg.reuse_fp32 and qat is None and job.sweep_dir is not None
+        cache = FinetuneCache(job.sweep_dir, cfg) if shared else None
         started = time.perf_counter()
-        trainer.fit(module, datamodule=data)
+        metrics = cache.load(module.model) if cache is not None else None
+        if metrics is None:
+            trainer.fit(module, datamodule=data)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            if cache is not None:
+                cache.save(module.model, metrics)
+        elif cache is not None:
+            record.update("model", {"fp32_reused_from": str(cache.path)})
         record.update("timing", {"fit_s": round(time.perf_counter() - started, 3)})
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         started = time.perf_counter()
         tested = _test(trainer, module, data)
         record.update("timing", {"test_s": round(time.perf_counter() - started, 3)})
@@ -169,14 +181,7 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
                 )
                 record.update("latency", [row])
             record.update("timing", {"bench_s": round(time.perf_counter() - started, 3)})
-        summary = {
-            f"latency/{row['variant']}/{row['backend']}/{k}": v
-            for row in record.data["latency"]
-            for k, v in row.items()
-        }
-        tracker.summarize(
-            {**metrics, **summary, **{f"model/{k}": v for k, v in record.data["model"].items()}}
-        )
+        tracker.summarize(summary_figures(record.data))
     return record.data
 
 

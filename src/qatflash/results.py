@@ -89,6 +89,18 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
     return env
 
 
+def summary_figures(data: dict[str, Any]) -> dict[str, Any]:
+    """A training job's figures under flat keys: its W&B summary, and what an optimising sweeper reads.
+
+    metrics as they are (`test/acc`), latency rows as `latency/<variant>/<backend>/<field>`, and
+    the model section as `model/<field>`.
+    """
+    latency = {
+        f"latency/{row['variant']}/{row['backend']}/{k}": v for row in data["latency"] for k, v in row.items()
+    }
+    return {**data["metrics"], **latency, **{f"model/{k}": v for k, v in data["model"].items()}}
+
+
 class RunRecord:
     """The results.json of one job: `running` on entry, `ok` or `failed` (with the error) on exit."""
 

@@ -1,0 +1,60 @@
+"""One FP32 fine-tune shared by every point of a sweep that starts from it.
+
+FP32, dynamic-PTQ and static-PTQ points differ only after training, so training the same model on
+the same data three times is pure overhead. The fine-tuned weights are keyed by the config sections
+that decide them (model, data, attention, trainer, seed) and kept beside the sweep's points, in
+`<sweep>/.fp32_models/<key>/`: the first point trains and saves, the others load. Only sweeps share
+(a single run always trains), and QAT points train their own model (fake quantization changes the
+training itself).
+
+The state_dict is written to a temporary name and renamed, and read back with `weights_only=True`,
+so a killed writer leaves nothing half-written and a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qatflash.config import Config
+from qatflash.results import write_json_atomic
+
+# The sections of the resolved config that decide the fine-tuned weights.
+KEY_SECTIONS = ("model", "data", "attention", "trainer", "seed")
+CACHE_FOLDER = ".fp32_models"
+
+
+class FinetuneCache:
+    def __init__(self, sweep_dir: Path, cfg: Config) -> None:
+        relevant = {k: getattr(cfg, k) for k in KEY_SECTIONS}
+        relevant = {k: asdict(v) if k != "seed" else v for k, v in relevant.items()}
+        key = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.path = sweep_dir / CACHE_FOLDER / key
+
+    @property
+    def _weights(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def _metrics(self) -> Path:
+        return self.path / "val_metrics.json"
+
+    def load(self, model: nn.Module) -> dict[str, float] | None:
+        """Fill `model` with the cached fine-tune and return its validation metrics; None if absent."""
+        if not (self._weights.is_file() and self._metrics.is_file()):
+            return None
+        model.load_state_dict(torch.load(self._weights, weights_only=True, map_location="cpu"))
+        return json.loads(self._metrics.read_text())
+
+    def save(self, model: nn.Module, val_metrics: dict[str, float]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self._weights.with_name(f".{self._weights.name}.{os.getpid()}.tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, self._weights)
+        write_json_atomic(self._metrics, val_metrics)  # written last: its presence means complete
