@@ -83,3 +83,20 @@ def test_unknown_option_lists_choices(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "Could not find 'attention/fastest'" in proc.stderr and "Available options" in proc.stderr
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_wandb_failing_to_start_costs_the_job_nothing_but_wandb(tmp_path: Path) -> None:
+    # Online mode without an API key: W&B refuses to start, as it would when its service is down.
+    proc = run_cli(
+        *FAST,
+        "logger.mode=online",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        env={"WANDB_API_KEY": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = _results(tmp_path)
+    assert results["status"] == "ok" and results["metrics"]["test/acc"] >= 0
+    (warning,) = results["warnings"]
+    assert warning.startswith("W&B failed to start") and "csv_logs" in warning
+    assert (tmp_path / "run" / "csv_logs" / "metrics.csv").is_file()

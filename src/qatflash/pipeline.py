@@ -98,6 +98,7 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
     record = RunRecord(job.folder, job.choices, params, job.config_hash)
     tracker_args = (run_name(cfg, job.choices), job.group, "train", wandb_config)
     with record, Tracker(cfg.logger, job.folder, *tracker_args) as tracker:
+        record.data["warnings"] = tracker.warnings  # the same list: warnings at finish land too
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         device = resolve_device(cfg.trainer.accelerator)
         record.update("env", environment(device))

@@ -124,6 +124,7 @@ class RunRecord:
             "timing": {},
             "env": environment(),
             "argv": sys.argv[1:],
+            "warnings": [],
         }
         self._started = time.perf_counter()
 

@@ -79,6 +79,7 @@ def bench(cfg: BenchAppConfig, job: JobContext) -> dict[str, Any]:
     name = "-".join([job.choices.get("model", "?"), job.choices.get("attention", "?"), sweep.dtype])
     wandb_config = {**job.choices, **params, "experiment": cfg.experiment_name, "config": job.resolved_config}
     with record, Tracker(cfg.logger, job.folder, name, job.group, "bench", wandb_config) as tracker:
+        record.data["warnings"] = tracker.warnings  # the same list: warnings at finish land too
         hf_config = check_bench(cfg)
         record.update("env", environment(torch.device(sweep.device)))
         record.update("model", {"model_type": hf_config.model_type, "layers": hf_config.num_hidden_layers})
