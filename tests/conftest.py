@@ -76,6 +76,30 @@ def make_bench_cfg() -> Callable[..., DictConfig]:
     return _make
 
 
+@pytest.fixture
+def run_app(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[int, str]]:
+    """`qatflash <args>` (or another entry point) in this process, as from a shell: (exit code, stderr).
+
+    For runs that end early or quickly (refusals, resumes): no interpreter start-up per case.
+    Anything that must be killed or launched runs through `run_cli` instead.
+    """
+    from qatflash.cli import main
+
+    def _run(*args: str, entry: Callable[[], None] = main) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["qatflash", *args])
+        capsys.readouterr()
+        try:
+            entry()
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+        return code, capsys.readouterr().err
+
+    return _run
+
+
 def run_cli(
     *args: str, cwd: Path, env: dict[str, str] | None = None, app: str = "qatflash"
 ) -> subprocess.CompletedProcess[str]:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_cli
+from conftest import FAST
 
 from qatflash.bench import onnx
 from qatflash.bench.app import bench
+from qatflash.cli import bench_main
 from qatflash.config import ConfigError, to_config
 from qatflash.pipeline import JobContext
 from qatflash.results import read_results
@@ -92,12 +93,14 @@ def test_onnxruntime_point_times_the_exported_model(make_bench_cfg, tmp_path: Pa
     assert rows["onnxruntime"]["memory_method"] == rows["torch"]["memory_method"]
 
 
-def test_a_training_runs_int8_artifact_is_timed_without_retraining(make_bench_cfg, tmp_path: Path) -> None:
+def test_a_training_runs_int8_artifact_is_timed_without_retraining(
+    run_app, make_bench_cfg, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
-    trained = run_cli(
-        *FAST, "logger=none", "benchmark=none", "quant=ptq_dynamic", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    code, stderr = run_app(
+        *FAST, "logger=none", "benchmark=none", "quant=ptq_dynamic", f"hydra.run.dir={run_dir}"
     )
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert code == 0, stderr[-3000:]
     results = _bench(
         make_bench_cfg, tmp_path / "bench", f"bench.artifact={run_dir}", "bench.seq_lens=[32,64]"
     )
@@ -126,18 +129,17 @@ def test_cuda_without_a_gpu_is_refused(make_bench_cfg, tmp_path: Path) -> None:
         _bench(make_bench_cfg, tmp_path, "bench.device=cuda")
 
 
-def test_bench_multirun_over_attention_from_the_command_line(tmp_path: Path) -> None:
+def test_bench_multirun_over_attention_from_the_command_line(run_app, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_cli(
+    code, stderr = run_app(
         "-m",
         "attention=eager,sdpa",
         *QUICK,
         "bench.seq_lens=[64]",
         f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-        app="qatflash.bench",
+        entry=bench_main,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert code == 0, stderr[-3000:]
     results = [read_results(p) for p in sorted(sweep.rglob("results.json"))]
     assert [r["choices"]["attention"] for r in results] == ["eager", "sdpa"]
     assert all(

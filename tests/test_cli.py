@@ -1,4 +1,4 @@
-"""The `qatflash` command as users run it: single runs, the documented multirun, W&B files, refusals."""
+"""The `qatflash` command as users run it: single runs, the documented multirun, W&B files."""
 
 from __future__ import annotations
 
@@ -44,45 +44,14 @@ def test_documented_multirun_runs_four_jobs(tmp_path: Path) -> None:
     assert points == {("eager", 32), ("eager", 64), ("sdpa", 32), ("sdpa", 64)}
     for r in results:
         assert r["status"] == "ok" and 0 <= r["metrics"]["test/acc"] <= 1 and r["latency"][0]["p50_ms"] > 0
-    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    # Named by the overrides alone (no job number), so the same command lands in the same folders.
+    # Named by the overrides alone (no job number), so the same command lands in the same folders;
+    # hidden folders are the sweep's shared state (the FP32 fine-tune cache).
+    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert folders[0].startswith("attention=eager,") and "data.max_length=32," in folders[0]
     assert len(set(folders)) == 4 and not any(name[0].isdigit() for name in folders)
     wandb_runs = run_files(sweep)
     assert len(wandb_runs) == 4
     assert {run_info(f)["group"] for f in wandb_runs} == {"default/sweep"}
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["data.max_length=0"], "qatflash: error: data.max_length=0 must be > 0"),
-        (["attention=flash_attention_2"], "qatflash: error: attention=flash_attention_2 needs"),
-        (
-            ["attention=sdpa", "attention.sdpa_backend=efficient"],
-            "qatflash: error: attention.sdpa_backend=efficient has no kernel on cpu",
-        ),
-        (
-            ["data=sst2", "data.path=/nonexistent/sst2"],
-            "qatflash: error: data.path=/nonexistent/sst2 is not a folder",
-        ),
-    ],
-)
-def test_refusals_exit_nonzero_with_one_line_and_record_nothing_ok(
-    tmp_path: Path, overrides, message
-) -> None:
-    proc = run_cli(*overrides, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("qatflash: error:")]
-    assert len(errors) == 1 and errors[0].startswith(message)
-    assert all(r["status"] != "ok" for r in _results(tmp_path))
-
-
-def test_unknown_option_lists_choices(tmp_path: Path) -> None:
-    proc = run_cli("attention=fastest", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "Could not find 'attention/fastest'" in proc.stderr and "Available options" in proc.stderr
-    assert not list(tmp_path.rglob("results.json"))
 
 
 def test_wandb_failing_to_start_costs_the_job_nothing_but_wandb(tmp_path: Path) -> None:

@@ -75,9 +75,9 @@ def test_report_logs_a_summary_run_to_offline_wandb(sweep: Path, tmp_path: Path)
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
-def test_report_refuses_folders_without_results(tmp_path: Path) -> None:
-    proc = run_cli(str(tmp_path), cwd=tmp_path, app="qatflash.report")
-    assert proc.returncode == 2 and "no usable results.json" in proc.stderr
+def test_report_refuses_folders_without_results(run_app, tmp_path: Path) -> None:
+    code, stderr = run_app(str(tmp_path), entry=report_main)
+    assert code == 2 and "no usable results.json" in stderr
 
 
 def test_pareto_frontier_keeps_only_unbeaten_points() -> None:

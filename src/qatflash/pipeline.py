@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -17,11 +19,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qatflash.attention import check_attention, check_padding_support
 from qatflash.bench import measure_forward_latency
 from qatflash.bench.onnx import ORT_INT8_METHOD, OrtModel, check_onnxruntime, export_onnx, quantize_onnx
 from qatflash.bench.saved_run import MODEL_CONFIG_FILE
+from qatflash.callbacks import RngState
 from qatflash.config import Config, ConfigError, QuantConfig
 from qatflash.data import TextClassificationData
 from qatflash.finetune_cache import FinetuneCache
@@ -30,12 +34,17 @@ from qatflash.module import SequenceClassifier
 from qatflash.quant import QuantizationAwareTraining, Recipe, make_recipe
 from qatflash.quant.artifact import serialized_bytes
 from qatflash.results import RunRecord, environment, summary_figures
+from qatflash.storage import SafeCheckpointIO
 from qatflash.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 # Where results go, whether a finished point is redone or its training shared, what a sweeper reads:
 # none of them changes a figure.
-_NOT_RESULT_KEYS = ("logger", "force", "sweep_name", "reuse_fp32", "objective")
+_NOT_RESULT_KEYS = ("logger", "force", "sweep_name", "reuse_fp32", "keep_checkpoints", "objective")
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.ckpt"
 
 
 @dataclass
@@ -131,16 +140,26 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
             **asdict(cfg.trainer),
             logger=tracker.lightning_logger,
             default_root_dir=str(job.folder),
-            enable_checkpointing=False,
-            callbacks=[qat] if qat is not None else [],
+            callbacks=[*([qat] if qat is not None else []), *_checkpointing(job.folder)],
+            plugins=[SafeCheckpointIO()],
         )
         shared = cfg.reuse_fp32 and qat is None and job.sweep_dir is not None
         cache = FinetuneCache(job.sweep_dir, cfg) if shared else None
         started = time.perf_counter()
         metrics = cache.load(module.model) if cache is not None else None
         if metrics is None:
-            trainer.fit(module, datamodule=data)
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            resume = _resumable(job.folder, record.previous, job.config_hash, cfg.force)
+            if resume is not None:
+                record.data["resumed_from"] = {
+                    "checkpoint": LAST_CHECKPOINT,
+                    "attempt": record.previous["attempt"],
+                }
+                log.info("resuming attempt %d from %s", record.previous["attempt"], resume)
+            trainer.fit(module, datamodule=data, ckpt_path=resume)
+            metrics = _val_metrics(trainer)
+            if not metrics:  # resumed from the final epoch's checkpoint: nothing left to train
+                trainer.validate(module, datamodule=data, verbose=False)
+                metrics = _val_metrics(trainer)
             if cache is not None:
                 cache.save(module.model, metrics)
         elif cache is not None:
@@ -183,7 +202,38 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
                 record.update("latency", [row])
             record.update("timing", {"bench_s": round(time.perf_counter() - started, 3)})
         tracker.summarize(summary_figures(record.data))
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(job.folder / CHECKPOINT_DIR, ignore_errors=True)
     return record.data
+
+
+def _checkpointing(folder: Path) -> list[L.Callback]:
+    """Epoch-end `checkpoints/last.ckpt` with the RNG states: what a killed job resumes from.
+
+    Epoch ends, because Lightning resumes a plain DataLoader mid-epoch only approximately (it
+    restarts the epoch's batches); from an epoch end the resumed run is the uninterrupted one.
+    """
+    # One file, replaced every epoch (Lightning writes `save_last` copies only beside a top-k file).
+    last = ModelCheckpoint(
+        dirpath=folder / CHECKPOINT_DIR, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
+    )
+    return [last, RngState()]
+
+
+def _resumable(folder: Path, previous: dict[str, Any] | None, config_hash: str, force: bool) -> str | None:
+    """The checkpoint of an earlier, unfinished attempt of this same job in this folder, if any.
+
+    An ok attempt is redone from scratch, and so is one of another config (its checkpoint is
+    overwritten); force=true always starts over.
+    """
+    checkpoint = folder / LAST_CHECKPOINT
+    unfinished = previous is not None and previous.get("status") != "ok"
+    same_job = previous is not None and previous.get("config_hash") == config_hash
+    return str(checkpoint) if unfinished and same_job and not force and checkpoint.is_file() else None
+
+
+def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
 def _test(trainer: L.Trainer, module: SequenceClassifier, data: TextClassificationData) -> dict[str, float]:

@@ -108,12 +108,15 @@ class RunRecord:
         self, folder: Path, choices: dict[str, Any], params: dict[str, Any], config_hash: str | None = None
     ) -> None:
         self.path = folder / RESULTS_FILE
-        previous = read_results(self.path) or {}
+        # The record of the attempt before this one in the same folder: what a resume continues.
+        self.previous = read_results(self.path)
         self.data: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "status": "running",
             "error": None,
-            "attempt": int(previous.get("attempt", 0)) + 1,
+            "attempt": int((self.previous or {}).get("attempt", 0)) + 1,
+            # Set when this attempt continued an earlier one's checkpoint: the folder then holds both.
+            "resumed_from": None,
             # Identifies the config that produced the record: a sweep skips an ok point only if it matches.
             "config_hash": config_hash,
             "choices": choices,

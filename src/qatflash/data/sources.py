@@ -63,7 +63,13 @@ def _local_splits(cfg: DataConfig) -> DatasetDict:
     builder, kwargs = _FORMATS[suffixes.pop()]
     if builder == "csv" and not cfg.header:
         kwargs = {**kwargs, "header": None, "names": list(cfg.column_names or [])}
-    return load_dataset(builder, data_files=files, cache_dir=cfg.cache_dir, **kwargs)
+    try:
+        return load_dataset(builder, data_files=files, cache_dir=cfg.cache_dir, **kwargs)
+    except ValueError as error:  # e.g. a header-only file: datasets finds no rows for a split
+        raise ConfigError(
+            f"data.path={cfg.path}: its {builder} files could not be read ({str(error).splitlines()[0]}); "
+            f"each of {'/'.join(SPLITS)} needs at least one row"
+        ) from None
 
 
 def _select_columns(raw: DatasetDict, cfg: DataConfig) -> DatasetDict:
