@@ -20,7 +20,12 @@ from typing import Any
 import torch
 
 from qatflash.bench.latency import LatencyStats, time_iterations
-from qatflash.bench.memory import address_space_bytes, peak_memory
+from qatflash.bench.memory import (
+    address_space_bytes,
+    exact_host_allocator,
+    peak_memory,
+    steady_host_allocator,
+)
 from qatflash.bench.onnx import OrtModel, export_onnx
 from qatflash.bench.saved_run import open_run
 from qatflash.config import AttentionConfig, BenchmarkConfig, BenchSweepConfig, ModelConfig
@@ -68,6 +73,8 @@ def bench_model_config(cfg: ModelConfig) -> Any:
 def measure(job: PointJob) -> dict[str, Any]:
     """Build, warm up, take the peak memory of one forward, then time forwards; in this process."""
     device, dtype = torch.device(job.sweep.device), DTYPES[job.sweep.dtype]
+    # Only a fresh process may switch its allocator, and before the model exists.
+    exact = job.sweep.isolate and device.type == "cpu" and exact_host_allocator()
     if job.timing.threads is not None:
         torch.set_num_threads(job.timing.threads)
     torch.manual_seed(job.seed)
@@ -97,7 +104,9 @@ def measure(job: PointJob) -> dict[str, Any]:
         else:  # load lazily initialised kernels and libraries, at a size that costs no memory
             model(input_ids=ids[:1, :8], attention_mask=mask[:1, :8])
         _cap_memory(job.sweep.max_memory_gb, device)
-        memory = peak_memory(forward, device)
+        memory = peak_memory(forward, device, exact)
+        if exact:
+            steady_host_allocator()
         samples = time_iterations(forward, device, job.timing)
     stats = LatencyStats.from_samples(samples, job.timing.warmup, job.batch_size, job.seq_len)
     return {
