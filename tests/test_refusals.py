@@ -88,6 +88,20 @@ ROWS: list[tuple[str, list[str], Callable[[Path], object] | None, int, str]] = [
         "attention=flash_attention_2 needs",
     ),
     (
+        "attention the model class lacks",
+        ["model.arch.model_type=deberta-v2", "attention=sdpa"],
+        None,
+        REFUSED,
+        "attention=sdpa is not supported by DebertaV2ForSequenceClassification; it supports ['eager'",
+    ),
+    (
+        "model package not installed",
+        ["model.name_or_path=pkg://no_such_model_package/model"],
+        None,
+        REFUSED,
+        "model.name_or_path=pkg://no_such_model_package/model needs the Python package 'no_such_model_package'",
+    ),
+    (
         "SDPA kernel the device lacks",
         ["attention.sdpa_backend=efficient"],
         None,
