@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST, run_cli
 from wandb_files import run_files, run_info, summary
 
 from qatflash.results import read_results
+from qatflash.storage import load_tensors
 
 
 def _results(folder: Path) -> list[dict]:
@@ -69,3 +71,27 @@ def test_wandb_failing_to_start_costs_the_job_nothing_but_wandb(tmp_path: Path) 
     (warning,) = results["warnings"]
     assert warning.startswith("W&B failed to start") and "csv_logs" in warning
     assert (tmp_path / "run" / "csv_logs" / "metrics.csv").is_file()
+
+
+def test_ddp_trains_in_spawned_workers_inside_one_job(tmp_path: Path) -> None:
+    """trainer=ddp on the CPU: two gloo workers fit; the job keeps one folder, one record, one W&B run,
+    and converts to INT8 the weights rank 0 trained (QAT: prepared modules, scales included)."""
+    run = tmp_path / "run"
+    proc = run_cli(
+        *FAST, "trainer=ddp", "quant=qat_x86", "keep_checkpoints=true", f"hydra.run.dir={run}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no folder per worker
+    (results,) = _results(tmp_path)
+    assert results["status"] == "ok" and results["params"]["overrides"].count("trainer=ddp") == 1
+    assert 0 <= results["metrics"]["test/acc_int8"] <= 1
+    (wandb_file,) = run_files(tmp_path)
+    assert summary(wandb_file)["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
+    trained = load_tensors(run / "checkpoints" / "last.ckpt", "checkpoint")
+    # 256 sentences, batch 32, two workers: each takes 4 of the 8 batches per epoch.
+    assert trained["global_step"] == 4
+    converted = load_tensors(run / results["model"]["int8_artifact"], "INT8 artifact")
+    assert torch.equal(converted["classifier.weight"], trained["state_dict"]["model.classifier.weight"])
+    scale = "bert.encoder.layer.0.output.dense.module.weight_fake_quant.scale"
+    packed = converted["bert.encoder.layer.0.output.dense.module._packed_params._packed_params"][0]
+    assert torch.allclose(packed.q_per_channel_scales().float(), trained["state_dict"][f"model.{scale}"])

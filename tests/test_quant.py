@@ -14,6 +14,7 @@ from torch.ao import quantization as tq
 from torch.ao.nn import quantized as nnq
 from transformers import AutoConfig
 
+from qatflash.bench.onnx import OrtModel, export_onnx
 from qatflash.callbacks import RngState
 from qatflash.cli import config_dir
 from qatflash.config import AttentionConfig, ConfigError, TargetsConfig, to_config
@@ -62,20 +63,69 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(make_cfg, tmp_path: 
     assert rows == {("fp32", "torch"), ("int8", int8_backend)}
 
 
-def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(make_cfg, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", ["ptq_dynamic", "qat_x86"])
+def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(make_cfg, tmp_path: Path, recipe: str) -> None:
     config = to_config(
-        make_cfg(*FAST, "logger=none", "quant=ptq_dynamic", "benchmark.backends=[torch,onnxruntime]")
+        make_cfg(*FAST, "logger=none", f"quant={recipe}", "benchmark.backends=[torch,onnxruntime]")
     )
-    results = run(config, JobContext(folder=tmp_path, choices={"quant": "ptq_dynamic"}))
+    results = run(config, JobContext(folder=tmp_path, choices={"quant": recipe}))
     rows = {(row["variant"], row["backend"]): row for row in results["latency"]}
-    assert set(rows) == {(v, b) for v in ("fp32", "int8") for b in ("torch", "onnxruntime")}
+    # ORT's dynamic INT8 of the FP32 export is every run's baseline; QAT adds its own INT8 as QDQ.
+    ort_variants = ("fp32", "int8", "int8_qdq") if recipe == "qat_x86" else ("fp32", "int8")
+    assert set(rows) == {("fp32", "torch"), ("int8", "torch")} | {(v, "onnxruntime") for v in ort_variants}
     assert rows["fp32", "onnxruntime"]["precision"] == "32-true" and rows["int8", "onnxruntime"]["p50_ms"] > 0
     metrics, model = results["metrics"], results["model"]
-    # The FP32 export predicts what the torch model predicts; ORT's own INT8 is its PTQ baseline.
-    assert metrics["test/acc_ort_fp32"] == metrics["test/acc_fp32"]
-    assert 0 <= metrics["test/acc_ort_int8"] <= 1
     assert model["onnx_int8_bytes"] < model["onnx_fp32_bytes"]
     assert (tmp_path / "model_int8_ort.onnx").stat().st_size == model["onnx_int8_bytes"]
+    if recipe == "ptq_dynamic":
+        # The FP32 export predicts what the torch model predicts.
+        assert metrics["test/acc_ort_fp32"] == metrics["test/acc_fp32"]
+        assert 0 <= metrics["test/acc_ort_int8"] <= 1
+        assert "per call" in model["onnx_int8_qdq_skipped"] and "onnx_int8_qdq_bytes" not in model
+    else:
+        # The QDQ graph carries the QAT model's own scales: it predicts what the torch.ao INT8 model does.
+        assert abs(metrics["test/acc_ort_int8_qdq"] - metrics["test/acc_int8"]) <= 2 / 128
+        # QAT's FP32 twin is the model before fine-tuning, kept for size and latency: never scored.
+        assert "test/acc_ort_fp32" not in metrics and "test/acc_ort_int8" not in metrics
+        assert (tmp_path / "model_int8_qdq.onnx").stat().st_size == model["onnx_int8_qdq_bytes"]
+        assert model["onnx_int8_qdq_bytes"] < model["onnx_fp32_bytes"]
+
+
+@pytest.mark.parametrize("recipe_name", ["qat_x86", "qat_per_tensor", "ptq_static", "qat_pt2e_x86"])
+def test_qdq_form_runs_the_recipes_own_quantization_in_onnxruntime(
+    make_cfg, tmp_path: Path, recipe_name: str
+) -> None:
+    import onnx
+
+    recipe = make_recipe(to_config(make_cfg(f"quant={recipe_name}")).quant)
+    model = recipe.prepare(_tiny_bert().train())
+    recipe.set_phase(model, fake_quant=True, observe=True)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 60, (8, 24), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids).index_fill_(1, torch.arange(12, 24), 0)}
+    with torch.no_grad():
+        for _ in range(3):
+            model(**batch)
+    recipe.set_phase(model, fake_quant=True, observe=False)
+    int8 = recipe.convert(copy.deepcopy(model))
+    qdq = recipe.qdq_model(model)
+    path = tmp_path / "qdq.onnx"
+    export_onnx(qdq, path, batch, max_len=512)
+
+    graph = onnx.load(path).graph
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    ops = [node.op_type for node in graph.node]
+    # Each targeted Linear's weight is stored int8 behind a DequantizeLinear; activations are quantized.
+    assert len(int8_weights) >= len(recipe.targets) and ops.count("DequantizeLinear") >= len(recipe.targets)
+    assert "QuantizeLinear" in ops
+    with torch.inference_mode():
+        expected, in_torch = int8(**batch).logits, qdq(**batch).logits
+        in_ort = OrtModel(path, threads=1)(**batch).logits
+    # Different kernels round requantized activations differently: within a few quantization steps,
+    # against logits that are all wrong if a scale, zero point or weight were lost.
+    tolerance = 0.15 * expected.abs().max()
+    assert (in_torch - expected).abs().max() <= tolerance
+    assert (in_ort - in_torch).abs().max() <= tolerance
 
 
 @pytest.mark.parametrize(

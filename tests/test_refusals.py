@@ -144,6 +144,13 @@ ROWS: list[tuple[str, list[str], Callable[[Path], object] | None, int, str]] = [
         "must come after quant.fake_quant_start_step=0",
     ),
     (
+        "DDP workers with pt2e graphs",
+        ["quant=qat_pt2e_x86", "trainer=ddp"],
+        None,
+        REFUSED,
+        "trainer.strategy=ddp_spawn sends the model to its workers by pickle, which quant.api=pt2e's",
+    ),
+    (
         "unknown benchmark backend",
         ["benchmark.backends=[onnx]"],
         None,

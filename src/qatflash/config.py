@@ -474,6 +474,12 @@ class Config(SharedRoot):
             f"quant.attention_matmuls=true fake-quantizes eager attention's matmuls, but "
             f"attention={self.attention.implementation} runs a fused kernel; use attention=eager",
         )
+        spawned = self.trainer.strategy.startswith("ddp_spawn")
+        _require(
+            not (spawned and self.quant.api == "pt2e" and self.quant.method != "none"),
+            f"trainer.strategy={self.trainer.strategy} sends the model to its workers by pickle, which "
+            f"quant.api=pt2e's exported graphs do not support; use quant.api=eager or torchao, or one device",
+        )
 
 
 @dataclass

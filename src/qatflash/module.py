@@ -7,6 +7,7 @@ arguments, the way every Hugging Face model expects them.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -41,6 +42,17 @@ class SequenceClassifier(L.LightningModule):
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load into private copies of tensors that a spawned (DDP) fit moved to shared memory.
+
+        Sending the module to spawned workers shares its storages in place, and a shared storage
+        cannot be resized, which per-channel scales and observers do on load (torch crashed on it
+        when a spawned fit handed its weights back).
+        """
+        if any(t.is_shared() for t in self.model.buffers()):
+            self.model = copy.deepcopy(self.model)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits; the loss is computed here, not by the model, so that exported graphs hold no loss."""

@@ -135,7 +135,10 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
             qat = QuantizationAwareTraining(
                 recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step
             )
-            float_model = copy.deepcopy(model)  # the FP32 twin, for size and latency
+            float_model = copy.deepcopy(model)  # the FP32 twin (not fine-tuned): for size and latency only
+            # Prepared now, not only in the callback's setup: a spawned (DDP) fit hands its trained
+            # weights back by loading them, non-strictly, into this process's modules.
+            qat.prepare(module)
         trainer = L.Trainer(
             **asdict(cfg.trainer),
             logger=tracker.lightning_logger,
@@ -166,27 +169,35 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
             record.update("model", {"fp32_reused_from": str(cache.path)})
         record.update("timing", {"fit_s": round(time.perf_counter() - started, 3)})
         started = time.perf_counter()
-        tested = _test(trainer, module, data)
+        tested = _test(_single_process(trainer, cfg), module, data)
         record.update("timing", {"test_s": round(time.perf_counter() - started, 3)})
 
-        int8 = None
+        int8, prepared = None, None
         if recipe is None:
             metrics.update(tested)
             float_model = module.model
         else:
             metrics.update(_suffixed(tested, "fakequant" if qat else "fp32"))
             float_model = float_model or module.model  # PTQ quantizes a copy; this one stays FP32
-            int8 = (
-                qat.int8_model if qat is not None else _post_training(recipe, module.model, data, cfg.quant)
-            )
+            if qat is not None:
+                # After a spawned fit the callback converted in a worker process: convert here.
+                prepared = module.model
+                int8 = qat.int8_model if qat.int8_model is not None else qat.to_int8(prepared)
+            else:
+                prepared = _calibrated(recipe, module.model, data, cfg.quant)
+                int8 = recipe.convert(copy.deepcopy(prepared))
             skeleton = partial(build_model_from_config, hf_config, cfg.attention)
             metrics.update(_record_int8(record, job.folder, recipe, int8, float_model, skeleton, data))
             module.model = int8
             metrics.update(_int8_metrics(_test(_cpu_trainer(), module, data), metrics))
         onnx: dict[str, torch.nn.Module] = {}
         if cfg.benchmark.enabled and "onnxruntime" in cfg.benchmark.backends:
-            onnx = _onnxruntime_models(record, job.folder, float_model, data, cfg.benchmark.threads)
+            onnx = _onnxruntime_models(
+                record, job.folder, float_model, (recipe, prepared), data, cfg.benchmark.threads
+            )
             for variant, session in onnx.items():
+                if qat is not None and variant != "int8_qdq":
+                    continue  # QAT's FP32 twin is the model before fine-tuning: timed, never tested
                 module.model = session
                 metrics.update(_suffixed(_test(_cpu_trainer(), module, data), f"ort_{variant}"))
         record.update("metrics", metrics)
@@ -252,6 +263,17 @@ def _suffixed(metrics: dict[str, float], suffix: str) -> dict[str, float]:
     return {f"{k}_{suffix}": v for k, v in metrics.items()}
 
 
+def _single_process(trainer: L.Trainer, cfg: Config) -> L.Trainer:
+    """`trainer`, or for a distributed fit a one-device twin: a distributed test would split the
+    test set across processes, padding it with repeated sentences. The twin logs nothing: the
+    logger's state lives in the fit's worker processes; the test figures reach results.json and
+    the W&B summary like every other figure."""
+    if trainer.world_size == 1:
+        return trainer
+    single = {**asdict(cfg.trainer), "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    return L.Trainer(**single, logger=False, default_root_dir=trainer.default_root_dir)
+
+
 def _cpu_trainer() -> L.Trainer:
     """INT8 kernels are CPU kernels, whatever device trained the model."""
     return L.Trainer(
@@ -259,17 +281,17 @@ def _cpu_trainer() -> L.Trainer:
     )
 
 
-def _post_training(
+def _calibrated(
     recipe: Recipe, model: torch.nn.Module, data: TextClassificationData, cfg: QuantConfig
 ) -> torch.nn.Module:
-    """PTQ of the fine-tuned model: observe calibration batches (static), then convert."""
+    """A prepared copy of the fine-tuned model, its observers fed calibration batches (static PTQ)."""
     model = recipe.prepare(copy.deepcopy(model).cpu().train())
     if cfg.method == "ptq_static":
         model.eval()
         with torch.inference_mode():
             for _, batch in zip(range(cfg.calibration_batches), data.train_dataloader(), strict=False):
                 model(**{k: v for k, v in batch.items() if k != "labels"})
-    return recipe.convert(model)
+    return model
 
 
 def _record_int8(
@@ -365,18 +387,30 @@ def _onnxruntime_models(
     record: RunRecord,
     folder: Path,
     float_model: torch.nn.Module,
+    quantized: tuple[Recipe | None, torch.nn.Module | None],
     data: TextClassificationData,
     threads: int | None,
 ) -> dict[str, torch.nn.Module]:
-    """The FP32 model exported to ONNX and ONNX Runtime's dynamic INT8 of it, as sessions; sizes recorded."""
-    fp32_path, int8_path = folder / "model_fp32.onnx", folder / "model_int8_ort.onnx"
+    """ONNX Runtime sessions, sizes recorded: the FP32 export (`fp32`), ONNX Runtime's dynamic INT8
+    of it (`int8`, the deployment baseline), and the recipe's own quantization as a QDQ graph
+    (`int8_qdq`) where the recipe has one, or the reason it has none."""
+    paths = {"fp32": folder / "model_fp32.onnx", "int8": folder / "model_int8_ort.onnx"}
     example = {k: v for k, v in next(iter(data.test_dataloader())).items() if k != "labels"}
     model = copy.deepcopy(float_model).float().cpu()
-    sizes = {"onnx_fp32_bytes": export_onnx(model, fp32_path, example, max_positions(model.config))}
-    sizes["onnx_int8_bytes"] = quantize_onnx(fp32_path, int8_path)
+    max_len = max_positions(model.config)
+    sizes = {"onnx_fp32_bytes": export_onnx(model, paths["fp32"], example, max_len)}
+    sizes["onnx_int8_bytes"] = quantize_onnx(paths["fp32"], paths["int8"])
     record.update("model", {**sizes, "onnx_int8_method": ORT_INT8_METHOD})
+    recipe, prepared = quantized
+    if recipe is not None and prepared is not None:
+        if (reason := recipe.qdq_unavailable()) is None:
+            paths["int8_qdq"] = folder / "model_int8_qdq.onnx"
+            qdq_bytes = export_onnx(recipe.qdq_model(prepared), paths["int8_qdq"], example, max_len)
+            record.update("model", {"onnx_int8_qdq_bytes": qdq_bytes})
+        else:
+            record.update("model", {"onnx_int8_qdq_skipped": reason})
     threads = threads or torch.get_num_threads()
-    return {"fp32": OrtModel(fp32_path, threads), "int8": OrtModel(int8_path, threads)}
+    return {variant: OrtModel(path, threads) for variant, path in paths.items()}
 
 
 def _check_length(hf_config: Any, *lengths: tuple[str, int]) -> None:

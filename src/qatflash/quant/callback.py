@@ -9,7 +9,6 @@ training batches, and only inside [fake_quant_start_step, freeze_observers_step)
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -25,12 +24,10 @@ class QuantizationAwareTraining(L.Callback):
         recipe: Recipe,
         fake_quant_start_step: int = 0,
         freeze_observers_step: int | None = None,
-        on_converted: Callable[[nn.Module], None] | None = None,
     ) -> None:
         self.recipe = recipe
         self.start = fake_quant_start_step
         self.freeze = freeze_observers_step
-        self.on_converted = on_converted
         self.int8_model: nn.Module | None = None
 
     def observing(self, step: int) -> bool:
@@ -40,7 +37,12 @@ class QuantizationAwareTraining(L.Callback):
         # Before optimizers exist, so they see the QAT modules' parameters; idempotent for re-entry.
         # A checkpoint (resume, or trainer.test(ckpt_path=...)) is restored after this hook, into the
         # prepared modules, so fake-quant and observer state come back with the weights.
-        if stage == "fit" and not self.recipe.is_prepared(pl_module.model):
+        if stage == "fit":
+            self.prepare(pl_module)
+
+    def prepare(self, pl_module: L.LightningModule) -> None:
+        """Swap in the prepared model (fake quantization off until the start step); idempotent."""
+        if not self.recipe.is_prepared(pl_module.model):
             pl_module.model = self.recipe.prepare(pl_module.model)
             self.recipe.set_phase(pl_module.model, fake_quant=False, observe=False)
 
@@ -61,8 +63,14 @@ class QuantizationAwareTraining(L.Callback):
     on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = _evaluating
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Convert a copy to INT8; the fake-quant model stays in place for its own evaluation."""
-        self.recipe.set_phase(pl_module.model, fake_quant=True, observe=False)
-        self.int8_model = self.recipe.convert(copy.deepcopy(pl_module.model))
-        if self.on_converted is not None:
-            self.on_converted(self.int8_model)
+        self.to_int8(pl_module.model)
+
+    def to_int8(self, model: nn.Module) -> nn.Module:
+        """Convert a copy to INT8; the fake-quant model stays in place for its own evaluation.
+
+        Called at fit end, or by the caller after a spawned (DDP) fit, whose callbacks ran in the
+        worker processes and handed back only the trained weights.
+        """
+        self.recipe.set_phase(model, fake_quant=True, observe=False)
+        self.int8_model = self.recipe.convert(copy.deepcopy(model))
+        return self.int8_model

@@ -19,6 +19,7 @@ from torch.ao.nn.quantized import dynamic as nnqd
 
 from qatflash.config import ConfigError, ObserverConfig, QuantConfig
 from qatflash.quant.attention_matmuls import add_attention_fake_quant, set_aside
+from qatflash.quant.qdq import to_qdq
 from qatflash.quant.recipe import Recipe
 from qatflash.quant.targeting import embedding_targets, replace_module
 
@@ -95,6 +96,12 @@ class EagerRecipe(Recipe):
                 tq.prepare_qat(model, inplace=True)
             else:
                 tq.prepare(model, inplace=True)
+        # torch.ao leaves each module a qconfig whose observer constructors are local closures (they
+        # build observers on the module's device), which cannot be pickled, and a spawned DDP worker
+        # receives the model by pickle. Conversion runs on the CPU, where the plain qconfig does the same.
+        for module in model.modules():
+            if getattr(module, "qconfig", None) is not None:
+                module.qconfig = self.qconfig
         if self.cfg.attention_matmuls:
             assert self.cfg.activation is not None, "QuantConfig checks that QAT has activation observers"
             add_attention_fake_quant(model, _observer(self.cfg.activation, fake_quant=True))
@@ -121,6 +128,14 @@ class EagerRecipe(Recipe):
                 tables = {name: tq.float_qparams_weight_only_qconfig for name in embedding_targets(model)}
                 tq.quantize_dynamic(model, tables, mapping={nn.Embedding: nnq.Embedding}, inplace=True)
         return model
+
+    def qdq_unavailable(self) -> str | None:
+        if self.cfg.method == "ptq_dynamic":
+            return "ptq_dynamic quantizes activations per call: ONNX Runtime's own dynamic INT8 is its counterpart"
+        return None
+
+    def qdq_model(self, prepared: nn.Module) -> nn.Module:
+        return to_qdq(prepared, embeddings_int8=self.cfg.embeddings == "int8")
 
     def count_quantized(self, model: nn.Module) -> int:
         kinds = (nnq.Linear, nnq.Embedding, nnqd.Linear)

@@ -9,6 +9,7 @@ float: the x86 Inductor quantizer has no embedding pattern.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import types
 from collections.abc import Callable
@@ -86,6 +87,13 @@ class Pt2eRecipe(Recipe):
 
     def convert(self, model: nn.Module) -> nn.Module:
         return _fixed_mode(_without_unused_tensors(convert_pt2e(model.cpu())))
+
+    def qdq_unavailable(self) -> str | None:
+        return None
+
+    def qdq_model(self, prepared: nn.Module) -> nn.Module:
+        """The converted graph is already QDQ (`quantized_decomposed` ops), which ONNX export keeps."""
+        return self.convert(copy.deepcopy(prepared))
 
     def count_quantized(self, model: nn.Module) -> int:
         graph = model.graph if isinstance(model, torch.fx.GraphModule) else model.module().graph

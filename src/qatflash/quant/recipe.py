@@ -56,6 +56,14 @@ class Recipe(ABC):
     def count_quantized(self, model: nn.Module) -> int:
         """Modules (Linear layers, embedding tables) that run with INT8 weights in a converted model."""
 
+    def qdq_unavailable(self) -> str | None:
+        """Why ONNX Runtime cannot run this recipe's own quantization (`qdq_model`), or None when it can."""
+        return f"quant.api={self.cfg.api} has no QDQ form: its INT8 cannot be exported to ONNX"
+
+    def qdq_model(self, prepared: nn.Module) -> nn.Module:
+        """The prepared model's quantization as quantize/dequantize pairs and int8 weights, for ONNX export."""
+        raise NotImplementedError(self.qdq_unavailable())
+
     def save(self, model: nn.Module, path: Path) -> int:
         """Write the INT8 artifact; returns its size in bytes."""
         return save_state(model, path)

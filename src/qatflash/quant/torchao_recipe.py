@@ -32,6 +32,9 @@ class TorchaoRecipe(Recipe):
         group = cfg.torchao.group_size
         self.granularity = ao.PerGroup(group) if group else ao.PerAxis(0)
 
+    def qdq_unavailable(self) -> str | None:
+        return "torchao's INT8 (tensor-subclass weights, per-token activation scales) has no ONNX QDQ export"
+
     def _is_target(self, module: nn.Module, name: str) -> bool:
         return isinstance(module, nn.Linear) and name in self.targets
 
