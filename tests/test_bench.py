@@ -145,3 +145,83 @@ def test_bench_multirun_over_attention_from_the_command_line(run_app, tmp_path: 
     assert all(
         r["status"] == "ok" and r["latency"][0]["attention"] == r["choices"]["attention"] for r in results
     )
+
+
+class _FakeCuda:
+    """torch.cuda's timing and memory calls, replaced at that boundary only: the harness's own logic
+    (what it records, when it synchronises, what it subtracts) runs as it would on a GPU."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gpu_ms = 0.0  # the device's clock, advanced by the work "launched"
+        self.syncs = 0
+        self.allocated, self.peak, self.resets = 1_000, 50_000, 0
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False) -> None:
+                assert enable_timing
+                self.at: float | None = None
+
+            def record(self) -> None:
+                self.at = fake.gpu_ms
+
+            def synchronize(self) -> None:
+                pass
+
+            def elapsed_time(self, end: Event) -> float:
+                assert fake.syncs >= 2, "elapsed time read before the device was synchronised"
+                assert self.at is not None and end.at is not None
+                return end.at - self.at
+
+        def synchronize(device: object = None) -> None:
+            fake.syncs += 1
+
+        def reset_peak_memory_stats(device: object = None) -> None:
+            fake.resets += 1
+            fake.peak = fake.allocated
+
+        for name, value in {
+            "Event": Event,
+            "synchronize": synchronize,
+            "reset_peak_memory_stats": reset_peak_memory_stats,
+            "memory_allocated": lambda device=None: fake.allocated,
+            "max_memory_allocated": lambda device=None: fake.peak,
+            "max_memory_reserved": lambda device=None: 2 * fake.peak,
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_cuda_timing_uses_events_and_synchronises_once_around_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qatflash.bench.latency import time_iterations
+    from qatflash.config import BenchmarkConfig
+
+    cuda = _FakeCuda(monkeypatch)
+    durations = iter([9.0, 9.0, 3.0, 5.0, 4.0, 6.0])  # two warm-up forwards, then four timed ones
+
+    def forward() -> None:
+        cuda.gpu_ms += next(durations)
+
+    cfg = BenchmarkConfig(warmup=2, min_iters=4, min_duration_s=0.0)
+    samples = time_iterations(forward, torch.device("cuda"), cfg)
+    assert samples == [3.0, 5.0, 4.0, 6.0]  # device time per forward, warm-up excluded
+    assert cuda.syncs == 2  # before and after the timed loop, never inside it
+
+
+def test_cuda_peak_memory_is_measured_above_what_was_allocated_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qatflash.bench.memory import peak_memory
+
+    cuda = _FakeCuda(monkeypatch)
+
+    def forward() -> None:  # an activation peak of 4,000 bytes, 200 of which stay allocated
+        cuda.peak = max(cuda.peak, cuda.allocated + 4_000)
+        cuda.allocated += 200
+
+    figures = peak_memory(forward, torch.device("cuda"))
+    # The stale peak of 50,000 left by earlier work was reset before the forward.
+    assert cuda.resets == 1 and figures["peak_memory_bytes"] == 4_000
+    assert figures["peak_reserved_bytes"] == 10_000
+    assert str(figures["memory_method"]).startswith("cuda: max_memory_allocated")
