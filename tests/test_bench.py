@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, requires_cuda
 
 from qatflash.bench import onnx
 from qatflash.bench.app import bench
@@ -121,6 +121,29 @@ def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(onnx, "_PACKAGES", ("onnxruntime", "no_such_onnx_package"))
     with pytest.raises(ConfigError, match=r"\['no_such_onnx_package'\] are not installed; install the extra"):
         onnx.check_onnxruntime()
+
+
+@requires_cuda
+def test_cuda_points_are_timed_with_events_and_read_the_allocators_peak(
+    make_bench_cfg, tmp_path: Path
+) -> None:
+    results = _bench(
+        make_bench_cfg,
+        tmp_path,
+        "attention=eager",
+        "bench.device=cuda",
+        "bench.dtype=bfloat16",
+        "bench.seq_lens=[64,2048]",
+        "model.arch.max_position_embeddings=2048",
+    )
+    rows = results["latency"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for row in rows:
+        assert (row["device"], row["dtype"], row["timer"]) == ("cuda", "bfloat16", "cuda_event")
+        assert row["memory_method"].startswith("cuda: max_memory_allocated") and row["p50_ms"] > 0
+    short, long = rows
+    # Eager attention's (heads, seq, seq) scores: 32x the tokens cost far more than 32x the memory.
+    assert long["peak_memory_bytes"] > 32 * short["peak_memory_bytes"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

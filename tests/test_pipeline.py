@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import FAST
+from conftest import FAST, requires_cuda
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from qatflash import models
@@ -109,3 +109,16 @@ def test_fp32_and_ptq_points_of_a_sweep_share_one_finetune(make_cfg, tmp_path: P
     assert "fp32_reused_from" not in point("other_seed", "quant=ptq_dynamic", "seed=1")["model"]
     assert "fp32_reused_from" not in point("own", "quant=ptq_dynamic", "reuse_fp32=false")["model"]
     assert "fp32_reused_from" not in point("single_run", "quant=ptq_dynamic", sweep=None)["model"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("recipe", ["qat_x86", "ptq_static"])
+def test_gpu_trained_models_ship_int8_on_the_cpu(make_cfg, tmp_path: Path, recipe: str) -> None:
+    """QAT fake-quantizes on CUDA in bf16, PTQ fine-tunes there; INT8 kernels are CPU kernels, so
+    calibration, conversion, the INT8 test and INT8 latency happen there, and each latency row
+    says where it was timed."""
+    results = _run(make_cfg, tmp_path, "trainer=gpu", f"quant={recipe}", "quant.fake_quant_start_step=2")
+    assert results["status"] == "ok" and results["env"]["device"] == "cuda"
+    assert 0.0 <= results["metrics"]["test/acc_int8"] <= 1.0
+    devices = {row["variant"]: (row["device"], row["timer"]) for row in results["latency"]}
+    assert devices == {"fp32": ("cuda", "cuda_event"), "int8": ("cpu", "perf_counter")}

@@ -20,7 +20,7 @@ from qatflash.report.figures import pareto_mask
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two training points, one benchmark job, a truncated results.json and a killed (running) one."""
+    """Two training points, two benchmark jobs, a truncated results.json and a killed (running) one."""
     register_schema()
     root = tmp_path_factory.mktemp("sweep")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -30,20 +30,22 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 cfg.pop("hydra", None)
             choices = {"quant": quant, "attention": "sdpa"}
             run(to_config(cfg), JobContext(folder=root / f"quant={quant}", choices=choices))
-        cfg = compose(
-            "bench",
-            overrides=[
-                "model=tiny_bert",
-                "logger=none",
-                "benchmark.min_iters=2",
-                "benchmark.warmup=0",
-                "benchmark.min_duration_s=0",
-                "bench.seq_lens=[32,128]",
-            ],
-        )
-        with open_dict(cfg):
-            cfg.pop("hydra", None)
-        bench(to_config(cfg), JobContext(folder=root / "bench", choices={"attention": "sdpa"}))
+        for attention in ("sdpa", "sdpa_flash"):  # the same implementation, the second forced onto one kernel
+            cfg = compose(
+                "bench",
+                overrides=[
+                    "model=tiny_bert",
+                    f"attention={attention}",
+                    "logger=none",
+                    "benchmark.min_iters=2",
+                    "benchmark.warmup=0",
+                    "benchmark.min_duration_s=0",
+                    "bench.seq_lens=[32,128]",
+                ],
+            )
+            with open_dict(cfg):
+                cfg.pop("hydra", None)
+            bench(to_config(cfg), JobContext(folder=root / attention, choices={"attention": attention}))
     (root / "truncated").mkdir()
     (root / "truncated" / "results.json").write_text('{"schema": 1, "status": "ok", "metr')
     (root / "killed").mkdir()
@@ -58,10 +60,14 @@ def test_report_writes_every_output_and_lists_what_it_skipped(sweep: Path, tmp_p
     for name in ("results.csv", "report.md", "report.html", "pareto.png", "scaling.png", "sizes.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     table = pd.read_csv(tmp_path / "results.csv")
-    assert len(table) == 4  # two training jobs, and one row per benchmark point
+    assert len(table) == 6  # two training jobs, and one row per benchmark point
     training = table[table["choices.quant"].notna()].set_index("choices.quant")
     assert training.loc["ptq_dynamic", "model.int8_bytes"] < training.loc["ptq_dynamic", "model.fp32_bytes"]
-    assert sorted(table["bench.seq_len"].dropna()) == [32, 128]
+    assert sorted(table["bench.seq_len"].dropna()) == [32, 32, 128, 128]
+    kernels = (
+        table.dropna(subset=["bench.seq_len"]).groupby("attention_kernel")["bench.seq_len"].apply(sorted)
+    )
+    assert kernels.to_dict() == {"sdpa": [32, 128], "sdpa[flash]": [32, 128]}
     assert (table["report_schema"] == 1).all()
     markdown = (tmp_path / "report.md").read_text()
     assert "| quant=ptq_dynamic" in markdown and "Skipped 2 point(s)" in markdown

@@ -34,8 +34,10 @@ _TRAIN_COLUMNS = {
 }
 _BENCH_COLUMNS = {
     "point": "point",
-    "bench.attention": "attention",
+    "attention_kernel": "attention",
     "bench.backend": "backend",
+    "bench.device": "device",
+    "bench.dtype": "dtype",
     "bench.seq_len": "tokens",
     "bench.batch_size": "batch",
     "bench.p50_ms": "p50 ms",
@@ -94,7 +96,16 @@ def _table(collected: Collected) -> pd.DataFrame:
         table["shipped_p50_ms"] = shipped_latency(table)
         if "bench.peak_memory_bytes" in table:
             table["peak_mib"] = table["bench.peak_memory_bytes"] / 2**20
+        if "bench.attention" in table:
+            table["attention_kernel"] = attention_kernels(table)
     return table
+
+
+def attention_kernels(table: pd.DataFrame) -> pd.Series:
+    """`sdpa` left to choose its kernel and `sdpa` forced onto one are different points: `sdpa[flash]`."""
+    attention = table["bench.attention"]
+    forced = table.get("bench.sdpa_backend", pd.Series(None, index=table.index, dtype=object))
+    return attention.where(forced.isna(), attention + "[" + forced.astype(str) + "]")
 
 
 def _summaries(table: pd.DataFrame, sweeps: list[Path]) -> dict[str, pd.DataFrame]:

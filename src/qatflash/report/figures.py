@@ -89,11 +89,11 @@ def attention_scaling(table: pd.DataFrame) -> Figure | None:
     if points.empty:
         return None
     fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (attention, backend, batch), group in points.groupby(
-        ["bench.attention", "bench.backend", "bench.batch_size"]
+    for (attention, backend, device, dtype, batch), group in points.groupby(
+        ["attention_kernel", "bench.backend", "bench.device", "bench.dtype", "bench.batch_size"]
     ):
         group = group.sort_values("bench.seq_len")
-        label = f"{attention} ({backend}, batch {int(batch)})"
+        label = f"{attention} ({backend}, {device} {dtype}, batch {int(batch)})"
         lat.plot(group["bench.seq_len"], group["bench.p50_ms"], marker="o", label=label)
         mem.plot(group["bench.seq_len"], group["bench.peak_memory_bytes"] / 2**20, marker="o", label=label)
     lengths = sorted(int(n) for n in points["bench.seq_len"].unique())
