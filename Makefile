@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install install-dev run test lint slow
+.PHONY: install install-dev run test test-processes lint slow
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,13 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## Lint, then the default test run (slow tests excluded).
+## Lint, then the default test run (slow and multi-process tests excluded).
 test: lint
 	$(BIN)/pytest
+
+## The multi-process tests: parallel launchers, DDP workers, killed and resumed jobs (CI runs them too).
+test-processes: install-dev
+	$(BIN)/pytest -m processes
 
 ## The long end-to-end runs (default experiment accuracy, MiniLM on SST-2).
 slow: install-dev

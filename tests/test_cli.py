@@ -73,6 +73,7 @@ def test_wandb_failing_to_start_costs_the_job_nothing_but_wandb(tmp_path: Path) 
     assert (tmp_path / "run" / "csv_logs" / "metrics.csv").is_file()
 
 
+@pytest.mark.processes
 def test_ddp_trains_in_spawned_workers_inside_one_job(tmp_path: Path) -> None:
     """trainer=ddp on the CPU: two gloo workers fit; the job keeps one folder, one record, one W&B run,
     and converts to INT8 the weights rank 0 trained (QAT: prepared modules, scales included)."""

@@ -43,6 +43,7 @@ def _kill_after_first_checkpoint(run_dir: Path, sig: signal.Signals) -> None:
     proc.wait(timeout=120)
 
 
+@pytest.mark.processes
 def test_a_job_killed_mid_training_resumes_to_the_uninterrupted_result(run_app, tmp_path: Path) -> None:
     code, stderr = run_app(*TRAIN, f"hydra.run.dir={tmp_path / 'whole'}")
     assert code == 0, stderr[-2000:]

@@ -78,6 +78,7 @@ def test_an_ok_point_runs_again_when_its_preset_changed(run_app, tmp_path: Path)
     assert attempts(2e-3) == 2  # same folder, different config: run again
 
 
+@pytest.mark.processes
 def test_a_sweep_killed_with_sigkill_completes_when_run_again(run_app, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", "seed=0,1,2", *QUIET, f"hydra.sweep.dir={sweep}"]
@@ -106,6 +107,7 @@ def test_a_sweep_killed_with_sigkill_completes_when_run_again(run_app, tmp_path:
             assert after[name] == point  # finished before the kill: kept, not redone
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_run_a_four_point_sweep(tmp_path: Path, launcher: str) -> None:
     sweep = tmp_path / "sweep"
