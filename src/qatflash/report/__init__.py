@@ -97,11 +97,11 @@ def _table(collected: Collected) -> pd.DataFrame:
         if "bench.peak_memory_bytes" in table:
             table["peak_mib"] = table["bench.peak_memory_bytes"] / 2**20
         if "bench.attention" in table:
-            table["attention_kernel"] = attention_kernels(table)
+            table["attention_kernel"] = _attention_kernels(table)
     return table
 
 
-def attention_kernels(table: pd.DataFrame) -> pd.Series:
+def _attention_kernels(table: pd.DataFrame) -> pd.Series:
     """`sdpa` left to choose its kernel and `sdpa` forced onto one are different points: `sdpa[flash]`."""
     attention = table["bench.attention"]
     forced = table.get("bench.sdpa_backend", pd.Series(None, index=table.index, dtype=object))

@@ -95,7 +95,7 @@ def attention_scaling(table: pd.DataFrame) -> Figure | None:
         group = group.sort_values("bench.seq_len")
         label = f"{attention} ({backend}, {device} {dtype}, batch {int(batch)})"
         lat.plot(group["bench.seq_len"], group["bench.p50_ms"], marker="o", label=label)
-        mem.plot(group["bench.seq_len"], group["bench.peak_memory_bytes"] / 2**20, marker="o", label=label)
+        mem.plot(group["bench.seq_len"], group["peak_mib"], marker="o", label=label)
     lengths = sorted(int(n) for n in points["bench.seq_len"].unique())
     for ax, ylabel in ((lat, "latency p50 (ms)"), (mem, "peak memory of one forward (MiB)")):
         ax.set_xscale("log", base=2)
