@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,46 @@ def test_cuda_peak_memory_is_measured_above_what_was_allocated_before(
     assert cuda.resets == 1 and figures["peak_memory_bytes"] == 4_000
     assert figures["peak_reserved_bytes"] == 10_000
     assert str(figures["memory_method"]).startswith("cuda: max_memory_allocated")
+
+
+def test_models_compared_side_by_side_alternate_in_blocks_and_pair_their_rounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host that slows 2.6-fold while measuring: a model twice as fast still reads 0.5."""
+    from qatflash.bench.latency import Contender, measure_side_by_side
+    from qatflash.config import BenchmarkConfig
+
+    clock = {"now": 0.0, "forwards": 0}
+    calls: list[str] = []
+
+    class Sleeper(torch.nn.Module):
+        def __init__(self, name: str, cost_s: float) -> None:
+            super().__init__()
+            self.name, self.cost_s = name, cost_s
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            assert not self.training and torch.is_inference_mode_enabled()
+            calls.append(self.name)
+            clock["forwards"] += 1
+            clock["now"] += self.cost_s * (1 + clock["forwards"] / 50)  # the host's load drifts up
+            return input_ids
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    cpu = torch.device("cpu")
+    contenders = {
+        "fp32": Contender(Sleeper("fp32", 0.002), cpu),
+        "int8": Contender(Sleeper("int8", 0.001), cpu),
+    }
+    cfg = BenchmarkConfig(warmup=1, min_iters=40, min_duration_s=0.0, block_iters=5)
+    timed = measure_side_by_side(contenders, cfg, seq_len=8, vocab_size=10)
+
+    assert calls[:2] == ["fp32", "int8"]  # one warm-up forward each
+    blocks = [calls[i] for i in range(2, len(calls), 5)]
+    assert calls[2:] == [name for name in blocks for _ in range(5)]  # whole blocks of five
+    # Rounds alternate which model goes first, so neither always runs on the later, slower host.
+    assert blocks[:8] == ["fp32", "int8", "int8", "fp32", "fp32", "int8", "int8", "fp32"]
+    assert timed["fp32"].stats.iters == timed["int8"].stats.iters == 40
+    paired = timed["int8"].ratio_to(timed["fp32"])
+    assert paired["rounds"] == 8 and abs(paired["ratio"] - 0.5) < 0.02
+    assert paired["ratio_p10"] <= paired["ratio"] <= paired["ratio_p90"]
+    assert all(c.model.training for c in contenders.values())  # the modes they came in are restored

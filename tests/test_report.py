@@ -15,7 +15,7 @@ from qatflash.bench.app import bench
 from qatflash.cli import config_dir, report_main
 from qatflash.config import register_schema, to_config
 from qatflash.pipeline import JobContext, run
-from qatflash.report.figures import pareto_mask
+from qatflash.report.figures import pareto_mask, shipped_latency
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,11 @@ def test_report_writes_every_output_and_lists_what_it_skipped(sweep: Path, tmp_p
     assert len(table) == 6  # two training jobs, and one row per benchmark point
     training = table[table["choices.quant"].notna()].set_index("choices.quant")
     assert training.loc["ptq_dynamic", "model.int8_bytes"] < training.loc["ptq_dynamic", "model.fp32_bytes"]
+    # The shipped model's figures: INT8 where the job made one, its ratio paired with FP32's rounds.
+    ptq = training.loc["ptq_dynamic"]
+    assert ptq["shipped_p50_ms"] == ptq["latency.int8.torch.p50_ms"]
+    assert ptq["shipped_ratio_to_fp32"] == ptq["latency.int8.torch.ratio_to_fp32"] > 0
+    assert pd.isna(training.loc["fp32", "shipped_ratio_to_fp32"])  # FP32 is its own reference
     assert sorted(table["bench.seq_len"].dropna()) == [32, 32, 128, 128]
     kernels = (
         table.dropna(subset=["bench.seq_len"]).groupby("attention_kernel")["bench.seq_len"].apply(sorted)
@@ -71,6 +76,7 @@ def test_report_writes_every_output_and_lists_what_it_skipped(sweep: Path, tmp_p
     assert (table["report_schema"] == 1).all()
     markdown = (tmp_path / "report.md").read_text()
     assert "| quant=ptq_dynamic" in markdown and "Skipped 2 point(s)" in markdown
+    assert "shipped / FP32 latency (paired)" in markdown
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "<table" in html
 
@@ -90,3 +96,20 @@ def test_pareto_frontier_keeps_only_unbeaten_points() -> None:
     latency = pd.Series([10.0, 20.0, 15.0, 30.0, 10.0])
     accuracy = pd.Series([0.80, 0.90, 0.79, 0.95, 0.85])
     assert pareto_mask(latency, accuracy).tolist() == [False, True, False, True, True]
+
+
+def test_shipped_figures_all_come_from_the_same_model() -> None:
+    # An FP32 job timed in torch and ONNX Runtime ships torch FP32, the reference of the ratios:
+    # its ratio is none, not ONNX Runtime's.
+    table = pd.DataFrame(
+        {
+            "latency.int8.torch.p50_ms": [5.0, None],
+            "latency.int8.torch.ratio_to_fp32": [0.6, None],
+            "latency.fp32.torch.p50_ms": [9.0, 9.5],
+            "latency.fp32.onnxruntime.p50_ms": [7.0, 7.5],
+            "latency.fp32.onnxruntime.ratio_to_fp32": [0.8, 0.79],
+        }
+    )
+    assert shipped_latency(table).tolist() == [5.0, 9.5]
+    ratio = shipped_latency(table, "ratio_to_fp32")
+    assert ratio[0] == 0.6 and pd.isna(ratio[1])

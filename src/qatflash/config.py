@@ -383,6 +383,8 @@ class BenchmarkConfig:
     warmup: int = 5
     min_iters: int = 20
     min_duration_s: float = 1.0
+    # Forwards per model per round when a job times several models (FP32, INT8, ...) side by side.
+    block_iters: int = 5
     # CPU threads during timing; null = leave torch's setting and record it.
     threads: int | None = None
     # What runs the timed forwards: torch (eager), torch_compile, onnxruntime (optional extra).
@@ -401,6 +403,7 @@ class BenchmarkConfig:
         _require(self.warmup >= 0, f"benchmark.warmup={self.warmup} must be >= 0")
         _require(self.min_iters > 0, f"benchmark.min_iters={self.min_iters} must be > 0")
         _require(self.min_duration_s >= 0, f"benchmark.min_duration_s={self.min_duration_s} must be >= 0")
+        _require(self.block_iters > 0, f"benchmark.block_iters={self.block_iters} must be > 0")
         _require(self.threads is None or self.threads > 0, f"benchmark.threads={self.threads} must be > 0")
 
 

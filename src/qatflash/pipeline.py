@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qatflash.attention import check_attention, check_padding_support
-from qatflash.bench import measure_forward_latency
+from qatflash.bench import Contender, measure_side_by_side
 from qatflash.bench.onnx import ORT_INT8_METHOD, OrtModel, check_onnxruntime, export_onnx, quantize_onnx
 from qatflash.bench.saved_run import MODEL_CONFIG_FILE
 from qatflash.callbacks import RngState
@@ -204,13 +204,9 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
 
         if cfg.benchmark.enabled:
             started = time.perf_counter()
-            timed_models = _timed_models(cfg.benchmark.backends, recipe, float_model, int8, onnx, device)
-            for (variant, backend), (timed, timed_on) in timed_models.items():
-                module.model = timed
-                row = latency_row(
-                    cfg, module.to(timed_on), timed_on, bench_len, hf_config.vocab_size, variant, backend
-                )
-                record.update("latency", [row])
+            timed_models = _timed_models(cfg, recipe, float_model, int8, onnx, device, data.num_labels)
+            rows = latency_rows(cfg, timed_models, bench_len, hf_config.vocab_size)
+            record.update("latency", rows)
             record.update("timing", {"bench_s": round(time.perf_counter() - started, 3)})
         tracker.summarize(summary_figures(record.data))
         if not cfg.keep_checkpoints:
@@ -325,57 +321,75 @@ def _record_int8(
     return {"model/size_ratio": int8_bytes / fp32_bytes}
 
 
-def latency_row(
+def latency_rows(
     cfg: Config,
-    module: torch.nn.Module,
-    device: torch.device,
+    timed_models: dict[tuple[str, str], Contender],
     seq_len: int,
     vocab_size: int,
-    variant: str,
-    backend: str,
-) -> dict[str, Any]:
-    """One latency record: what was timed, how, and the figures."""
-    precision = str(cfg.trainer.precision)
-    autocast = _AUTOCAST.get(precision) if variant == "fp32" else None
-    stats = measure_forward_latency(
-        module, cfg.benchmark, seq_len, device, vocab_size, autocast_dtype=autocast
-    )
-    return {
-        "variant": variant,
-        # ONNX Runtime runs the FP32 export in float32 whatever the training precision.
-        "precision": "int8" if variant == "int8" else "32-true" if backend == "onnxruntime" else precision,
-        "backend": backend,
-        "device": device.type,
-        "threads": cfg.benchmark.threads or torch.get_num_threads(),
-        "seq_len": seq_len,
-        "batch_size": cfg.benchmark.batch_size,
-        "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
-        **stats.as_dict(),
-    }
+) -> list[dict[str, Any]]:
+    """One latency record per (variant, backend): what was timed, how, the figures, and its latency
+    over the first FP32 row's, paired round by round (the figure an INT8-vs-FP32 decision reads)."""
+    timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size)
+    reference = next(key for key in timed if key[0] == "fp32")
+    rows = []
+    for (variant, backend), result in timed.items():
+        device = timed_models[variant, backend].device
+        row = {
+            "variant": variant,
+            # ONNX Runtime runs the FP32 export in float32 whatever the training precision.
+            "precision": "int8"
+            if variant == "int8"
+            else "32-true"
+            if backend == "onnxruntime"
+            else str(cfg.trainer.precision),
+            "backend": backend,
+            "device": device.type,
+            "threads": cfg.benchmark.threads or torch.get_num_threads(),
+            "seq_len": seq_len,
+            "batch_size": cfg.benchmark.batch_size,
+            "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
+            **result.stats.as_dict(),
+        }
+        if (variant, backend) != reference:
+            paired = result.ratio_to(timed[reference])
+            row.update({f"{key}_to_fp32": value for key, value in paired.items()})
+            row["ratio_reference"] = "/".join(reference)
+        rows.append(row)
+    return rows
 
 
 def _timed_models(
-    backends: list[str],
+    cfg: Config,
     recipe: Recipe | None,
     float_model: torch.nn.Module,
     int8: torch.nn.Module | None,
     onnx: dict[str, torch.nn.Module],
     device: torch.device,
-) -> dict[tuple[str, str], tuple[torch.nn.Module, torch.device]]:
-    """(variant, backend) -> the model to time and where. INT8 and ONNX Runtime run on the CPU.
+    num_labels: int,
+) -> dict[tuple[str, str], Contender]:
+    """(variant, backend) -> the model to time, where, in which dtype. INT8 and ONNX Runtime run on the CPU.
 
-    A recipe whose INT8 runs only compiled (pt2e) is timed under torch_compile, whichever torch
-    backend was asked for, and once.
+    Each is wrapped as the job's LightningModule, so timing runs the forward that testing ran
+    (with any forced SDPA kernel). A recipe whose INT8 runs only compiled (pt2e) is timed under
+    torch_compile, whichever torch backend was asked for, and once.
     """
-    timed: dict[tuple[str, str], tuple[torch.nn.Module, torch.device]] = {}
-    for backend in backends:
+    cpu = torch.device("cpu")
+
+    def contender(model: torch.nn.Module, on: torch.device, autocast: torch.dtype | None = None) -> Contender:
+        wrapped = SequenceClassifier(model, cfg.model.optim, num_labels, cfg.attention.sdpa_backend)
+        return Contender(wrapped.to(on), on, autocast)
+
+    timed: dict[tuple[str, str], Contender] = {}
+    for backend in cfg.benchmark.backends:
         if backend == "onnxruntime":
-            timed.update({(variant, backend): (m, torch.device("cpu")) for variant, m in onnx.items()})
+            timed.update({(variant, backend): contender(m, cpu) for variant, m in onnx.items()})
             continue
-        timed["fp32", backend] = (_on(backend, float_model), device)
+        timed["fp32", backend] = contender(
+            _on(backend, float_model), device, _AUTOCAST.get(str(cfg.trainer.precision))
+        )
         if int8 is not None and recipe is not None:
             int8_backend = "torch_compile" if recipe.compiled_only else backend
-            timed["int8", int8_backend] = (_on(int8_backend, int8), torch.device("cpu"))
+            timed["int8", int8_backend] = contender(_on(int8_backend, int8), cpu)
     return timed
 
 

@@ -1,6 +1,7 @@
-"""Benchmarks whose figures can be trusted: per-iteration latency with spread, peak memory in a fresh
-process, and `qatflash-bench`, which times models over sequence lengths, batch sizes and backends."""
+"""Benchmarks whose figures can be trusted: per-iteration latency with spread, models compared side
+by side in interleaved rounds, peak memory in a fresh process, and `qatflash-bench`, which times
+models over sequence lengths, batch sizes and backends."""
 
-from qatflash.bench.latency import LatencyStats, measure_forward_latency
+from qatflash.bench.latency import Contender, LatencyStats, SideBySide, measure_side_by_side
 
-__all__ = ["LatencyStats", "measure_forward_latency"]
+__all__ = ["Contender", "LatencyStats", "SideBySide", "measure_side_by_side"]

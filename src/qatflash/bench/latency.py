@@ -3,7 +3,8 @@
 Every iteration is timed on its own, so the figures carry their spread (median, p90, p99, relative
 stdev) rather than one mean. CPU iterations use `time.perf_counter`; CUDA iterations use CUDA
 events recorded around each forward and read after one synchronisation at the end, so the host
-never waits inside the timed loop.
+never waits inside the timed loop. Models compared within one process (FP32 against its INT8
+form) are timed in interleaved rounds, and their ratio is paired round by round.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 
 from qatflash.config import BenchmarkConfig
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,6 @@ class LatencyStats:
     ) -> LatencyStats:
         ordered = sorted(samples_ms)
 
-        def pct(q: float) -> float:
-            # Nearest-rank percentile: an observed time, never an interpolation between two.
-            return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
         mean = statistics.fmean(ordered)
         stdev = statistics.stdev(ordered) if len(ordered) > 1 else 0.0
         median = statistics.median(ordered)
@@ -50,8 +50,8 @@ class LatencyStats:
             warmup=warmup,
             mean_ms=mean,
             p50_ms=median,
-            p90_ms=pct(0.90),
-            p99_ms=pct(0.99),
+            p90_ms=_nearest_rank(ordered, 0.90),
+            p99_ms=_nearest_rank(ordered, 0.99),
             stdev_ms=stdev,
             rel_stdev=stdev / mean if mean > 0 else 0.0,
             sequences_per_s=1000.0 * batch_size / median,
@@ -66,22 +66,33 @@ def time_iterations(step: Callable[[], object], device: torch.device, cfg: Bench
     """Run `step` `cfg.warmup` times untimed, then until both `min_iters` and `min_duration_s` are met."""
     for _ in range(cfg.warmup):
         step()
+    return _time_block(
+        step, device, lambda count, elapsed_s: count >= cfg.min_iters and elapsed_s >= cfg.min_duration_s
+    )
+
+
+def _time_block(
+    step: Callable[[], object], device: torch.device, done: Callable[[int, float], bool]
+) -> list[float]:
+    """Per-forward milliseconds until `done(forwards, seconds)`. CUDA: events, read after the block."""
     if device.type == "cuda":
-        return _time_cuda(step, device, cfg)
+        return _time_cuda(step, device, done)
     samples: list[float] = []
     started = time.perf_counter()
-    while len(samples) < cfg.min_iters or time.perf_counter() - started < cfg.min_duration_s:
+    while not done(len(samples), time.perf_counter() - started):
         t0 = time.perf_counter()
         step()
         samples.append((time.perf_counter() - t0) * 1000.0)
     return samples
 
 
-def _time_cuda(step: Callable[[], object], device: torch.device, cfg: BenchmarkConfig) -> list[float]:
+def _time_cuda(
+    step: Callable[[], object], device: torch.device, done: Callable[[int, float], bool]
+) -> list[float]:
     torch.cuda.synchronize(device)
     pairs = []
     started = time.perf_counter()
-    while len(pairs) < cfg.min_iters or time.perf_counter() - started < cfg.min_duration_s:
+    while not done(len(pairs), time.perf_counter() - started):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         step()
@@ -94,30 +105,100 @@ def _time_cuda(step: Callable[[], object], device: torch.device, cfg: BenchmarkC
     return [start.elapsed_time(end) for start, end in pairs]
 
 
-def measure_forward_latency(
-    model: torch.nn.Module,
-    cfg: BenchmarkConfig,
-    seq_len: int,
-    device: torch.device,
-    vocab_size: int,
-    autocast_dtype: torch.dtype | None = None,
-) -> LatencyStats:
-    """Latency of one forward on random token ids of shape (batch_size, seq_len), no padding."""
+@dataclass(frozen=True)
+class Contender:
+    """One model timed side by side with others: where it runs and in which autocast dtype."""
+
+    model: torch.nn.Module
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """One contender's figures, and the median of each of its blocks, round by round."""
+
+    stats: LatencyStats
+    block_medians_ms: list[float]
+
+    def ratio_to(self, reference: SideBySide) -> dict[str, float | int]:
+        """This contender's latency over the reference's, paired round by round.
+
+        Each round's ratio compares blocks timed seconds apart, so a host whose load drifts over the
+        measurement (other tenants, frequency scaling) moves both sides of it alike; the median of
+        the rounds is the figure, and their 10th-90th percentiles its spread.
+        """
+        ratios = sorted(a / b for a, b in zip(self.block_medians_ms, reference.block_medians_ms, strict=True))
+        return {
+            "ratio": statistics.median(ratios),
+            "ratio_p10": _nearest_rank(ratios, 0.10),
+            "ratio_p90": _nearest_rank(ratios, 0.90),
+            "rounds": len(ratios),
+        }
+
+
+def measure_side_by_side(
+    contenders: Mapping[K, Contender], cfg: BenchmarkConfig, seq_len: int, vocab_size: int
+) -> dict[K, SideBySide]:
+    """Forward latency of several models on the same random token ids, timed in interleaved rounds.
+
+    Timing one model after another lets the host's load, which drifts over minutes on a shared
+    machine, masquerade as a speed-up. Instead every round times a block of `cfg.block_iters`
+    forwards of each model, starting with a different model each round, until each has
+    `min_iters` forwards and `min_duration_s` of them. Blocks (not single forwards) keep each
+    model's weights warm in the caches, as they are when that model is served alone.
+    """
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab_size, (cfg.batch_size, seq_len), generator=generator).to(device)
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    input_ids = torch.randint(0, vocab_size, (cfg.batch_size, seq_len), generator=generator)
+    steps = {key: (_forward(c, input_ids.to(c.device)), c.device) for key, c in contenders.items()}
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    was_training = model.training
-    model.eval()
+    modes = {key: c.model.training for key, c in contenders.items()}
+    samples: dict[K, list[float]] = {key: [] for key in steps}
+    blocks: dict[K, list[float]] = {key: [] for key in steps}
     try:
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
-        ):
-            samples = time_iterations(lambda: model(**inputs), device, cfg)
+        for c in contenders.values():
+            c.model.eval()
+        with torch.inference_mode():
+            for step, _ in steps.values():
+                for _ in range(cfg.warmup):
+                    step()
+            order = list(steps)
+            while not all(_enough(times, cfg) for times in samples.values()):
+                for key in order:
+                    step, device = steps[key]
+                    block = _time_block(step, device, lambda count, _: count >= cfg.block_iters)
+                    samples[key].extend(block)
+                    blocks[key].append(statistics.median(block))
+                order = order[1:] + order[:1]
     finally:
         torch.set_num_threads(previous_threads)
-        model.train(was_training)
-    return LatencyStats.from_samples(samples, cfg.warmup, cfg.batch_size, seq_len)
+        for key, c in contenders.items():
+            c.model.train(modes[key])
+    return {
+        key: SideBySide(
+            LatencyStats.from_samples(samples[key], cfg.warmup, cfg.batch_size, seq_len), blocks[key]
+        )
+        for key in steps
+    }
+
+
+def _forward(contender: Contender, input_ids: torch.Tensor) -> Callable[[], object]:
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    dtype = contender.autocast_dtype
+
+    def step() -> object:
+        with torch.autocast(contender.device.type, dtype=dtype, enabled=dtype is not None):
+            return contender.model(**inputs)
+
+    return step
+
+
+def _enough(samples_ms: list[float], cfg: BenchmarkConfig) -> bool:
+    return len(samples_ms) >= cfg.min_iters and sum(samples_ms) / 1000.0 >= cfg.min_duration_s
+
+
+def _nearest_rank(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile: an observed value, never an interpolation between two."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]

@@ -119,6 +119,8 @@ def _replace(module: nn.Module) -> None:
             observer = child.qconfig.weight()  # static PTQ observes weights only at convert, as here
             observer(child.weight.detach())
             setattr(module, name, QdqLinear(child, observer))
+        elif isinstance(child, nnqat.Embedding):
+            continue  # QAT's fake-quantized table: to_qdq stores it as a QdqEmbedding
         elif isinstance(child, tq.FakeQuantizeBase | tq.ObserverBase):
             setattr(module, name, QuantDequant(child))
         else:

@@ -29,6 +29,7 @@ _TRAIN_COLUMNS = {
     "metrics.test/acc_delta": "Δ acc vs FP32",
     "latency.fp32.torch.p50_ms": "FP32 p50 ms",
     "shipped_p50_ms": "shipped p50 ms",
+    "shipped_ratio_to_fp32": "shipped / FP32 latency (paired)",
     "metrics.model/size_ratio": "INT8/FP32 size",
     "error": "error",
 }
@@ -54,6 +55,7 @@ _DECIMALS = {
     "metrics.model/size_ratio": 3,
     "latency.fp32.torch.p50_ms": 1,
     "shipped_p50_ms": 1,
+    "shipped_ratio_to_fp32": 2,
     "bench.p50_ms": 1,
     "bench.rel_stdev": 3,
     "peak_mib": 1,
@@ -94,6 +96,7 @@ def _table(collected: Collected) -> pd.DataFrame:
     table = pd.DataFrame(collected.rows)
     if not table.empty:
         table["shipped_p50_ms"] = shipped_latency(table)
+        table["shipped_ratio_to_fp32"] = shipped_latency(table, "ratio_to_fp32")
         if "bench.peak_memory_bytes" in table:
             table["peak_mib"] = table["bench.peak_memory_bytes"] / 2**20
         if "bench.attention" in table:

@@ -17,20 +17,32 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-# The latency a shipped model has: its INT8 form where the job made one, else FP32; torch first.
-_SHIPPED_LATENCY = [
-    f"latency.{variant}.{backend}.p50_ms"
+# The model a job ships: its INT8 form where the job made one, else FP32; torch first.
+_SHIPPED = [
+    (variant, backend)
     for variant in ("int8", "fp32")
     for backend in ("torch", "torch_compile", "onnxruntime")
 ]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
-def shipped_latency(table: pd.DataFrame) -> pd.Series:
-    columns = [c for c in _SHIPPED_LATENCY if c in table]
-    if not columns:
-        return pd.Series(float("nan"), index=table.index)
-    return table[columns].bfill(axis=1).iloc[:, 0]
+def shipped_latency(table: pd.DataFrame, figure: str = "p50_ms") -> pd.Series:
+    """A latency `figure` (p50_ms, ratio_to_fp32, ...) of the model each job ships, NaN where it has none.
+
+    The shipped model is chosen by which p50 exists, then every figure is read from that one row,
+    so a p50 and a ratio in the same report line always describe the same model.
+    """
+    out = pd.Series(float("nan"), index=table.index)
+    chosen = pd.Series(False, index=table.index)
+    for variant, backend in _SHIPPED:
+        prefix = f"latency.{variant}.{backend}."
+        if prefix + "p50_ms" not in table:
+            continue
+        take = ~chosen & table[prefix + "p50_ms"].notna()
+        if prefix + figure in table:
+            out[take] = table.loc[take, prefix + figure]
+        chosen |= take
+    return out
 
 
 def pareto_mask(latency: pd.Series, accuracy: pd.Series) -> pd.Series:

@@ -1,0 +1,130 @@
+"""One Linear layer in FP32 and INT8 on this CPU: speed per engine, and where int16 sums saturate.
+
+What bounds a whole model's INT8 speed-up is first its Linears' own: this times one Linear of
+MiniLM's shape (128 tokens x 384 -> 1536 by default) in FP32 and as torch.ao dynamic and static
+INT8 (static with the quantize/dequantize around it that each QuantWrapper adds), alternating
+the variants in rounds so that a drifting host load moves them alike. It then checks the static
+kernel against exact integer arithmetic for three range choices: without VNNI, fbgemm adds pairs
+of uint8 x int8 products in int16, which saturates unless activations (reduce_range) or weights
+(7-bit) give up a bit. Run on demand:
+
+    python benchmarks/int8_linear.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch.ao.nn import quantized as nnq
+from torch.ao.nn.quantized import dynamic as nnqd
+
+
+def _time(variants: dict[str, Callable[[], object]], rounds: int, block: int) -> dict[str, list[float]]:
+    """Per-round block medians (ms) of each variant, the first variant rotating every round."""
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for step in variants.values():
+        for _ in range(block):
+            step()
+    for _ in range(rounds):
+        for name in order:
+            times = []
+            for _ in range(block):
+                started = time.perf_counter()
+                variants[name]()
+                times.append((time.perf_counter() - started) * 1000.0)
+            out[name].append(statistics.median(times))
+        order = order[1:] + order[:1]
+    return out
+
+
+def _static_linear(weight: torch.Tensor, weight_max: int, out_scale: float, out_zero: int) -> nnq.Linear:
+    scales = weight.abs().amax(1) / weight_max
+    zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+    clamped = weight.clamp(-(weight_max + 1) * scales[:, None], weight_max * scales[:, None])
+    linear = nnq.Linear(weight.shape[1], weight.shape[0])
+    linear.set_weight_bias(torch.quantize_per_channel(clamped, scales, zeros, 0, torch.qint8), None)
+    linear.scale, linear.zero_point = out_scale, out_zero
+    return linear
+
+
+def speed(engine: str, tokens: int, features: tuple[int, int], rounds: int) -> None:
+    torch.backends.quantized.engine = engine
+    fan_in, fan_out = features
+    x = torch.randn(1, tokens, fan_in)
+    fp32 = torch.nn.Linear(fan_in, fan_out)
+    dynamic = nnqd.Linear(fan_in, fan_out)
+    scales = fp32.weight.abs().amax(1) / 127
+    zeros = torch.zeros(fan_out, dtype=torch.long)
+    dynamic.set_weight_bias(torch.quantize_per_channel(fp32.weight, scales, zeros, 0, torch.qint8), fp32.bias)
+    static = _static_linear(fp32.weight.detach(), 63, 0.05, 128)
+    x_scale = float(x.abs().max()) / 127
+    with torch.inference_mode():
+        blocks = _time(
+            {
+                "fp32": lambda: fp32(x),
+                "int8 dynamic": lambda: dynamic(x),
+                "int8 static + q/dq": lambda: static(
+                    torch.quantize_per_tensor(x, x_scale, 128, torch.quint8)
+                ).dequantize(),
+            },
+            rounds,
+            block=10,
+        )
+    for name, medians in blocks.items():
+        ratio = statistics.median(a / b for a, b in zip(medians, blocks["fp32"], strict=True))
+        print(
+            f"{engine:7s} {name:20s} p50 {statistics.median(medians):7.3f} ms   paired ratio to fp32 {ratio:.2f}"
+        )
+
+
+def saturation(engine: str, tokens: int, features: tuple[int, int]) -> None:
+    """Worst error of the static kernel against the same quantized operands multiplied exactly."""
+    torch.backends.quantized.engine = engine
+    torch.manual_seed(0)
+    fan_in, fan_out = features
+    x = torch.rand(tokens, fan_in) * 6 - 1  # post-GELU-like: mostly positive, a long upper tail
+    weight = torch.randn(fan_out, fan_in) * 0.05
+    for label, act_max, weight_max in (
+        ("uint8 0..127 (reduce_range) x int8 -128..127", 127, 127),
+        ("uint8 0..255 x int8 -128..127", 255, 127),
+        ("uint8 0..255 x int7 -64..63", 255, 63),
+    ):
+        scale = float(x.max() - x.min()) / act_max
+        qx = torch.quantize_per_tensor(x, scale, round(-float(x.min()) / scale), torch.quint8)
+        probe = _static_linear(weight, weight_max, 1.0, 0)
+        exact = qx.dequantize() @ probe.weight().dequantize().t()
+        out_scale = float(exact.max() - exact.min()) / 255
+        linear = _static_linear(weight, weight_max, out_scale, round(-float(exact.min()) / out_scale))
+        worst = float((linear(qx).dequantize() - exact).abs().max()) / out_scale
+        print(f"{engine:7s} {label:46s} worst error {worst:5.1f} output steps (0.5 = rounding only)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--features", type=int, nargs=2, default=(384, 1536), metavar=("IN", "OUT"))
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated")
+    engines = [e for e in ("x86", "fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
+    print(
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    for engine in engines:
+        speed(engine, args.tokens, tuple(args.features), args.rounds)
+    for engine in engines:
+        saturation(engine, args.tokens, tuple(args.features))
+
+
+if __name__ == "__main__":
+    main()
