@@ -150,7 +150,7 @@ def measure_side_by_side(
     """
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab_size, (cfg.batch_size, seq_len), generator=generator)
-    steps = {key: (_forward(c, input_ids.to(c.device)), c.device) for key, c in contenders.items()}
+    steps = {key: _forward(c, input_ids.to(c.device)) for key, c in contenders.items()}
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -161,14 +161,15 @@ def measure_side_by_side(
         for c in contenders.values():
             c.model.eval()
         with torch.inference_mode():
-            for step, _ in steps.values():
+            for step in steps.values():
                 for _ in range(cfg.warmup):
                     step()
             order = list(steps)
             while not all(_enough(times, cfg) for times in samples.values()):
                 for key in order:
-                    step, device = steps[key]
-                    block = _time_block(step, device, lambda count, _: count >= cfg.block_iters)
+                    block = _time_block(
+                        steps[key], contenders[key].device, lambda count, _: count >= cfg.block_iters
+                    )
                     samples[key].extend(block)
                     blocks[key].append(statistics.median(block))
                 order = order[1:] + order[:1]
