@@ -2,7 +2,8 @@
 
 What bounds a whole model's INT8 speed-up is first its Linears' own: this times one Linear of
 MiniLM's shape (128 tokens x 384 -> 1536 by default) in FP32 and as torch.ao dynamic and static
-INT8 (static with the quantize/dequantize around it that each QuantWrapper adds), alternating
+INT8 (static with the quantize/dequantize around it that each QuantWrapper adds, and static with
+float output, `quant.linear_output=float`, where the engine has that kernel), alternating
 the variants in rounds so that a drifting host load moves them alike. It then checks the static
 kernel against exact integer arithmetic for three range choices: without VNNI, fbgemm adds pairs
 of uint8 x int8 products in int16, which saturates unless activations (reduce_range) or weights
@@ -22,6 +23,9 @@ from collections.abc import Callable
 import torch
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized import dynamic as nnqd
+
+from qatflash.config import FLOAT_OUTPUT_ENGINES
+from qatflash.quant.float_output import Int8LinearFloatOutput
 
 
 def _time(variants: dict[str, Callable[[], object]], rounds: int, block: int) -> dict[str, list[float]]:
@@ -64,22 +68,24 @@ def speed(engine: str, tokens: int, features: tuple[int, int], rounds: int) -> N
     dynamic.set_weight_bias(torch.quantize_per_channel(fp32.weight, scales, zeros, 0, torch.qint8), fp32.bias)
     static = _static_linear(fp32.weight.detach(), 63, 0.05, 128)
     x_scale = float(x.abs().max()) / 127
+    variants = {
+        "fp32": lambda: fp32(x),
+        "int8 dynamic": lambda: dynamic(x),
+        "int8 static + q/dq": lambda: static(
+            torch.quantize_per_tensor(x, x_scale, 128, torch.quint8)
+        ).dequantize(),
+    }
+    if engine in FLOAT_OUTPUT_ENGINES:
+        float_output = Int8LinearFloatOutput(fan_in, fan_out)
+        float_output.set_weight_bias(static.weight(), None)
+        float_output.scale, float_output.zero_point = x_scale, 128
+        variants["int8 static, float out"] = lambda: float_output(x)
     with torch.inference_mode():
-        blocks = _time(
-            {
-                "fp32": lambda: fp32(x),
-                "int8 dynamic": lambda: dynamic(x),
-                "int8 static + q/dq": lambda: static(
-                    torch.quantize_per_tensor(x, x_scale, 128, torch.quint8)
-                ).dequantize(),
-            },
-            rounds,
-            block=10,
-        )
+        blocks = _time(variants, rounds, block=10)
     for name, medians in blocks.items():
         ratio = statistics.median(a / b for a, b in zip(medians, blocks["fp32"], strict=True))
         print(
-            f"{engine:7s} {name:20s} p50 {statistics.median(medians):7.3f} ms   paired ratio to fp32 {ratio:.2f}"
+            f"{engine:7s} {name:24s} p50 {statistics.median(medians):7.3f} ms   paired ratio to fp32 {ratio:.2f}"
         )
 
 

@@ -144,6 +144,14 @@ ROWS: list[tuple[str, list[str], Callable[[Path], object] | None, int, str]] = [
         "must come after quant.fake_quant_start_step=0",
     ),
     (
+        "float Linear outputs without the kernel",
+        ["quant=qat_x86_a8w7_float_out", "quant.engine=qnnpack"],
+        None,
+        REFUSED,
+        "quant.linear_output=float needs quant.engine in ['x86', 'fbgemm'] (fbgemm's float-output kernel), "
+        "not qnnpack",
+    ),
+    (
         "DDP workers with pt2e graphs",
         ["quant=qat_pt2e_x86", "trainer=ddp"],
         None,

@@ -244,6 +244,8 @@ QUANT_APIS = {
     "torchao": ("ptq_dynamic", "qat"),
     "pt2e": ("ptq_static", "qat"),
 }
+# The quantized engines whose packed Linear weights have fbgemm's float-output INT8 kernel.
+FLOAT_OUTPUT_ENGINES = ("x86", "fbgemm")
 
 
 @dataclass
@@ -267,12 +269,17 @@ class QuantConfig:
     freeze_observers_step: int | None = None
     # qat (eager api, attention=eager): also fake-quantize the inputs of QKᵀ and probabilities·V.
     attention_matmuls: bool = False
+    # eager ptq_static/qat: `quantized` = each INT8 Linear rounds its output to uint8 (torch.ao's
+    # default), which the next float op dequantizes; `float` = the int8 GEMM writes float output in
+    # the same kernel (fbgemm), and QAT trains without fake quantization on Linear outputs.
+    linear_output: str = "quantized"
 
     def __post_init__(self) -> None:
         _one_of("quant.method", self.method, QUANT_METHODS)
         _one_of("quant.api", self.api, tuple(QUANT_APIS))
         _one_of("quant.engine", self.engine, ("x86", "fbgemm", "qnnpack", "onednn"))
         _one_of("quant.embeddings", self.embeddings, ("float", "int8"))
+        _one_of("quant.linear_output", self.linear_output, ("quantized", "float"))
         if self.method != "none":
             self._check_api()
         _require(
@@ -304,6 +311,17 @@ class QuantConfig:
                 self.api == "eager" and self.method == "qat",
                 f"quant.attention_matmuls=true needs quant.api=eager and quant.method=qat, not "
                 f"api={self.api} method={self.method}",
+            )
+        if self.linear_output == "float":
+            _require(
+                self.api == "eager" and self.method in ("ptq_static", "qat"),
+                f"quant.linear_output=float needs quant.api=eager with method ptq_static or qat, not "
+                f"api={self.api} method={self.method} (ptq_dynamic's INT8 Linears already return float)",
+            )
+            _require(
+                self.engine in FLOAT_OUTPUT_ENGINES,
+                f"quant.linear_output=float needs quant.engine in {list(FLOAT_OUTPUT_ENGINES)} (fbgemm's "
+                f"float-output kernel), not {self.engine}",
             )
         if self.api == "torchao":
             _require(self.torchao is not None, "quant.api=torchao needs a quant.torchao section")

@@ -21,6 +21,7 @@ from torch.ao.nn.quantized import dynamic as nnqd
 
 from qatflash.config import ConfigError, ObserverConfig, QuantConfig
 from qatflash.quant.attention_matmuls import add_attention_fake_quant, set_aside
+from qatflash.quant.float_output import Int8LinearFloatOutput
 from qatflash.quant.qdq import to_qdq
 from qatflash.quant.recipe import Recipe
 from qatflash.quant.targeting import embedding_targets, replace_module
@@ -86,6 +87,10 @@ class EagerRecipe(Recipe):
             )
             activation = _observer(cfg.activation, qat)
         self.qconfig = tq.QConfig(activation=activation, weight=_observer(cfg.weight, qat))
+        # The Linear inside each wrapper: its output is rounded like every activation, or stays float.
+        self.linear_qconfig = self.qconfig
+        if cfg.linear_output == "float":
+            self.linear_qconfig = tq.QConfig(activation=nn.Identity, weight=self.qconfig.weight)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap the targeted Linears and insert observers (static PTQ) or fake quantization (QAT)."""
@@ -95,6 +100,7 @@ class EagerRecipe(Recipe):
         for name in self.targets:
             wrapper = tq.QuantWrapper(model.get_submodule(name))
             wrapper.qconfig = self.qconfig
+            wrapper.module.qconfig = self.linear_qconfig
             replace_module(model, name, wrapper)
         if self.cfg.method == "qat" and self.cfg.embeddings == "int8":
             # Train against the per-row int8 table that conversion will ship: left to conversion
@@ -114,6 +120,8 @@ class EagerRecipe(Recipe):
         for module in model.modules():
             if getattr(module, "qconfig", None) is not None:
                 module.qconfig = _EMBEDDING_QAT if isinstance(module, nnqat.Embedding) else self.qconfig
+        for name in self.targets:
+            model.get_submodule(name).module.qconfig = self.linear_qconfig
         if self.cfg.attention_matmuls:
             assert self.cfg.activation is not None, "QuantConfig checks that QAT has activation observers"
             add_attention_fake_quant(model, _observer(self.cfg.activation, fake_quant=True))
@@ -135,6 +143,10 @@ class EagerRecipe(Recipe):
             if self.cfg.method == "ptq_dynamic":
                 tq.quantize_dynamic(model, {name: self.qconfig for name in self.targets}, inplace=True)
             else:
+                if self.cfg.linear_output == "float":
+                    for name in self.targets:
+                        wrapper = model.get_submodule(name)
+                        replace_module(model, name, Int8LinearFloatOutput.from_wrapper(wrapper))
                 tq.convert(model, mapping=_INT8_MODULES, inplace=True)
             if self.cfg.embeddings == "int8" and self.cfg.method != "qat":  # QAT's table is converted above
                 tables = {name: tq.float_qparams_weight_only_qconfig for name in embedding_targets(model)}

@@ -72,14 +72,16 @@ class QuantDequant(nn.Module):
 
 
 class QdqLinear(nn.Module):
-    """A Linear with int8 weights stored as such, dequantized in the graph, and its output's QDQ pair."""
+    """A Linear with int8 weights stored as such, dequantized in the graph, and its output's QDQ pair if it has one."""
 
     def __init__(self, linear: nn.Linear, weight_quantizer: tq.FakeQuantizeBase | tq.ObserverBase) -> None:
         super().__init__()
         self.weight_grid = _Grid(weight_quantizer)
         self.register_buffer("weight", self.weight_grid.quantize(linear.weight.detach()))
         self.bias = linear.bias
-        self.output = QuantDequant(linear.activation_post_process)
+        post_process = linear.activation_post_process  # nn.Identity with quant.linear_output=float
+        quantized = isinstance(post_process, tq.FakeQuantizeBase | tq.ObserverBase)
+        self.output = QuantDequant(post_process) if quantized else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(nn.functional.linear(x, self.weight_grid.dequantize(self.weight), self.bias))
