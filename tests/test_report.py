@@ -15,7 +15,7 @@ from qatflash.bench.app import bench
 from qatflash.cli import config_dir, report_main
 from qatflash.config import register_schema, to_config
 from qatflash.pipeline import JobContext, run
-from qatflash.report.figures import pareto_mask, shipped_latency
+from qatflash.report.figures import pareto_latency, pareto_mask, shipped_latency
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,23 @@ def test_shipped_figures_all_come_from_the_same_model() -> None:
     assert shipped_latency(table).tolist() == [5.0, 9.5]
     ratio = shipped_latency(table, "ratio_to_fp32")
     assert ratio[0] == 0.6 and pd.isna(ratio[1])
+
+
+def test_pareto_axis_is_the_paired_ratio_when_every_point_has_one() -> None:
+    # An FP32 job (its own reference: 1) beside a quantized one timed side by side: absolute p50s
+    # from different minutes of a shared host are not compared.
+    table = pd.DataFrame(
+        {
+            "latency.int8.torch.p50_ms": [None, 30.0],
+            "latency.int8.torch.ratio_to_fp32": [None, 0.67],
+            "latency.fp32.torch.p50_ms": [38.0, 46.0],
+        }
+    )
+    latency, label = pareto_latency(table)
+    assert latency.tolist() == [1.0, 0.67] and "paired" in label
+    # A quantized point without a ratio (an older results.json): p50 for every point.
+    latency, label = pareto_latency(table.assign(**{"latency.int8.torch.ratio_to_fp32": float("nan")}))
+    assert latency.tolist() == [38.0, 30.0] and "p50" in label
+    # Only FP32 points: a ratio of 1 everywhere says nothing; p50.
+    latency, label = pareto_latency(table.iloc[:1])
+    assert latency.tolist() == [38.0] and "p50" in label
