@@ -15,36 +15,15 @@ of uint8 x int8 products in int16, which saturates unless activations (reduce_ra
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized import dynamic as nnqd
 
-from qatflash.config import FLOAT_OUTPUT_ENGINES
+from qatflash.bench import time_in_rounds
+from qatflash.config import FLOAT_OUTPUT_ENGINES, BenchmarkConfig
 from qatflash.quant.float_output import Int8LinearFloatOutput
-
-
-def _time(variants: dict[str, Callable[[], object]], rounds: int, block: int) -> dict[str, list[float]]:
-    """Per-round block medians (ms) of each variant, the first variant rotating every round."""
-    out: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for step in variants.values():
-        for _ in range(block):
-            step()
-    for _ in range(rounds):
-        for name in order:
-            times = []
-            for _ in range(block):
-                started = time.perf_counter()
-                variants[name]()
-                times.append((time.perf_counter() - started) * 1000.0)
-            out[name].append(statistics.median(times))
-        order = order[1:] + order[:1]
-    return out
 
 
 def _static_linear(weight: torch.Tensor, weight_max: int, out_scale: float, out_zero: int) -> nnq.Linear:
@@ -80,13 +59,14 @@ def speed(engine: str, tokens: int, features: tuple[int, int], rounds: int) -> N
         float_output.set_weight_bias(static.weight(), None)
         float_output.scale, float_output.zero_point = x_scale, 128
         variants["int8 static, float out"] = lambda: float_output(x)
+    block = 10
+    timing = BenchmarkConfig(warmup=block, min_iters=rounds * block, min_duration_s=0, block_iters=block)
+    cpu = torch.device("cpu")
     with torch.inference_mode():
-        blocks = _time(variants, rounds, block=10)
-    for name, medians in blocks.items():
-        ratio = statistics.median(a / b for a, b in zip(medians, blocks["fp32"], strict=True))
-        print(
-            f"{engine:7s} {name:24s} p50 {statistics.median(medians):7.3f} ms   paired ratio to fp32 {ratio:.2f}"
-        )
+        results = time_in_rounds({name: (step, cpu) for name, step in variants.items()}, timing, tokens)
+    for name, result in results.items():
+        ratio = result.ratio_to(results["fp32"])["ratio"]
+        print(f"{engine:7s} {name:24s} p50 {result.stats.p50_ms:7.3f} ms   paired ratio to fp32 {ratio:.2f}")
 
 
 def saturation(engine: str, tokens: int, features: tuple[int, int]) -> None:

@@ -334,14 +334,11 @@ def latency_rows(
     rows = []
     for (variant, backend), result in timed.items():
         device = timed_models[variant, backend].device
+        # ONNX Runtime runs the FP32 export in float32 whatever the training precision.
+        fp32_precision = "32-true" if backend == "onnxruntime" else str(cfg.trainer.precision)
         row = {
             "variant": variant,
-            # ONNX Runtime runs the FP32 export in float32 whatever the training precision.
-            "precision": "int8"
-            if variant == "int8"
-            else "32-true"
-            if backend == "onnxruntime"
-            else str(cfg.trainer.precision),
+            "precision": "int8" if variant == "int8" else fp32_precision,
             "backend": backend,
             "device": device.type,
             "threads": cfg.benchmark.threads or torch.get_num_threads(),

@@ -2,6 +2,6 @@
 by side in interleaved rounds, peak memory in a fresh process, and `qatflash-bench`, which times
 models over sequence lengths, batch sizes and backends."""
 
-from qatflash.bench.latency import Contender, LatencyStats, SideBySide, measure_side_by_side
+from qatflash.bench.latency import Contender, LatencyStats, SideBySide, measure_side_by_side, time_in_rounds
 
-__all__ = ["Contender", "LatencyStats", "SideBySide", "measure_side_by_side"]
+__all__ = ["Contender", "LatencyStats", "SideBySide", "measure_side_by_side", "time_in_rounds"]

@@ -140,43 +140,49 @@ class SideBySide:
 def measure_side_by_side(
     contenders: Mapping[K, Contender], cfg: BenchmarkConfig, seq_len: int, vocab_size: int
 ) -> dict[K, SideBySide]:
-    """Forward latency of several models on the same random token ids, timed in interleaved rounds.
-
-    Timing one model after another lets the host's load, which drifts over minutes on a shared
-    machine, masquerade as a speed-up. Instead every round times a block of `cfg.block_iters`
-    forwards of each model, starting with a different model each round, until each has
-    `min_iters` forwards and `min_duration_s` of them. Blocks (not single forwards) keep each
-    model's weights warm in the caches, as they are when that model is served alone.
-    """
+    """Forward latency of several models on the same random token ids, timed in interleaved rounds."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab_size, (cfg.batch_size, seq_len), generator=generator)
-    steps = {key: _forward(c, input_ids.to(c.device)) for key, c in contenders.items()}
+    steps = {key: (_forward(c, input_ids.to(c.device)), c.device) for key, c in contenders.items()}
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     modes = {key: c.model.training for key, c in contenders.items()}
-    samples: dict[K, list[float]] = {key: [] for key in steps}
-    blocks: dict[K, list[float]] = {key: [] for key in steps}
     try:
         for c in contenders.values():
             c.model.eval()
         with torch.inference_mode():
-            for step in steps.values():
-                for _ in range(cfg.warmup):
-                    step()
-            order = list(steps)
-            while not all(_enough(times, cfg) for times in samples.values()):
-                for key in order:
-                    block = _time_block(
-                        steps[key], contenders[key].device, lambda count, _: count >= cfg.block_iters
-                    )
-                    samples[key].extend(block)
-                    blocks[key].append(statistics.median(block))
-                order = order[1:] + order[:1]
+            return time_in_rounds(steps, cfg, seq_len)
     finally:
         torch.set_num_threads(previous_threads)
         for key, c in contenders.items():
             c.model.train(modes[key])
+
+
+def time_in_rounds(
+    steps: Mapping[K, tuple[Callable[[], object], torch.device]], cfg: BenchmarkConfig, seq_len: int
+) -> dict[K, SideBySide]:
+    """Time several steps (each with the device it runs on) against each other in interleaved rounds.
+
+    Timing one after another lets the host's load, which drifts over minutes on a shared machine,
+    masquerade as a speed-up. Instead every round times a block of `cfg.block_iters` calls of each
+    step, starting with a different step each round, until each has `min_iters` calls and
+    `min_duration_s` of them. Blocks (not single calls) keep each model's weights warm in the
+    caches, as they are when that model is served alone.
+    """
+    for step, _ in steps.values():
+        for _ in range(cfg.warmup):
+            step()
+    samples: dict[K, list[float]] = {key: [] for key in steps}
+    blocks: dict[K, list[float]] = {key: [] for key in steps}
+    order = list(steps)
+    while not all(_enough(times, cfg) for times in samples.values()):
+        for key in order:
+            step, device = steps[key]
+            block = _time_block(step, device, lambda count, _: count >= cfg.block_iters)
+            samples[key].extend(block)
+            blocks[key].append(statistics.median(block))
+        order = order[1:] + order[:1]
     return {
         key: SideBySide(
             LatencyStats.from_samples(samples[key], cfg.warmup, cfg.batch_size, seq_len), blocks[key]
