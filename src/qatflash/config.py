@@ -354,10 +354,12 @@ class TrainerConfig:
     precision: str = "32-true"
     max_epochs: int = 3
     max_steps: int = -1
-    limit_train_batches: float | None = None
-    limit_val_batches: float | None = None
-    limit_test_batches: float | None = None
-    val_check_interval: float | None = None
+    # Lightning's meaning: an int is a number of batches, a float in [0, 1] a fraction of them (typed
+    # Any because OmegaConf cannot merge an int | float union; checked in __post_init__).
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    val_check_interval: Any = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 20
@@ -373,6 +375,14 @@ class TrainerConfig:
             self.max_epochs > 0 or self.max_steps > 0,
             f"trainer.max_epochs={self.max_epochs} and trainer.max_steps={self.max_steps}: one must be > 0",
         )
+        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval"):
+            value = getattr(self, name)
+            batches = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            fraction = isinstance(value, float) and 0 <= value <= 1
+            _require(
+                value is None or batches or fraction,
+                f"trainer.{name}={value!r} must be an int (batches), a float in [0, 1] (a fraction) or null",
+            )
 
 
 @dataclass

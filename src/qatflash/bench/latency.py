@@ -2,9 +2,12 @@
 
 Every iteration is timed on its own, so the figures carry their spread (median, p90, p99, relative
 stdev) rather than one mean. CPU iterations use `time.perf_counter`; CUDA iterations use CUDA
-events recorded around each forward and read after one synchronisation at the end, so the host
-never waits inside the timed loop. Models compared within one process (FP32 against its INT8
-form) are timed in interleaved rounds, and their ratio is paired round by round.
+events recorded around each forward, read once the loop is over. The host synchronises with the
+device before and after the timed loop and, inside it, waits for every `CUDA_SYNC_EVERY`-th
+forward's end event: without that wait the host would queue forwards far ahead of the device, and
+the loop's clock (which decides when `min_duration_s` is met) would measure launches, not work.
+Models compared within one process (FP32 against its INT8 form) are timed in interleaved rounds,
+and their ratio is paired round by round.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 from qatflash.config import BenchmarkConfig
 
 K = TypeVar("K")
+# Inside a CUDA timing loop the host waits for the device every this many forwards (see above).
+CUDA_SYNC_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -98,9 +103,8 @@ def _time_cuda(
         step()
         end.record()
         pairs.append((start, end))
-        if len(pairs) % 64 == 0:
-            # Let the host see the elapsed time now and then without a sync per iteration.
-            end.synchronize()
+        if len(pairs) % CUDA_SYNC_EVERY == 0:
+            end.synchronize()  # bounds the host's lead over the device; no sync per iteration
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) for start, end in pairs]
 

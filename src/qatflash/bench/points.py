@@ -29,7 +29,7 @@ from qatflash.bench.memory import (
 from qatflash.bench.onnx import OrtModel, export_onnx
 from qatflash.bench.saved_run import open_run
 from qatflash.config import AttentionConfig, BenchmarkConfig, BenchSweepConfig, ModelConfig
-from qatflash.models import build_model, max_positions, model_config
+from qatflash.models import build_model, declared_config, max_positions
 from qatflash.quant import make_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,12 +64,6 @@ class PointJob:
         }
 
 
-def bench_model_config(cfg: ModelConfig) -> Any:
-    """The HF config a benchmark builds: a pretrained model's own, or `model.arch` with its vocab size."""
-    vocab_size = int((cfg.arch or {}).get("vocab_size", 30522))
-    return model_config(cfg, num_labels=2, vocab_size=vocab_size)
-
-
 def measure(job: PointJob) -> dict[str, Any]:
     """Build, warm up, take the peak memory of one forward, then time forwards; in this process."""
     device, dtype = torch.device(job.sweep.device), DTYPES[job.sweep.dtype]
@@ -80,7 +74,7 @@ def measure(job: PointJob) -> dict[str, Any]:
     torch.manual_seed(job.seed)
     compile_model = job.backend == "torch_compile"
     if job.sweep.artifact is None:
-        hf_config = bench_model_config(job.model)
+        hf_config = declared_config(job.model)
         model = build_model(job.model, job.attention, hf_config).to(device=device, dtype=dtype).eval()
     else:  # check_bench allows artifacts on the CPU in float32 only, their kernels' home
         run = open_run(job.sweep.artifact)

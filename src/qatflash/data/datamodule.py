@@ -62,6 +62,7 @@ class TextClassificationData(L.LightningDataModule):
         self.seed = seed
         self._tokenizer_factory = tokenizer_factory
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._raw: DatasetDict | None = None
         self.splits: DatasetDict | None = None
         self.label_names: list[str] = []
         self.sequence_lengths: list[int] = []
@@ -71,15 +72,29 @@ class TextClassificationData(L.LightningDataModule):
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def index(self) -> DatasetDict:
+        """Load and subset the raw splits once (no tokenizer yet): enough to count the training examples."""
+        if self._raw is None:
+            raw = load_splits(self.cfg, self.seed)
+            self.label_names = raw["train"].features["label"].names
+            for split, limit in (
+                ("train", self.cfg.train_subset),
+                ("validation", self.cfg.validation_subset),
+            ):
+                if limit is not None and limit < len(raw[split]):
+                    raw[split] = raw[split].shuffle(seed=self.seed).select(range(limit))
+            self._raw = raw
+        return self._raw
+
+    @property
+    def train_size(self) -> int:
+        return len(self.index()["train"])
+
     def setup(self, stage: str | None = None) -> None:
-        """Load, subset and tokenize once; Lightning calls this again for every stage."""
+        """Index, then tokenize once; Lightning calls this again for every stage."""
         if self.splits is not None:
             return
-        raw = load_splits(self.cfg, self.seed)
-        self.label_names = raw["train"].features["label"].names
-        for split, limit in (("train", self.cfg.train_subset), ("validation", self.cfg.validation_subset)):
-            if limit is not None and limit < len(raw[split]):
-                raw[split] = raw[split].shuffle(seed=self.seed).select(range(limit))
+        raw = self.index()
         self.tokenizer = self._tokenizer_factory(raw["train"]["text"])
         tokenized = DatasetDict({split: self._tokenize(ds) for split, ds in raw.items()})
         self.sequence_lengths = sorted({n for ds in tokenized.values() for n in ds.unique("length")})

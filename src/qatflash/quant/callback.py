@@ -15,6 +15,8 @@ import lightning as L
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 
+from qatflash.config import ConfigError
+from qatflash.fit_plan import FitPlan
 from qatflash.quant.recipe import Recipe
 
 
@@ -32,6 +34,20 @@ class QuantizationAwareTraining(L.Callback):
 
     def observing(self, step: int) -> bool:
         return step >= self.start and (self.freeze is None or step < self.freeze)
+
+    def check_schedule(self, plan: FitPlan) -> None:
+        """Refuse schedule steps the fit never reaches: observers that never ran leave every INT8
+        activation scale at its initial 1.0, and the job would still finish as if it had trained."""
+        schedule = (
+            ("quant.fake_quant_start_step", self.start, "fake quantization and observers would never run"),
+            ("quant.freeze_observers_step", self.freeze, "observers would never freeze (null: never freeze)"),
+        )
+        for name, step, consequence in schedule:
+            if step is not None and step >= plan.steps:
+                raise ConfigError(
+                    f"{name}={step} is not below the fit's {plan.steps} optimizer steps ({plan.describe()}): "
+                    f"{consequence}; use a step below {plan.steps} or train longer"
+                )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before optimizers exist, so they see the QAT modules' parameters; idempotent for re-entry.
