@@ -75,7 +75,6 @@ def test_flash_attention_2_needs_cuda_and_half_precision() -> None:
         check_attention(needs, "32-true", torch.device("cuda"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's kernel list")
 def test_forced_sdpa_kernel_missing_on_this_device_is_refused_with_what_exists() -> None:
     with pytest.raises(ConfigError) as info:
         check_attention(AttentionConfig(sdpa_backend="efficient"), "32-true", CPU)
@@ -85,7 +84,6 @@ def test_forced_sdpa_kernel_missing_on_this_device_is_refused_with_what_exists()
     check_attention(AttentionConfig(sdpa_backend="flash"), "32-true", CPU)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's flash kernel")
 def test_a_forced_kernel_is_probed_as_training_calls_it_with_the_models_dropout() -> None:
     """CPU's flash kernel runs inference and trains without dropout, but takes no dropout: a model
     whose attention drops out is refused before training, the same model without dropout is not."""

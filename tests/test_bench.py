@@ -40,11 +40,11 @@ def test_every_point_gets_a_row_with_latency_and_memory(make_bench_cfg, tmp_path
     rows = results["latency"]
     assert [(r["seq_len"], r["batch_size"]) for r in rows] == [(32, 1), (32, 2), (512, 1), (512, 2)]
     for row in rows:
-        assert row["status"] == "ok" and row["isolated"] is True and row["iters"] >= 3
+        assert row["status"] == "ok" and row["isolated"] is True and row["iters"] >= 3  # measured in a child
         assert row["memory_method"].startswith("cpu: VmHWM")
     peak = {(r["seq_len"], r["batch_size"]): r["peak_memory_bytes"] for r in rows}
     # Eager attention holds (batch, heads, seq, seq) scores: 16x the tokens cost far more than 16x the memory floor.
-    assert peak[(512, 2)] > peak[(512, 1)] > peak[(32, 1)] >= 0
+    assert peak[(512, 2)] > peak[(512, 1)] > peak[(32, 1)]
 
 
 @pytest.mark.processes

@@ -80,10 +80,16 @@ def test_tokenization_is_cached_across_runs(make_cfg, tmp_path: Path) -> None:
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     overrides = ("data=local", f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}")
     first = _datamodule(make_cfg, *overrides).splits["train"]
+    (cached,) = {Path(f["filename"]) for f in first.cache_files if "cache-" in f["filename"]}
+    written = cached.stat().st_mtime_ns
     second = _datamodule(make_cfg, *overrides).splits["train"]
-    assert first.cache_files and first.cache_files == second.cache_files
-    third = _datamodule(make_cfg, *overrides, "data.max_length=8").splits["train"]
-    assert third.cache_files != first.cache_files
+    assert first.cache_files == second.cache_files
+    assert cached.stat().st_mtime_ns == written  # read back, not tokenized and written again
+    # Another length, or another vocabulary (fewer words learnt), is another tokenization.
+    for other in ("data.max_length=8", "model.arch.vocab_size=40"):
+        assert _datamodule(make_cfg, *overrides, other).splits["train"].cache_files != first.cache_files, (
+            other
+        )
 
 
 def test_string_labels_headerless_files_and_inferred_num_labels(make_cfg, tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ def test_a_job_killed_mid_training_resumes_to_the_uninterrupted_result(run_app, 
         run_dir = tmp_path / sig.name
         _kill_after_first_checkpoint(run_dir, sig)
         assert read_results(run_dir)["status"] == left  # never `ok`
-        assert load_tensors(run_dir / LAST, "checkpoint")["epoch"] < 2  # killed mid-training
+        checkpoint = load_tensors(run_dir / LAST, "checkpoint")
+        assert checkpoint["epoch"] < 2  # killed mid-training
         if sig == signal.SIGKILL:
             _check_truncated_checkpoint_refused(run_app, run_dir, tmp_path / "truncated")
 
@@ -61,7 +62,14 @@ def test_a_job_killed_mid_training_resumes_to_the_uninterrupted_result(run_app, 
         assert code == 0, stderr[-2000:]
         resumed = read_results(run_dir)
         assert (resumed["status"], resumed["attempt"]) == ("ok", 2), sig.name
-        assert resumed["resumed_from"] == {"checkpoint": str(LAST), "attempt": 1}
+        # It took up training where the checkpoint left it, not from step 0 (a restart from the same
+        # seed would end with the same metrics too).
+        assert resumed["resumed_from"] == {
+            "checkpoint": str(LAST),
+            "attempt": 1,
+            "global_step": checkpoint["global_step"],
+        }
+        assert checkpoint["global_step"] > 0
         assert resumed["metrics"].keys() == whole["metrics"].keys()
         for key, value in whole["metrics"].items():
             assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), (sig.name, key)

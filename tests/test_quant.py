@@ -72,17 +72,13 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(
     linears = len(linear_targets(_tiny_bert(), config.quant.targets))
     assert linears == (4 if recipe.endswith("_ffn") else 13)
     assert model["quantized_modules"] == linears + (config.quant.embeddings == "int8")
-    assert (tmp_path / model["int8_artifact"]).stat().st_size == model["int8_bytes"]
     if config.quant.api != "pt2e":  # a .pt2 archive also holds the program: larger than tiny_bert's weights
         assert model["int8_bytes"] < model["fp32_bytes"]
     int8_backend = "torch_compile" if config.quant.api == "pt2e" else "torch"  # pt2e INT8 runs compiled
     rows = {(row["variant"], row["backend"]): row for row in results["latency"]}
     assert set(rows) == {("fp32", "torch"), ("int8", int8_backend)}
-    # INT8 and FP32 were timed in alternating rounds of block_iters forwards; the ratio pairs them.
-    int8 = rows["int8", int8_backend]
-    assert int8["ratio_reference"] == "fp32/torch"
-    assert int8["rounds_to_fp32"] == int8["iters"] // config.benchmark.block_iters
-    assert "ratio_to_fp32" not in rows["fp32", "torch"]
+    # INT8 is paired with FP32 round by round (tests/test_bench.py checks the pairing); FP32 is the reference.
+    assert "ratio_to_fp32" in rows["int8", int8_backend] and "ratio_to_fp32" not in rows["fp32", "torch"]
 
 
 @pytest.mark.needs("onnx")
@@ -107,8 +103,6 @@ def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(
     assert rows["int8", "onnxruntime"]["threads"] == rows["fp32", "torch"]["threads"]
     metrics, model = results["metrics"], results["model"]
     assert model["onnx_int8_bytes"] < model["onnx_fp32_bytes"]
-    assert (tmp_path / "model_int8_ort.onnx").stat().st_size == model["onnx_int8_bytes"]
-    assert model["onnx_int8_settings"] == ORT_INT8_SETTINGS
     coverage = model["onnx_int8_weight_matmuls"]
     assert coverage["int8"] == coverage["weight_matmuls"] == 14 and coverage["float"] == 0
     if recipe == "ptq_dynamic":
@@ -123,7 +117,6 @@ def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(
         assert abs(metrics["test/acc_ort_int8_qdq"] - metrics["test/acc_int8"]) <= 2 / 256
         # QAT's FP32 twin is the model before fine-tuning, kept for size and latency: never scored.
         assert "test/acc_ort_fp32" not in metrics and "test/acc_ort_int8" not in metrics
-        assert (tmp_path / "model_int8_qdq.onnx").stat().st_size == model["onnx_int8_qdq_bytes"]
         assert model["onnx_int8_qdq_bytes"] < model["onnx_fp32_bytes"]
 
 
@@ -142,6 +135,16 @@ def test_onnxruntime_dynamic_int8_runs_every_weight_matmul_in_int8(
     assert coverage["weight_matmuls"] == 14
     runs_in_int8 = coverage["int8"] == coverage["weight_matmuls"] and coverage["float"] == 0
     assert runs_in_int8 == (op_types is None), coverage
+    if op_types is None:  # the graph is what results.json's onnx_int8_settings say ran
+        import onnx
+
+        graph = onnx.load(str(int8)).graph
+        initializers = {t.name: t for t in graph.initializer}
+        weight_zero_points = [initializers[n.input[3]] for n in graph.node if n.op_type == "MatMulInteger"]
+        per_channel = any(len(z.dims) > 0 for z in weight_zero_points)
+        weight_types = {onnx.TensorProto.DataType.Name(z.data_type) for z in weight_zero_points}
+        assert (per_channel, weight_types) == (ORT_INT8_SETTINGS["per_channel"], {"INT8"})
+        assert ORT_INT8_SETTINGS["weight_type"] == "QInt8"
 
 
 def _scales_lost(qdq: torch.nn.Module) -> torch.nn.Module:
@@ -160,11 +163,18 @@ QDQ_EXPORTS = {
     "broken_activation_scales_lost": lambda qdq, float_model: _scales_lost(qdq),
 }
 # How close the QDQ graph's logits must come to the INT8 model's, as a fraction of how far
-# quantization moves them from FP32 (mean absolute differences over the batch). Measured on an
-# AVX2 CPU (ONNX Runtime / QDQ in torch): qat_x86 0.060 / 0.060, qat_per_tensor 0.000 / 0.000,
-# qat_x86_a8w7_float_out 0.110 / 0.110, ptq_static 0.252 / 0.252 (the kernels round a few
-# activations and weights the other way); the FP32 model in the QDQ graph's place reads 1.0.
-QDQ_TOLERANCE = 0.4
+# quantization moves them from FP32 (mean absolute differences over the batch), per recipe: about
+# twice what was measured on an AVX2 CPU (ONNX Runtime / QDQ in torch: qat_x86 0.060 / 0.060,
+# qat_per_tensor 0.000 / 0.000, qat_x86_a8w7_float_out 0.110 / 0.110, ptq_static 0.252 / 0.252,
+# pt2e - / 0; the kernels round a few activations and weights the other way). The FP32 model in
+# the QDQ graph's place reads 1.0.
+QDQ_TOLERANCE = {
+    "qat_x86": 0.15,
+    "qat_per_tensor": 0.05,
+    "qat_x86_a8w7_float_out": 0.25,
+    "ptq_static": 0.5,
+    "qat_pt2e_x86": 0.05,
+}
 
 
 @pytest.mark.needs("onnx")
@@ -183,7 +193,7 @@ def test_qdq_form_runs_the_recipes_own_quantization_in_onnxruntime(
     make_cfg, tmp_path: Path, recipe_name: str, exported: str
 ) -> None:
     """The QDQ export of a prepared model computes what the INT8 model computes, in torch and in
-    ONNX Runtime, within QDQ_TOLERANCE of the quantization effect; an export that lost its
+    ONNX Runtime, within its recipe's QDQ_TOLERANCE of the quantization effect; an export that lost its
     activation scales, or the FP32 model in its place, does not.
 
     Embedding tables stay float here: their QDQ form is symmetric per row (ONNX's DequantizeLinear
@@ -218,7 +228,7 @@ def test_qdq_form_runs_the_recipes_own_quantization_in_onnxruntime(
     effect = (expected - fp32).abs().mean()
     assert effect > 0
     if exported == "qdq":
-        assert (in_torch - expected).abs().mean() <= QDQ_TOLERANCE * effect
+        assert (in_torch - expected).abs().mean() <= QDQ_TOLERANCE[recipe_name] * effect
         # Each targeted Linear's weight is stored int8 behind a DequantizeLinear; activations are quantized.
         graph = onnx.load(path).graph
         int8_weights = [
@@ -231,7 +241,9 @@ def test_qdq_form_runs_the_recipes_own_quantization_in_onnxruntime(
         assert "QuantizeLinear" in ops
     if recipe_name != "qat_pt2e_x86":
         distance = (in_ort - expected).abs().mean() / effect
-        assert (distance <= QDQ_TOLERANCE) == (exported == "qdq"), f"{float(distance):.3f} x the effect"
+        assert (distance <= QDQ_TOLERANCE[recipe_name]) == (exported == "qdq"), (
+            f"{float(distance):.3f} x the effect"
+        )
 
 
 @pytest.mark.parametrize(
@@ -516,6 +528,21 @@ def test_attention_matmuls_are_fake_quantized_through_eager_attention(make_cfg, 
         quantizers[0]["query"].activation_post_process,
     )
     assert 0 <= probs.min_val <= probs.max_val <= 1 and query.min_val < 0 < query.max_val
+    # and the matmuls take the fake-quantized operands: switching only these quantizers off moves the
+    # encoder's output (the logits of this random model are too small to outlast the pooler's rounding)
+    model.eval()
+    recipe.set_phase(model, fake_quant=True, observe=False)
+
+    def encoded() -> torch.Tensor:
+        with torch.no_grad():
+            return model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
+            ).hidden_states[-1]
+
+    simulated = encoded()
+    for attention_quantizers in quantizers:
+        attention_quantizers.apply(tq.disable_fake_quant)
+    assert not torch.equal(simulated, encoded())
     results = run(config, JobContext(folder=tmp_path, choices={"quant": "qat_x86"}))
     assert results["status"] == "ok"  # trained, converted, reloaded to identical logits
 

@@ -10,6 +10,17 @@ import numpy as np
 import torch
 
 
+class FitStart(L.Callback):
+    """The optimizer step a fit starts from, once any checkpoint is restored: where a resumed job
+    took up its training (results.json's `resumed_from.global_step`), rather than that it claimed to."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 class RngState(L.Callback):
     """Save the random number generators in every checkpoint and restore them on resume.
 

@@ -33,7 +33,7 @@ from qatflash.bench.onnx import (
     weight_matmul_coverage,
 )
 from qatflash.bench.saved_run import MODEL_CONFIG_FILE
-from qatflash.callbacks import RngState
+from qatflash.callbacks import FitStart, RngState
 from qatflash.config import Config, ConfigError, QuantConfig
 from qatflash.data import TextClassificationData
 from qatflash.finetune_cache import FinetuneCache
@@ -139,11 +139,12 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
             qat = QuantizationAwareTraining(
                 recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step
             )
+        fit_start = FitStart()
         trainer = L.Trainer(
             **asdict(cfg.trainer),
             logger=tracker.lightning_logger,
             default_root_dir=str(job.folder),
-            callbacks=[*([qat] if qat is not None else []), *_checkpointing(job.folder)],
+            callbacks=[*([qat] if qat is not None else []), *_checkpointing(job.folder), fit_start],
             plugins=[SafeCheckpointIO()],
         )
 
@@ -184,6 +185,8 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
                 }
                 log.info("resuming attempt %d from %s", record.previous["attempt"], resume)
             trainer.fit(module, datamodule=data, ckpt_path=resume)
+            if resume is not None:
+                record.data["resumed_from"]["global_step"] = fit_start.step  # None after a spawned fit
             metrics = _val_metrics(trainer)
             if not metrics:  # resumed from the final epoch's checkpoint: nothing left to train
                 trainer.validate(module, datamodule=data, verbose=False)

@@ -109,7 +109,7 @@ def measure(job: PointJob) -> dict[str, Any]:
         "error": None,
         "threads": torch.get_num_threads(),
         "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
-        "isolated": job.sweep.isolate,
+        "isolated": mp.parent_process() is not None,  # measured in a process of its own, as asked or not
         "compiled": compile_model,  # pt2e INT8 artifacts run compiled whatever the backend
         **memory,
         **stats.as_dict(),
