@@ -64,11 +64,12 @@ class PointJob:
         }
 
 
-def measure(job: PointJob) -> dict[str, Any]:
-    """Build, warm up, take the peak memory of one forward, then time forwards; in this process."""
+def measure(job: PointJob, isolated: bool) -> dict[str, Any]:
+    """Build, warm up, take the peak memory of one forward, then time forwards; in this process, which
+    is a fresh one of the point's own when `isolated`."""
     device, dtype = torch.device(job.sweep.device), DTYPES[job.sweep.dtype]
     # Only a fresh process may switch its allocator, and before the model exists.
-    exact = job.sweep.isolate and device.type == "cpu" and exact_host_allocator()
+    exact = isolated and device.type == "cpu" and exact_host_allocator()
     if job.timing.threads is not None:
         torch.set_num_threads(job.timing.threads)
     torch.manual_seed(job.seed)
@@ -109,7 +110,7 @@ def measure(job: PointJob) -> dict[str, Any]:
         "error": None,
         "threads": torch.get_num_threads(),
         "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
-        "isolated": mp.parent_process() is not None,  # measured in a process of its own, as asked or not
+        "isolated": isolated,
         "compiled": compile_model,  # pt2e INT8 artifacts run compiled whatever the backend
         **memory,
         **stats.as_dict(),
@@ -143,10 +144,10 @@ def failed(job: PointJob, error: str) -> dict[str, Any]:
     return {**job.describe(), "status": "failed", "error": error}
 
 
-def measure_or_oom(job: PointJob) -> dict[str, Any]:
+def measure_or_oom(job: PointJob, isolated: bool) -> dict[str, Any]:
     """`measure`, with running out of memory recorded as the point's result."""
     try:
-        return measure(job)
+        return measure(job, isolated)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
         if not any(m in str(error) for m in _OOM_MESSAGES) and not isinstance(error, MemoryError):
             raise
@@ -155,7 +156,7 @@ def measure_or_oom(job: PointJob) -> dict[str, Any]:
 
 def _child(job: PointJob, send: Connection) -> None:
     try:
-        send.send(("row", measure_or_oom(job)))
+        send.send(("row", measure_or_oom(job, isolated=True)))
     except Exception as error:  # the parent fails the job with this message
         send.send(("error", f"{type(error).__name__}: {error}".splitlines()[0]))
     finally:
@@ -165,7 +166,7 @@ def _child(job: PointJob, send: Connection) -> None:
 def run_point(job: PointJob) -> dict[str, Any]:
     """The point's row, measured in a fresh spawned process when `bench.isolate` (the default)."""
     if not job.sweep.isolate:
-        return measure_or_oom(job)
+        return measure_or_oom(job, isolated=False)
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(job, send), daemon=True)
