@@ -1,7 +1,7 @@
 """An independent check of the harness's latency: timeit around forwards, nothing from qatflash.
 
 Loads the pretrained MiniLM the `models` extra ships, feeds random ids of shape (batch, seq_len)
-with a full attention mask (what `qatflash.bench` times), and prints the median of `repeats`
+with a full attention mask (what the timing harness times), and prints the median of `repeats`
 timeit runs of `number` forwards each. On CUDA each run ends with one synchronisation, so the wall
 clock covers the device's work (the harness uses CUDA events instead). Compare with
 `latency/fp32/p50_ms` of a run in the same session:

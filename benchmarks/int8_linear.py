@@ -21,9 +21,10 @@ import torch
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized import dynamic as nnqd
 
-from qatflash.bench import time_in_rounds
-from qatflash.config import FLOAT_OUTPUT_ENGINES, BenchmarkConfig
+from qatflash.config import TimingConfig
+from qatflash.quant.eager import FLOAT_OUTPUT_ENGINES
 from qatflash.quant.float_output import Int8LinearFloatOutput
+from qatflash.timing.latency import time_in_rounds
 
 
 def _static_linear(weight: torch.Tensor, weight_max: int, out_scale: float, out_zero: int) -> nnq.Linear:
@@ -60,7 +61,7 @@ def speed(engine: str, tokens: int, features: tuple[int, int], rounds: int) -> N
         float_output.scale, float_output.zero_point = x_scale, 128
         variants["int8 static, float out"] = lambda: float_output(x)
     block = 10
-    timing = BenchmarkConfig(warmup=block, min_iters=rounds * block, min_duration_s=0, block_iters=block)
+    timing = TimingConfig(warmup=block, min_iters=rounds * block, min_duration_s=0, block_iters=block)
     cpu = torch.device("cpu")
     with torch.inference_mode():
         results = time_in_rounds({name: (step, cpu) for name, step in variants.items()}, timing, tokens)

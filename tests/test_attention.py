@@ -15,7 +15,8 @@ from qatflash.attention import (
     check_padding_support,
     forced_kernel,
 )
-from qatflash.config import AttentionConfig, ConfigError, to_config
+from qatflash.config import AttentionConfig, to_config
+from qatflash.errors import ConfigError
 from qatflash.models import build_model
 
 CPU = torch.device("cpu")

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import FAST
 
-from qatflash.bench import onnx
-from qatflash.bench.app import bench
+from qatflash import ort
+from qatflash.bench.app import run_benchmark
 from qatflash.cli import bench_main
-from qatflash.config import ConfigError, to_config
-from qatflash.pipeline import JobContext
+from qatflash.config import to_config
+from qatflash.errors import ConfigError
+from qatflash.job import JobContext
 from qatflash.results import read_results
 
 # tiny_bert's shape with random weights: points take well under a second.
@@ -28,7 +29,9 @@ QUICK = [
 
 def _bench(make_bench_cfg, folder: Path, *overrides: str) -> dict:
     config = to_config(make_bench_cfg(*QUICK, *overrides))
-    return bench(config, JobContext(folder=folder, choices={"model": "tiny_bert", "attention": "eager"}))
+    return run_benchmark(
+        config, JobContext(folder=folder, choices={"model": "tiny_bert", "attention": "eager"})
+    )
 
 
 @pytest.mark.processes
@@ -90,13 +93,13 @@ def test_onnxruntime_point_times_the_exported_model(
 ) -> None:
     """The onnxruntime row's forwards are ONNX Runtime sessions' (counted in this process), the torch row's are not."""
     sessions: list[int] = []
-    forward = onnx.OrtModel.forward
+    forward = ort.OrtModel.forward
 
     def counted(self, **inputs):
         sessions.append(1)
         return forward(self, **inputs)
 
-    monkeypatch.setattr(onnx.OrtModel, "forward", counted)
+    monkeypatch.setattr(ort.OrtModel, "forward", counted)
     results = _bench(
         make_bench_cfg, tmp_path, "bench.seq_lens=[64]", "bench.isolate=false", "benchmark.backends=[torch]"
     )
@@ -143,9 +146,9 @@ def test_a_training_runs_int8_artifact_is_timed_without_retraining(
 
 
 def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx, "_PACKAGES", ("onnxruntime", "no_such_onnx_package"))
+    monkeypatch.setattr(ort, "_PACKAGES", ("onnxruntime", "no_such_onnx_package"))
     with pytest.raises(ConfigError, match=r"\['no_such_onnx_package'\] are not installed; install the extra"):
-        onnx.check_onnxruntime()
+        ort.check_onnxruntime()
 
 
 @pytest.mark.needs("cuda")
@@ -244,8 +247,8 @@ class _FakeCuda:
 def test_cuda_timing_uses_events_and_bounds_the_hosts_lead(monkeypatch: pytest.MonkeyPatch) -> None:
     """Device time per forward from events; the host synchronises before and after the loop, and
     inside it waits for every CUDA_SYNC_EVERY-th forward's end event, never for each forward."""
-    from qatflash.bench.latency import CUDA_SYNC_EVERY, time_iterations
-    from qatflash.config import BenchmarkConfig
+    from qatflash.config import TimingConfig
+    from qatflash.timing.latency import CUDA_SYNC_EVERY, time_iterations
 
     cuda = _FakeCuda(monkeypatch)
     timed = 2 * CUDA_SYNC_EVERY + 3
@@ -254,7 +257,7 @@ def test_cuda_timing_uses_events_and_bounds_the_hosts_lead(monkeypatch: pytest.M
     def forward() -> None:
         cuda.gpu_ms += next(durations)
 
-    cfg = BenchmarkConfig(warmup=2, min_iters=timed, min_duration_s=0.0)
+    cfg = TimingConfig(warmup=2, min_iters=timed, min_duration_s=0.0)
     samples = time_iterations(forward, torch.device("cuda"), cfg)
     assert samples == [float(1 + i % 5) for i in range(timed)]  # device time per forward, warm-up excluded
     assert cuda.syncs == 2  # the whole device: before and after the timed loop
@@ -264,7 +267,7 @@ def test_cuda_timing_uses_events_and_bounds_the_hosts_lead(monkeypatch: pytest.M
 def test_cuda_peak_memory_is_measured_above_what_was_allocated_before(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from qatflash.bench.memory import peak_memory
+    from qatflash.timing.memory import peak_memory
 
     cuda = _FakeCuda(monkeypatch)
 
@@ -283,8 +286,8 @@ def test_models_compared_side_by_side_alternate_in_blocks_and_pair_their_rounds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A host that slows 2.6-fold while measuring: a model twice as fast still reads 0.5."""
-    from qatflash.bench.latency import Contender, measure_side_by_side
-    from qatflash.config import BenchmarkConfig
+    from qatflash.config import TimingConfig
+    from qatflash.timing.latency import Contender, measure_side_by_side
 
     clock = {"now": 0.0, "forwards": 0}
     calls: list[str] = []
@@ -307,7 +310,7 @@ def test_models_compared_side_by_side_alternate_in_blocks_and_pair_their_rounds(
         "fp32": Contender(Sleeper("fp32", 0.002), cpu),
         "int8": Contender(Sleeper("int8", 0.001), cpu),
     }
-    cfg = BenchmarkConfig(warmup=1, min_iters=40, min_duration_s=0.0, block_iters=5)
+    cfg = TimingConfig(warmup=1, min_iters=40, min_duration_s=0.0, block_iters=5)
     timed = measure_side_by_side(contenders, cfg, seq_len=8, vocab_size=10)
 
     assert calls[:2] == ["fp32", "int8"]  # one warm-up forward each

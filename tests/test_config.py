@@ -12,7 +12,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from qatflash.cli import config_dir
-from qatflash.config import BenchAppConfig, Config, ConfigError, point_dir, to_config
+from qatflash.config import BenchAppConfig, Config, to_config
+from qatflash.errors import ConfigError
+from qatflash.job import point_dir
 
 CONF = Path(config_dir())
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import SST2
 
-from qatflash.config import ConfigError, SyntheticConfig, to_config
+from qatflash.config import SyntheticConfig, to_config
 from qatflash.data import TextClassificationData
 from qatflash.data.synthetic import synthetic_splits
+from qatflash.errors import ConfigError
 from qatflash.models import load_tokenizer
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import FAST
 
+from qatflash.errors import UnreadableFileError
 from qatflash.results import read_results
-from qatflash.storage import UnreadableFileError, load_tensors
+from qatflash.storage import load_tensors
 
 # Three epochs of a second or two each: long enough to be killed in the middle, short for a test.
 TRAIN = [

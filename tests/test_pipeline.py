@@ -9,9 +9,11 @@ from conftest import FAST
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from qatflash import models
-from qatflash.config import ConfigError, to_config
+from qatflash.config import to_config
+from qatflash.errors import ConfigError
+from qatflash.job import JobContext
 from qatflash.models import resolve_name_or_path, train_wordpiece
-from qatflash.pipeline import JobContext, run
+from qatflash.pipeline import run
 from qatflash.results import read_results
 from qatflash.storage import load_tensors
 

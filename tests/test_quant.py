@@ -14,21 +14,24 @@ from torch.ao import quantization as tq
 from torch.ao.nn import quantized as nnq
 from transformers import AutoConfig
 
-from qatflash.bench.onnx import (
+from qatflash.callbacks import RngState
+from qatflash.cli import config_dir
+from qatflash.config import AttentionConfig, TargetsConfig, to_config
+from qatflash.data import TextClassificationData
+from qatflash.errors import ConfigError
+from qatflash.job import JobContext
+from qatflash.models import build_model_from_config, load_tokenizer
+from qatflash.module import SequenceClassifier
+from qatflash.ort import (
     ORT_INT8_SETTINGS,
     OrtModel,
     export_onnx,
     quantize_onnx,
     weight_matmul_coverage,
 )
-from qatflash.callbacks import RngState
-from qatflash.cli import config_dir
-from qatflash.config import AttentionConfig, ConfigError, TargetsConfig, to_config
-from qatflash.data import TextClassificationData
-from qatflash.models import build_model_from_config, load_tokenizer
-from qatflash.module import SequenceClassifier
-from qatflash.pipeline import JobContext, run
-from qatflash.quant import QuantizationAwareTraining, make_recipe
+from qatflash.pipeline import run
+from qatflash.quant import make_recipe
+from qatflash.quant.callback import QuantizationAwareTraining
 from qatflash.quant.eager import check_engine
 from qatflash.quant.float_output import Int8LinearFloatOutput
 from qatflash.quant.qdq import QuantDequant

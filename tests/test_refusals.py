@@ -14,7 +14,7 @@ import pytest
 from conftest import FAST
 from datasets import Dataset
 
-from qatflash.bench import onnx
+from qatflash import ort
 from qatflash.cli import bench_main
 from qatflash.results import read_results, write_json_atomic
 
@@ -159,6 +159,36 @@ ROWS: list[tuple[str, list[str], Callable[[Path], object] | None, int, str]] = [
         None,
         REFUSED,
         "trainer.strategy=ddp_spawn sends the model to its workers by pickle, which quant.api=pt2e's",
+    ),
+    (
+        "torchao argument its config class lacks",
+        ["quant=qat_torchao_int8", "+quant.torchao.convert.group_size=32"],
+        None,
+        REFUSED,
+        "quant.torchao.convert: Int8DynamicActivationInt8WeightConfig takes no ['group_size']; it takes [",
+    ),
+    (
+        "torchao granularity name unknown",
+        ["quant=qat_torchao_int8", "quant.torchao.activation.granularity=per_row"],
+        None,
+        REFUSED,
+        "quant.torchao.activation.granularity='per_row': use one of ['per_token', 'per_tensor', "
+        "'per_channel', 'per_group:<n>']",
+    ),
+    (
+        "torchao QAT simulating other weights than it ships",
+        ["quant=qat_torchao_8da4w", "quant.torchao.convert.weight_granularity=per_channel"],
+        None,
+        REFUSED,
+        "quant.torchao.weight fake-quantizes with PerGroup(group_size=32), but quant.torchao.convert "
+        "(Int8DynamicActivationIntxWeightConfig) ships PerAxis(axis=0); QAT must simulate what ships",
+    ),
+    (
+        "data of another task's kind",
+        ["data.kind=causal_lm"],
+        None,
+        REFUSED,
+        "data.kind='causal_lm' is data for another task; task=classification reads data.kind='classification'",
     ),
     (
         "unknown benchmark backend",
@@ -339,7 +369,7 @@ def test_onnxruntime_without_the_extra_is_refused(
     run_app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The onnx extra is installed wherever the suite runs, so its absence is simulated at the import check."""
-    monkeypatch.setattr(onnx, "_PACKAGES", ("onnxruntime", "no_such_onnx_package"))
+    monkeypatch.setattr(ort, "_PACKAGES", ("onnxruntime", "no_such_onnx_package"))
     exit_code, stderr = run_app(
         *FAST, "benchmark.backends=[torch,onnxruntime]", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"
     )

@@ -12,10 +12,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from wandb_files import records
 
-from qatflash.bench.app import bench
+from qatflash.bench.app import run_benchmark
 from qatflash.cli import config_dir, report_main
 from qatflash.config import register_schema, to_config
-from qatflash.pipeline import JobContext, run
+from qatflash.job import JobContext
+from qatflash.pipeline import run
+from qatflash.report import write_report
 from qatflash.report.figures import pareto_latency, pareto_mask, shipped_latency
 
 
@@ -47,7 +49,9 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
             )
             with open_dict(cfg):
                 cfg.pop("hydra", None)
-            bench(to_config(cfg), JobContext(folder=root / attention, choices={"attention": attention}))
+            run_benchmark(
+                to_config(cfg), JobContext(folder=root / attention, choices={"attention": attention})
+            )
     (root / "truncated").mkdir()
     (root / "truncated" / "results.json").write_text('{"schema": 1, "status": "ok", "metr')
     (root / "killed").mkdir()
@@ -80,6 +84,22 @@ def test_report_writes_every_output_and_lists_what_it_skipped(sweep: Path, tmp_p
     assert "shipped / FP32 latency (paired)" in markdown
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "<table" in html
+
+
+def test_a_results_json_from_before_the_task_section_reads_as_classification(
+    sweep: Path, tmp_path: Path
+) -> None:
+    """A point recorded by main before tasks were an axis (commit 9fca08a: no `task` section) is
+    read with classification's headline beside today's points, not skipped or left blank."""
+    before = Path(__file__).parent / "fixtures" / "results_before_task_section"
+    report = write_report([sweep, before], tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "results.csv").set_index("point")
+    old, new = table.loc[str(before)], table.loc[str(sweep / "quant=ptq_dynamic")]
+    assert pd.isna(old.get("task.headline")) and new["task.headline"] == "test/acc"
+    for row in (old, new):
+        assert row["headline"] == "test/acc" and row["headline_value"] == row["metrics.test/acc"]
+        assert row["headline_delta"] == row["metrics.test/acc_delta"] and row["higher_is_better"]
+    assert report.points == 7 and len(report.skipped) == 2  # the six of the sweep, and this one
 
 
 def test_report_logs_a_summary_run_to_offline_wandb(sweep: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from qatflash.config import AttentionConfig, ConfigError
+from qatflash import config
+from qatflash.config import HALF_PRECISIONS, PRECISIONS, AttentionConfig
+from qatflash.errors import ConfigError
 
 SDPA_KERNELS: dict[str, SDPBackend] = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    name: getattr(SDPBackend, member) for name, member in config.SDPA_KERNELS.items()
 }
 
 # transformers' class flag for each implementation that needs model support.
@@ -32,8 +32,6 @@ _SUPPORT_FLAGS = {
     "flash_attention_2": "_supports_flash_attn",
     "flash_attention_3": "_supports_flash_attn",
 }
-
-HALF_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
 @dataclass(frozen=True)
@@ -99,8 +97,7 @@ def check_padding_support(
 
 
 def _probe_tensor(precision: str, device: torch.device) -> torch.Tensor:
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
-    return torch.randn(1, 2, 8, 64, device=device, dtype=dtype)
+    return torch.randn(1, 2, 8, 64, device=device, dtype=getattr(torch, PRECISIONS[precision]))
 
 
 def _check_forced_kernel(
@@ -139,8 +136,9 @@ def _kernel_runs(
     grad: bool = False,
 ) -> bool:
     q = q.detach().requires_grad_(grad)
-    try:
-        with sdpa_kernel(kernel), torch.set_grad_enabled(grad):
+    try:  # torch warns why a kernel refuses a call: here a refusal is the answer, not news
+        with sdpa_kernel(kernel), torch.set_grad_enabled(grad), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=dropout)
             if grad:
                 out.sum().backward()

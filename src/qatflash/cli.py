@@ -1,10 +1,13 @@
-"""Entry points: `qatflash` (train, test, time; also `python -m qatflash`) and `qatflash-bench` (time only),
-two Hydra apps over the config groups in conf/."""
+"""Entry points: `qatflash` (train, test, time; also `python -m qatflash`), `qatflash-bench` (time only)
+and `qatflash-report`. Only Hydra and the schemas load at start-up: torch, transformers and the job
+code are imported when a job runs, so `--help` and the report start in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,15 +16,16 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from qatflash.bench.app import bench
-from qatflash.config import ConfigError, register_schema, to_config
-from qatflash.pipeline import JobContext, run
-from qatflash.report import log_to_wandb, write_report
-from qatflash.results import RunRecord, read_results, summary_figures
+from qatflash.config import register_schema, to_config
+from qatflash.errors import ConfigError, first_line
 
 log = logging.getLogger("qatflash")
+# Libraries that speak at import or start-up about things a run does not use: torchao (which
+# transformers imports wherever it is installed) about CUDA extension libraries it cannot load,
+# torch about its pytree registrations, Lightning about accelerators it found and its tips.
+_QUIET = ("torchao", "torch.utils._pytree", "lightning.pytorch.utilities.rank_zero", "lightning.fabric")
 
 
 def config_dir() -> str:
@@ -32,30 +36,16 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def job_context(cfg: DictConfig) -> JobContext:
-    hc = HydraConfig.get()
-    group = cfg.experiment_name
-    if hc.mode == RunMode.MULTIRUN:
-        group = f"{cfg.experiment_name}/{Path(hc.sweep.dir).name}"
-    return JobContext(
-        folder=Path(hc.runtime.output_dir),
-        choices={
-            k: str(v) for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra")
-        },
-        overrides=list(hc.overrides.task),
-        group=group,
-        resolved_config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-        sweep_dir=Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None,
-    )
-
-
-def _run_job(cfg: DictConfig, job: Callable[[Any, JobContext], dict[str, Any]]) -> dict[str, Any]:
+def _run_job(cfg: DictConfig, job: Callable[[Any, Any], dict[str, Any]]) -> dict[str, Any]:
     """One job, or one point of a sweep: skipped when already ok, recorded whatever happens.
 
     In a sweep a failed point raises an ordinary exception after recording it, which Hydra's
     launchers catch per job: the other points run, and the command exits non-zero at the end.
     A single run refuses bad input with one line and exit code 2.
     """
+    from qatflash.job import job_context
+    from qatflash.results import RunRecord, read_results
+
     context = job_context(cfg)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     done = read_results(context.folder)
@@ -68,8 +58,9 @@ def _run_job(cfg: DictConfig, job: Callable[[Any, JobContext], dict[str, Any]]) 
         try:
             config = to_config(cfg)
         except ConfigError:
-            params = {"overrides": context.overrides}
-            with RunRecord(context.folder, context.choices, params, context.config_hash):
+            with RunRecord(
+                context.folder, context.choices, {"overrides": context.overrides}, context.config_hash
+            ):
                 raise
         return job(config, context)
     except ConfigError as error:
@@ -81,30 +72,33 @@ def _run_job(cfg: DictConfig, job: Callable[[Any, JobContext], dict[str, Any]]) 
         raise SystemExit(2) from None
     except Exception as error:
         if sweeping:
-            log.error(
-                "point failed: %s (%s)", str(error).splitlines()[0] if str(error) else error, context.folder
-            )
+            log.error("point failed: %s (%s)", first_line(error, with_type=False), context.folder)
         raise
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def train(cfg: DictConfig) -> float | tuple[float, ...] | None:
+def train_app(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    from qatflash.pipeline import run
+
     results = _run_job(cfg, run)
-    metrics, latency = results["metrics"], (results["latency"] or [{}])[0]
+    headline = (results.get("task") or {}).get("headline", "test/acc")
+    latency = (results["latency"] or [{}])[0]
     log.info(
-        "test/acc=%.4f test/f1=%.4f latency p50=%s ms -> %s",
-        metrics.get("test/acc", float("nan")),
-        metrics.get("test/f1", float("nan")),
+        "%s=%.4f latency p50=%s ms -> %s",
+        headline,
+        results["metrics"].get(headline, float("nan")),
         f"{latency['p50_ms']:.2f}" if latency else "n/a",
         HydraConfig.get().runtime.output_dir,
     )
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    return objective(results, list(cfg.objective))
+    return objective(results, list(cfg.objective) if cfg.objective is not None else [headline])
 
 
 def objective(results: dict[str, Any], keys: list[str]) -> float | tuple[float, ...]:
     """The figures an optimising sweeper (hydra/sweeper=optuna) maximises or minimises."""
+    from qatflash.results import summary_figures
+
     figures = summary_figures(results)
     missing = [k for k in keys if not isinstance(figures.get(k), int | float)]
     if missing:
@@ -115,8 +109,10 @@ def objective(results: dict[str, Any], keys: list[str]) -> float | tuple[float, 
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
-def benchmark(cfg: DictConfig) -> None:
-    results = _run_job(cfg, bench)
+def bench_app(cfg: DictConfig) -> None:
+    from qatflash.bench.app import run_benchmark
+
+    results = _run_job(cfg, run_benchmark)
     for row in results["latency"]:
         figures = (
             f"p50 {row['p50_ms']:.2f} ms (rsd {100 * row['rel_stdev']:.1f}%), peak {row['peak_memory_bytes'] / 2**20:.0f} MiB"
@@ -145,6 +141,8 @@ def report_main(argv: list[str] | None = None) -> None:
     missing = [str(p) for p in args.sweeps if not p.exists()]
     if missing:
         parser.exit(2, f"qatflash-report: error: {missing} do not exist\n")
+    from qatflash.report import log_to_wandb, write_report
+
     report = write_report(args.sweeps, args.out or args.sweeps[0])
     if report.points == 0:
         parser.exit(
@@ -157,14 +155,27 @@ def report_main(argv: list[str] | None = None) -> None:
         print(f"W&B summary run: {log_to_wandb(report, args.wandb_project, args.wandb_mode)}")
 
 
-def main() -> None:
+def _start(app: Callable[[], Any]) -> None:
+    """Register the schemas, name sweep points by what they vary, quiet the libraries, run `app`."""
+    from qatflash.job import folder_name_exclusions
+
     register_schema()
-    train()
+    # Progress bars of datasets' loading and casting: noise in a job's log, and before a refusal.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    exclusions = folder_name_exclusions(sys.argv[1:])
+    if exclusions is not None:
+        sys.argv.append(exclusions)
+    app()
+
+
+def main() -> None:
+    _start(train_app)
 
 
 def bench_main() -> None:
-    register_schema()
-    benchmark()
+    _start(bench_app)
 
 
 if __name__ == "__main__":

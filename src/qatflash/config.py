@@ -1,32 +1,54 @@
 """Structured configs: the schema of every config group, checked before any work starts.
 
 Hydra checks types when it composes `conf/` against these dataclasses; `__post_init__` checks
-ranges and combinations when `to_config` turns the composed DictConfig into objects. Checks that
-need the device or a loaded model (attention kernels, position limits) live with the code that
-knows those facts (`attention.py`, `models.py`) and also run before training.
+ranges and combinations when `to_config` turns the composed DictConfig into objects. What a
+quantization API, timing backend or task accepts is checked by its registered class (looked up
+by name, imported only then); checks that need the device or a loaded model (attention kernels,
+position limits) live with the code that knows those facts (`attention.py`, `models.py`) and run
+before the first batch too. Each vocabulary (precisions, dtypes, kernel names, observers) is
+defined here once, by name, and the runtime maps torch objects onto these names. This module
+imports no torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """Bad input: a one-line message naming the value, why it is refused and what is allowed."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+from qatflash.errors import one_of as _one_of
+from qatflash.errors import require as _require
+from qatflash.quant import RECIPES
+from qatflash.tasks import TASKS
+from qatflash.timing import TIMING_BACKENDS
 
 
-def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+def _positive_or_null(name: str, value: float | None, null_means: str = "") -> None:
+    _require(value is None or value > 0, f"{name}={value} must be > 0 or null{null_means}")
+
+
+# Lightning's precisions, each with the dtype it computes in (autocast for the -mixed ones).
+PRECISIONS = {
+    "32-true": "float32",
+    "32": "float32",
+    "bf16-mixed": "bfloat16",
+    "16-mixed": "float16",
+    "bf16-true": "bfloat16",
+    "16-true": "float16",
+}
+HALF_PRECISIONS = tuple(p for p, dtype in PRECISIONS.items() if dtype != "float32")
+# The dtypes a benchmark runs a model in, and the precision each stands for in attention's checks.
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_PRECISIONS = {"float32": "32-true", "bfloat16": "bf16-true", "float16": "16-true"}
+# SDPA kernels a run may force, by name, with the member of torch.nn.attention.SDPBackend each is.
+SDPA_KERNELS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+    "cudnn": "CUDNN_ATTENTION",
+}
 
 
 @dataclass
@@ -95,6 +117,8 @@ class DataConfig:
     # or the synthetic task.
     path: str | None = None
     hub_id: str | None = None
+    # Which task's data this is (qatflash.tasks): a task refuses another's.
+    kind: str = "classification"
     hub_name: str | None = None
     # Our split name -> hub split spec (slicing allowed, e.g. "train[:90%]"). Local folders hold one
     # file per split, named train.*, validation.*, test.* (tsv, csv, json, jsonl or parquet).
@@ -133,8 +157,7 @@ class DataConfig:
         _one_of("data.eval_padding", self.eval_padding, EVAL_PADDING)
         _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         for name in ("train_subset", "validation_subset"):
-            value = getattr(self, name)
-            _require(value is None or value > 0, f"data.{name}={value} must be > 0 or null")
+            _positive_or_null(f"data.{name}", getattr(self, name))
         _require(
             self.num_labels is None or self.num_labels >= 2,
             f"data.num_labels={self.num_labels} must be >= 2 or null (inferred)",
@@ -143,9 +166,6 @@ class DataConfig:
             self.header or bool(self.column_names),
             "data.header=false needs data.column_names (the columns of the files, in order)",
         )
-
-
-SDPA_BACKENDS = ("flash", "efficient", "math", "cudnn")
 
 
 @dataclass
@@ -163,7 +183,7 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         if self.sdpa_backend is not None:
-            _one_of("attention.sdpa_backend", self.sdpa_backend, (None, *SDPA_BACKENDS))
+            _one_of("attention.sdpa_backend", self.sdpa_backend, (None, *SDPA_KERNELS))
             _require(
                 self.implementation == "sdpa",
                 f"attention.sdpa_backend={self.sdpa_backend} forces an SDPA kernel, but "
@@ -172,13 +192,18 @@ class AttentionConfig:
 
 
 QUANT_METHODS = ("none", "ptq_dynamic", "ptq_static", "qat")
-OBSERVERS = (
-    "minmax",
-    "moving_average_minmax",
-    "per_channel_minmax",
-    "moving_average_per_channel_minmax",
-    "histogram",
-)
+# torch.backends.quantized engines a recipe may convert for.
+QUANT_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+# torch.ao observers by name, with the class of torch.ao.quantization each is.
+OBSERVERS = {
+    "minmax": "MinMaxObserver",
+    "moving_average_minmax": "MovingAverageMinMaxObserver",
+    "per_channel_minmax": "PerChannelMinMaxObserver",
+    "moving_average_per_channel_minmax": "MovingAveragePerChannelMinMaxObserver",
+    "histogram": "HistogramObserver",
+}
+# Quantized dtypes and qschemes: the names of torch's own attributes.
+QUANT_DTYPES = ("quint8", "qint8")
 QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric")
 
 
@@ -194,8 +219,8 @@ class ObserverConfig:
     reduce_range: bool = False
 
     def __post_init__(self) -> None:
-        _one_of("quant observer", self.observer, OBSERVERS)
-        _one_of("quant dtype", self.dtype, ("quint8", "qint8"))
+        _one_of("quant observer", self.observer, tuple(OBSERVERS))
+        _one_of("quant dtype", self.dtype, QUANT_DTYPES)
         _one_of("quant qscheme", self.qscheme, QSCHEMES)
         _require(
             self.quant_min < self.quant_max,
@@ -224,34 +249,29 @@ INT_DTYPES = tuple(f"int{bits}" for bits in range(2, 9))
 
 @dataclass
 class TorchaoConfig:
-    """torchao fake quantization: int8 per-token asymmetric activations, intN symmetric weights."""
+    """torchao's own config classes, named from YAML (`_target_` and keyword arguments): what QAT
+    fake-quantizes (`activation`, `weight`) and what `quantize_` converts to (`convert`). The two
+    knobs below are what the recipes' YAML interpolates, so `quant.torchao.group_size=64` still
+    regroups a recipe's weights; dtype, granularity and mapping names are resolved in one place
+    (`qatflash.quant.torchao_recipe.resolve`)."""
 
     weight_dtype: str = "int8"
     # Weight scales per group of this many input channels; null = one per output channel.
     group_size: int | None = None
+    activation: dict[str, Any] | None = None
+    weight: dict[str, Any] | None = None
+    convert: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _one_of("quant.torchao.weight_dtype", self.weight_dtype, INT_DTYPES)
-        _require(
-            self.group_size is None or self.group_size > 0,
-            f"quant.torchao.group_size={self.group_size} must be > 0 or null (per channel)",
-        )
-
-
-# Which methods each API implements here.
-QUANT_APIS = {
-    "eager": ("ptq_dynamic", "ptq_static", "qat"),
-    "torchao": ("ptq_dynamic", "qat"),
-    "pt2e": ("ptq_static", "qat"),
-}
-# The quantized engines whose packed Linear weights have fbgemm's float-output INT8 kernel.
-FLOAT_OUTPUT_ENGINES = ("x86", "fbgemm")
+        _positive_or_null("quant.torchao.group_size", self.group_size, " (per channel)")
 
 
 @dataclass
 class QuantConfig:
     method: str = "none"
-    # eager: torch.ao eager mode; torchao: quantize_ with QATConfig; pt2e: torch.export + X86InductorQuantizer.
+    # A name of qatflash.quant.RECIPES (eager: torch.ao eager mode; torchao: quantize_ with its
+    # configs; pt2e: torch.export + X86InductorQuantizer), or a module:Class path of a Recipe.
     api: str = "eager"
     # torch.backends.quantized.engine for conversion and INT8 inference (eager).
     engine: str = "x86"
@@ -276,12 +296,10 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _one_of("quant.method", self.method, QUANT_METHODS)
-        _one_of("quant.api", self.api, tuple(QUANT_APIS))
-        _one_of("quant.engine", self.engine, ("x86", "fbgemm", "qnnpack", "onednn"))
+        RECIPES.check(self.api)
+        _one_of("quant.engine", self.engine, QUANT_ENGINES)
         _one_of("quant.embeddings", self.embeddings, ("float", "int8"))
         _one_of("quant.linear_output", self.linear_output, ("quantized", "float"))
-        if self.method != "none":
-            self._check_api()
         _require(
             self.calibration_batches > 0, f"quant.calibration_batches={self.calibration_batches} must be > 0"
         )
@@ -295,17 +313,12 @@ class QuantConfig:
             f"quant.fake_quant_start_step={self.fake_quant_start_step}",
         )
         _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
+        if self.method != "none":
+            self._check_eager_features()
+            RECIPES.load(self.api).check_config(self)
 
-    def _check_api(self) -> None:
-        _require(
-            self.method in QUANT_APIS[self.api],
-            f"quant.method={self.method} is not available with quant.api={self.api}; "
-            f"it offers {list(QUANT_APIS[self.api])}",
-        )
-        if self.api == "eager":
-            needs = ("weight",) if self.method == "ptq_dynamic" else ("activation", "weight")
-            missing = [f"quant.{name}" for name in needs if getattr(self, name) is None]
-            _require(not missing, f"quant.method={self.method} (api=eager) needs observers: {missing}")
+    def _check_eager_features(self) -> None:
+        """Fields only torch.ao eager QAT/PTQ implements: refused with any other API or method."""
         if self.attention_matmuls:
             _require(
                 self.api == "eager" and self.method == "qat",
@@ -318,29 +331,6 @@ class QuantConfig:
                 f"quant.linear_output=float needs quant.api=eager with method ptq_static or qat, not "
                 f"api={self.api} method={self.method} (ptq_dynamic's INT8 Linears already return float)",
             )
-            _require(
-                self.engine in FLOAT_OUTPUT_ENGINES,
-                f"quant.linear_output=float needs quant.engine in {list(FLOAT_OUTPUT_ENGINES)} (fbgemm's "
-                f"float-output kernel), not {self.engine}",
-            )
-        if self.api == "torchao":
-            _require(self.torchao is not None, "quant.api=torchao needs a quant.torchao section")
-            _require(
-                self.freeze_observers_step is None,
-                f"quant.freeze_observers_step={self.freeze_observers_step}: torchao fake quantization "
-                "computes its scales every step and has no observers to freeze; use null",
-            )
-        if self.api == "pt2e":
-            _require(
-                self.engine == "x86", f"quant.engine={self.engine}: quant.api=pt2e targets x86 (Inductor)"
-            )
-            _require(
-                self.embeddings == "float",
-                "quant.embeddings=int8: the x86 Inductor quantizer (quant.api=pt2e) keeps embeddings float",
-            )
-
-
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
 @dataclass
@@ -369,7 +359,7 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
 
     def __post_init__(self) -> None:
-        _one_of("trainer.precision", str(self.precision), PRECISIONS)
+        _one_of("trainer.precision", str(self.precision), tuple(PRECISIONS))
         _one_of("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda", "mps"))
         _require(
             self.max_epochs > 0 or self.max_steps > 0,
@@ -399,11 +389,10 @@ class LoggerConfig:
         _one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
-BENCH_BACKENDS = ("torch", "torch_compile", "onnxruntime")
-
-
 @dataclass
-class BenchmarkConfig:
+class TimingConfig:
+    """The `benchmark` group: how both apps time forwards."""
+
     enabled: bool = True
     batch_size: int = 1
     # Sequence length of the timed inputs; null = data.max_length.
@@ -415,13 +404,16 @@ class BenchmarkConfig:
     block_iters: int = 5
     # CPU threads during timing; null = leave torch's setting and record it.
     threads: int | None = None
-    # What runs the timed forwards: torch (eager), torch_compile, onnxruntime (optional extra).
+    # What runs the timed forwards: names of qatflash.timing.TIMING_BACKENDS (torch (eager),
+    # torch_compile, onnxruntime: an optional extra) or module:Class paths of a TimingBackend.
     backends: list[str] = field(default_factory=lambda: ["torch"])
 
     def __post_init__(self) -> None:
-        _require(bool(self.backends), "benchmark.backends is empty; allowed: " + ", ".join(BENCH_BACKENDS))
+        _require(
+            bool(self.backends), "benchmark.backends is empty; allowed: " + ", ".join(TIMING_BACKENDS.names())
+        )
         for backend in self.backends:
-            _one_of("benchmark.backends entry", backend, BENCH_BACKENDS)
+            TIMING_BACKENDS.check(backend)
         _require(
             len(set(self.backends)) == len(self.backends),
             f"benchmark.backends={list(self.backends)} repeats a backend",
@@ -435,11 +427,8 @@ class BenchmarkConfig:
         _require(self.threads is None or self.threads > 0, f"benchmark.threads={self.threads} must be > 0")
 
 
-BENCH_DTYPES = ("float32", "bfloat16", "float16")
-
-
 @dataclass
-class BenchSweepConfig:
+class BenchConfig:
     """What `qatflash-bench` times: every (seq_len, batch_size) of one model and attention, per `benchmark.backends`."""
 
     seq_lens: list[int] = field(default_factory=lambda: [128])
@@ -461,20 +450,28 @@ class BenchSweepConfig:
             bad = [v for v in getattr(self, name) if v <= 0]
             _require(not bad, f"bench.{name} holds {bad}; every value must be > 0")
         _one_of("bench.device", self.device, ("cpu", "cuda"))
-        _one_of("bench.dtype", self.dtype, BENCH_DTYPES)
-        _require(
-            self.max_memory_gb is None or self.max_memory_gb > 0,
-            f"bench.max_memory_gb={self.max_memory_gb} must be > 0 or null",
-        )
+        _one_of("bench.dtype", self.dtype, DTYPES)
+        _positive_or_null("bench.max_memory_gb", self.max_memory_gb)
+
+
+@dataclass
+class TaskConfig:
+    """What a job learns and is judged by: a name of qatflash.tasks.TASKS or a module:Class path."""
+
+    name: str = "classification"
+
+    def __post_init__(self) -> None:
+        TASKS.check(self.name)
 
 
 @dataclass
 class SharedRoot:
-    """The groups both apps read: a model, its attention, timing settings and experiment tracking."""
+    """The groups both apps read: a task, a model, its attention, timing settings and experiment tracking."""
 
+    task: TaskConfig = MISSING
     model: ModelConfig = MISSING
     attention: AttentionConfig = MISSING
-    benchmark: BenchmarkConfig = MISSING
+    benchmark: TimingConfig = MISSING
     logger: LoggerConfig = MISSING
     experiment_name: str = "default"
     # A sweep's folder under multirun/<experiment_name>/: the same command lands in the same folders,
@@ -496,8 +493,9 @@ class Config(SharedRoot):
     # Epoch-end checkpoints in <run>/checkpoints/ let a killed or failed job resume; kept after an ok run only if true.
     keep_checkpoints: bool = False
     # What the job returns to a sweeper that optimises (hydra/sweeper=optuna): metrics or summary keys,
-    # e.g. [test/acc] or [test/acc, latency/int8/torch/p50_ms] with directions [maximize, minimize].
-    objective: list[str] = field(default_factory=lambda: ["test/acc"])
+    # e.g. [test/acc] or [test/acc, latency/int8/torch/p50_ms] with directions [maximize, minimize];
+    # null = the task's headline figure.
+    objective: list[str] | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -506,43 +504,30 @@ class Config(SharedRoot):
             f"attention={self.attention.implementation} runs a fused kernel; use attention=eager",
         )
         spawned = self.trainer.strategy.startswith("ddp_spawn")
+        unpicklable = self.quant.method != "none" and RECIPES.load(self.quant.api).unpicklable
         _require(
-            not (spawned and self.quant.api == "pt2e" and self.quant.method != "none"),
+            not (spawned and unpicklable),
             f"trainer.strategy={self.trainer.strategy} sends the model to its workers by pickle, which "
-            f"quant.api=pt2e's exported graphs do not support; use quant.api=eager or torchao, or one device",
+            f"quant.api={self.quant.api}'s {unpicklable}; use another quant.api, or one device",
         )
+        TASKS.load(self.task.name).check_config(self)
 
 
 @dataclass
 class BenchAppConfig(SharedRoot):
     """The root of `qatflash-bench`: the shared groups and the sweep of points, no training."""
 
-    bench: BenchSweepConfig = field(default_factory=BenchSweepConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def register_schema() -> None:
-    """The schemas that `conf/config.yaml` (`schema`) and `conf/bench.yaml` (`bench_schema`) compose onto."""
+    """The schemas that `conf/config.yaml` (`schema`) and `conf/bench.yaml` (`bench_schema`) compose
+    onto, and the resolver that names sweep points' folders (`point_dir`)."""
+    from qatflash.job import point_dir
+
     ConfigStore.instance().store(name="schema", node=Config)
     ConfigStore.instance().store(name="bench_schema", node=BenchAppConfig)
     OmegaConf.register_new_resolver("point_dir", point_dir, replace=True)
-
-
-# Most file systems refuse names longer than 255 bytes; keep well below, with room for a digest.
-_MAX_POINT_DIR = 200
-
-
-def point_dir(overrides: str) -> str:
-    """A sweep point's folder name: its overrides, readable and the same for the same command.
-
-    A point with no overrides gets `base`; one whose overrides would exceed a file name's limit
-    keeps their readable start and a digest of all of them, so distinct points never collide.
-    """
-    if not overrides:
-        return "base"
-    if len(overrides.encode()) <= _MAX_POINT_DIR:
-        return overrides
-    digest = hashlib.sha256(overrides.encode()).hexdigest()[:12]
-    return f"{overrides.encode()[: _MAX_POINT_DIR - 13].decode(errors='ignore')}-{digest}"
 
 
 def to_config(cfg: DictConfig) -> Any:

@@ -2,7 +2,7 @@
 
 FP32, dynamic-PTQ and static-PTQ points differ only after training, so training the same model on
 the same data three times is pure overhead. The fine-tuned weights are keyed by the config sections
-that decide them (model, data, attention, trainer, seed) and kept beside the sweep's points, in
+that decide them (task, model, data, attention, trainer, seed) and kept beside the sweep's points, in
 `<sweep>/.fp32_models/<key>/`: the first point trains and saves, the others load. Only sweeps share
 (a single run always trains), and QAT points train their own model (fake quantization changes the
 training itself).
@@ -25,7 +25,7 @@ from qatflash.results import write_json_atomic
 from qatflash.storage import load_tensors, save_atomic
 
 # The sections of the resolved config that decide the fine-tuned weights.
-KEY_SECTIONS = ("model", "data", "attention", "trainer", "seed")
+KEY_SECTIONS = ("task", "model", "data", "attention", "trainer", "seed")
 CACHE_FOLDER = ".fp32_models"
 
 

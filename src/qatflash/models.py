@@ -22,10 +22,11 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from qatflash.attention import TrainingCall, check_model_supports
-from qatflash.config import AttentionConfig, ConfigError, ModelConfig
+from qatflash.config import AttentionConfig, ModelConfig
+from qatflash.errors import ConfigError
 
 PKG_SCHEME = "pkg://"
 # Which pip extra ships a package that a model config points into.
@@ -120,32 +121,62 @@ def training_call(hf_config: PretrainedConfig) -> TrainingCall:
     return TrainingCall("attention dropout (none in its config)", 0.0)
 
 
-def sequence_classifier_class(hf_config: PretrainedConfig) -> type:
-    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(hf_config), None)
-    if model_class is None:
-        raise ConfigError(f"model type '{hf_config.model_type}' has no sequence-classification head")
-    return model_class
+# The Auto class of a task's head; classification's unless a task says otherwise.
+AutoModel = type[_BaseAutoModelClass]
 
 
-def build_model(cfg: ModelConfig, attention: AttentionConfig, hf_config: PretrainedConfig) -> PreTrainedModel:
-    """The sequence classifier with the chosen attention implementation, refused early if unsupported."""
-    check_model_supports(attention, sequence_classifier_class(hf_config))
+def model_class(hf_config: PretrainedConfig, auto: AutoModel = AutoModelForSequenceClassification) -> type:
+    """The class `auto` builds for this config, refused in one line when the model type has no such head."""
+    found = auto._model_mapping.get(type(hf_config), None)
+    if found is None:
+        head = auto.__name__.removeprefix("AutoModelFor")
+        raise ConfigError(f"model type '{hf_config.model_type}' has no {head} head")
+    return found
+
+
+def build_model(
+    cfg: ModelConfig,
+    attention: AttentionConfig,
+    hf_config: PretrainedConfig,
+    auto: AutoModel = AutoModelForSequenceClassification,
+) -> PreTrainedModel:
+    """The model with the chosen attention implementation, refused early if its class lacks it."""
+    check_model_supports(attention, model_class(hf_config, auto))
     if cfg.name_or_path is not None:
-        return AutoModelForSequenceClassification.from_pretrained(
+        return auto.from_pretrained(
             resolve_name_or_path(cfg.name_or_path),
             config=hf_config,
             attn_implementation=attention.implementation,
         )
-    return build_model_from_config(hf_config, attention)
+    return build_model_from_config(hf_config, attention, auto)
 
 
-def build_model_from_config(hf_config: PretrainedConfig, attention: AttentionConfig) -> PreTrainedModel:
+def build_model_from_config(
+    hf_config: PretrainedConfig,
+    attention: AttentionConfig,
+    auto: AutoModel = AutoModelForSequenceClassification,
+) -> PreTrainedModel:
     """Random weights in the model's shape: a from-scratch model, or a skeleton to load a state_dict into."""
-    return AutoModelForSequenceClassification.from_config(
-        hf_config, attn_implementation=attention.implementation
-    )
+    return auto.from_config(hf_config, attn_implementation=attention.implementation)
 
 
 def max_positions(hf_config: PretrainedConfig) -> int | None:
     """The longest sequence the model's position embeddings allow (None: no fixed limit)."""
     return getattr(hf_config, "max_position_embeddings", None)
+
+
+def check_positions(hf_config: PretrainedConfig, name: str, lengths: int | list[int]) -> None:
+    """Refuse sequence lengths beyond the model's position embeddings, naming the key that asked."""
+    limit = max_positions(hf_config)
+    if limit is None:
+        return
+    if isinstance(lengths, int):
+        if lengths > limit:
+            raise ConfigError(f"{name}={lengths} exceeds the model's position limit {limit}; use <= {limit}")
+        return
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise ConfigError(
+            f"{name} holds {too_long}, beyond the model's position limit {limit}; "
+            "use a model with larger max_position_embeddings (e.g. model=bert_long)"
+        )

@@ -1,103 +1,135 @@
-"""One job of a sweep, top to bottom: checks, data, model, fit, test, latency, record.
+"""One `qatflash` job as named stages, top to bottom:
 
-Everything that can refuse the job (config ranges, attention on this device, sequence length
-against the model's positions) runs before the first training batch.
+    preflight -> data -> model -> fit (or the sweep's shared FP32 fine-tune) -> ship -> evaluate -> time -> record
+
+Each stage returns a frozen result that the next ones read; nothing is swapped inside a shared
+object. Every refusal that needs no data runs in preflight, before the tracker starts; those that
+need the data (the QAT schedule against the fit's steps, a kernel against padding, lengths against
+the model's positions) run as soon as it is indexed, before the first batch. The task (classification
+today) supplies what is particular to it; quantization APIs and timing backends are looked up by name.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from transformers import PretrainedConfig
 
-from qatflash.attention import check_attention, check_padding_support
-from qatflash.bench import Contender, measure_side_by_side
-from qatflash.bench.onnx import (
-    ORT_INT8_METHOD,
-    ORT_INT8_SETTINGS,
-    OrtModel,
-    check_onnxruntime,
-    export_onnx,
-    quantize_onnx,
-    weight_matmul_coverage,
-)
-from qatflash.bench.saved_run import MODEL_CONFIG_FILE
-from qatflash.callbacks import FitStart, RngState
-from qatflash.config import Config, ConfigError, QuantConfig
-from qatflash.data import TextClassificationData
+from qatflash.attention import TrainingCall, check_attention, check_padding_support
+from qatflash.callbacks import FitStart
+from qatflash.config import PRECISIONS, Config
 from qatflash.finetune_cache import FinetuneCache
 from qatflash.fit_plan import FitPlan
+from qatflash.job import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    JobContext,
+    checkpointing,
+    environment,
+    open_job,
+    resolve_device,
+    resumable,
+)
 from qatflash.models import (
     build_model,
     build_model_from_config,
+    check_positions,
     declared_config,
-    load_tokenizer,
     max_positions,
-    model_config,
     training_call,
 )
-from qatflash.module import SequenceClassifier
-from qatflash.quant import QuantizationAwareTraining, Recipe, make_recipe
-from qatflash.quant.artifact import serialized_bytes
-from qatflash.results import RunRecord, environment, summary_figures
+from qatflash.quant import make_recipe
+from qatflash.quant.callback import QuantizationAwareTraining
+from qatflash.quant.recipe import Recipe
+from qatflash.quant.ship import Shipped, saved, ship
+from qatflash.results import MODEL_CONFIG_FILE, RunRecord, summary_figures
 from qatflash.storage import SafeCheckpointIO
-from qatflash.tracking import Tracker
+from qatflash.tasks import TASKS
+from qatflash.tasks.task import Task
+from qatflash.timing import TIMING_BACKENDS
+from qatflash.timing.backends import BackendModels, JobTiming, TimingBackend
+from qatflash.timing.latency import Contender, measure_side_by_side
 
 log = logging.getLogger(__name__)
 
-# Where results go, whether a finished point is redone or its training shared, what a sweeper reads:
-# none of them changes a figure.
-_NOT_RESULT_KEYS = ("logger", "force", "sweep_name", "reuse_fp32", "keep_checkpoints", "objective")
-_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.ckpt"
+
+@dataclass(frozen=True)
+class Checked:
+    """What preflight established: the device, the recipe and QAT schedule, the timing backends."""
+
+    task: Task
+    device: torch.device
+    training: TrainingCall
+    recipe: Recipe | None
+    qat: QuantizationAwareTraining | None
+    backends: dict[str, TimingBackend]
 
 
-@dataclass
-class JobContext:
-    """Where a job writes and how it names itself; filled from Hydra by the CLI."""
-
-    folder: Path
-    choices: dict[str, str]
-    overrides: list[str] = field(default_factory=list)
-    group: str = "default"
-    resolved_config: dict[str, Any] = field(default_factory=dict)
-    # The sweep's folder when the job is one point of a multirun: what its points may share.
-    sweep_dir: Path | None = None
-
-    @property
-    def config_hash(self) -> str:
-        """What the job computes: its resolved config, less the keys that cannot change a result."""
-        relevant = {k: v for k, v in self.resolved_config.items() if k not in _NOT_RESULT_KEYS}
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Data:
+    module: L.LightningDataModule
+    plan: FitPlan
 
 
-def resolve_device(accelerator: str) -> torch.device:
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"trainer.accelerator={accelerator} but no CUDA device is visible; use cpu or auto"
-            )
-        return torch.device("cuda")
-    return torch.device(accelerator if accelerator == "mps" else "cpu")
+@dataclass(frozen=True)
+class Built:
+    hf_config: PretrainedConfig
+    model: nn.Module
 
 
-def run_name(cfg: Config, choices: dict[str, str]) -> str:
-    parts = [choices.get(g, "?") for g in ("model", "data", "quant", "attention")]
-    if cfg.attention.sdpa_backend:
-        parts[-1] += f"-{cfg.attention.sdpa_backend}"
-    return "-".join([*parts, f"L{cfg.data.max_length}", f"s{cfg.seed}"])
+@dataclass(frozen=True)
+class Fitted:
+    """The trained model (QAT: prepared and trained), QAT's FP32 twin, and what the fit measured."""
+
+    model: nn.Module
+    twin: nn.Module | None
+    val_metrics: dict[str, float]
+    record: dict[str, Any]  # results.json's sections this stage fills (model, resumed_from)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    metrics: dict[str, float]
+    backends: list[BackendModels]
+    seconds: float
+
+
+def run(cfg: Config, job: JobContext) -> dict[str, Any]:
+    """Run one job and return its results; raises (after recording `failed`) when any stage fails."""
+    task = TASKS.load(cfg.task.name)(cfg)
+    params = job_params(cfg, job.overrides)
+    with open_job(job, cfg.logger, cfg.seed, params) as opened:
+        checked = preflight(cfg, task)
+        opened.record.update("env", environment(checked.device))
+        trainer = _trainer(cfg, job, checked)
+        data = load_data(cfg, checked, trainer)
+        built = build(cfg, checked, data, job)
+        # Tracking starts once every refusal has passed: a refused job prints its one line only.
+        forced = [cfg.attention.sdpa_backend] if cfg.attention.sdpa_backend else []
+        name = job.run_name(*forced, f"L{cfg.data.max_length}", f"s{cfg.seed}")
+        tracker = opened.track(name, "train", _tracked_config(cfg, job, params))
+        trainer.logger = tracker.logger
+        fitted = fit(cfg, job, opened.record.previous, checked, trainer, data, built)
+        shipped = ship_stage(cfg, checked, data, built, fitted, job)
+        evaluated = evaluate(cfg, checked, trainer, data, fitted, shipped, job)
+        started = time.perf_counter()
+        latency = time_models(cfg, checked, data, built, shipped, evaluated) if cfg.benchmark.enabled else []
+        bench_s = round(time.perf_counter() - started, 3) if cfg.benchmark.enabled else None
+        record_results(opened.record, task, data, built, fitted, shipped, evaluated, latency, bench_s)
+        tracker.summarize(summary_figures(opened.record.data))
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(job.folder / CHECKPOINT_DIR, ignore_errors=True)
+    return opened.record.data
 
 
 def job_params(cfg: Config, overrides: list[str]) -> dict[str, Any]:
@@ -117,169 +149,190 @@ def job_params(cfg: Config, overrides: list[str]) -> dict[str, Any]:
     }
 
 
-def run(cfg: Config, job: JobContext) -> dict[str, Any]:
-    """Run one job and return its results; raises (after recording `failed`) when any step fails."""
-    params = job_params(cfg, job.overrides)
-    wandb_config = {**job.choices, **params, "experiment": cfg.experiment_name, "config": job.resolved_config}
-    record = RunRecord(job.folder, job.choices, params, job.config_hash)
-    tracker_args = (run_name(cfg, job.choices), job.group, "train", wandb_config)
-    with record, Tracker(cfg.logger, job.folder, *tracker_args) as tracker:
-        record.data["warnings"] = tracker.warnings  # the same list: warnings at finish land too
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        device = resolve_device(cfg.trainer.accelerator)
-        record.update("env", environment(device))
-        precision = str(cfg.trainer.precision)
-        training = training_call(declared_config(cfg.model))
-        check_attention(cfg.attention, precision, device, training)
-        if cfg.benchmark.enabled and "onnxruntime" in cfg.benchmark.backends:
-            check_onnxruntime()
-        recipe = make_recipe(cfg.quant) if cfg.quant.method != "none" else None
-        qat = None
-        if recipe is not None and cfg.quant.method == "qat":
-            qat = QuantizationAwareTraining(
-                recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step
-            )
-        fit_start = FitStart()
-        trainer = L.Trainer(
-            **asdict(cfg.trainer),
-            logger=tracker.lightning_logger,
-            default_root_dir=str(job.folder),
-            callbacks=[*([qat] if qat is not None else []), *_checkpointing(job.folder), fit_start],
-            plugins=[SafeCheckpointIO()],
-        )
-
-        data = TextClassificationData(cfg.data, partial(load_tokenizer, cfg.model), cfg.seed)
-        plan = FitPlan.of(trainer, data.train_size, cfg.data.batch_size)
-        record.update("params", {"optimizer_steps": plan.steps})
-        if qat is not None:
-            qat.check_schedule(plan)  # counted from the indexed data, before tokenizing or building
-        data.setup()
-        check_padding_support(cfg.attention, precision, device, data.pads_batches, training)
-        hf_config = model_config(cfg.model, data.num_labels, vocab_size=len(data.tokenizer))
-        bench_len = cfg.benchmark.seq_len or cfg.data.max_length
-        _check_length(hf_config, ("data.max_length", cfg.data.max_length), ("benchmark.seq_len", bench_len))
-        model = build_model(cfg.model, cfg.attention, hf_config)
-        hf_config.to_json_file(job.folder / MODEL_CONFIG_FILE)  # rebuilds the artifact's skeleton later
-        module = SequenceClassifier(model, cfg.model.optim, data.num_labels, cfg.attention.sdpa_backend)
-        record.update(
-            "model", {"parameters": sum(p.numel() for p in model.parameters()), "num_labels": data.num_labels}
-        )
-        float_model = None
-        if recipe is not None:
-            recipe.select_targets(model)  # patterns that match nothing are refused now, not after training
-        if qat is not None:
-            float_model = copy.deepcopy(model)  # the FP32 twin (not fine-tuned): for size and latency only
-            # Prepared now, not only in the callback's setup: a spawned (DDP) fit hands its trained
-            # weights back by loading them, non-strictly, into this process's modules.
-            qat.prepare(module)
-        shared = cfg.reuse_fp32 and qat is None and job.sweep_dir is not None
-        cache = FinetuneCache(job.sweep_dir, cfg) if shared else None
-        started = time.perf_counter()
-        metrics = cache.load(module.model) if cache is not None else None
-        if metrics is None:
-            resume = _resumable(job.folder, record.previous, job.config_hash, cfg.force)
-            if resume is not None:
-                record.data["resumed_from"] = {
-                    "checkpoint": LAST_CHECKPOINT,
-                    "attempt": record.previous["attempt"],
-                }
-                log.info("resuming attempt %d from %s", record.previous["attempt"], resume)
-            trainer.fit(module, datamodule=data, ckpt_path=resume)
-            if resume is not None:
-                record.data["resumed_from"]["global_step"] = fit_start.step  # None after a spawned fit
-            metrics = _val_metrics(trainer)
-            if not metrics:  # resumed from the final epoch's checkpoint: nothing left to train
-                trainer.validate(module, datamodule=data, verbose=False)
-                metrics = _val_metrics(trainer)
-            if cache is not None:
-                cache.save(module.model, metrics)
-        elif cache is not None:
-            record.update("model", {"fp32_reused_from": str(cache.path)})
-        record.update("timing", {"fit_s": round(time.perf_counter() - started, 3)})
-        started = time.perf_counter()
-        tested = _test(_single_process(trainer, cfg), module, data)
-        record.update("timing", {"test_s": round(time.perf_counter() - started, 3)})
-
-        int8, prepared = None, None
-        if recipe is None:
-            metrics.update(tested)
-            float_model = module.model
-        else:
-            metrics.update(_suffixed(tested, "fakequant" if qat else "fp32"))
-            float_model = float_model or module.model  # PTQ quantizes a copy; this one stays FP32
-            if qat is not None:
-                # After a spawned fit the callback converted in a worker process: convert here.
-                prepared = module.model
-                int8 = qat.int8_model if qat.int8_model is not None else qat.to_int8(prepared)
-            else:
-                prepared = _calibrated(recipe, module.model, data, cfg.quant)
-                int8 = recipe.convert(copy.deepcopy(prepared))
-            skeleton = partial(build_model_from_config, hf_config, cfg.attention)
-            metrics.update(_record_int8(record, job.folder, recipe, int8, float_model, skeleton, data))
-            module.model = int8
-            metrics.update(_int8_metrics(_test(_cpu_trainer(), module, data), metrics))
-        onnx: dict[str, torch.nn.Module] = {}
-        if cfg.benchmark.enabled and "onnxruntime" in cfg.benchmark.backends:
-            onnx = _onnxruntime_models(
-                record, job.folder, float_model, (recipe, prepared), data, cfg.benchmark.threads
-            )
-            for variant, session in onnx.items():
-                if qat is not None and variant != "int8_qdq":
-                    continue  # QAT's FP32 twin is the model before fine-tuning: timed, never tested
-                module.model = session
-                metrics.update(_suffixed(_test(_cpu_trainer(), module, data), f"ort_{variant}"))
-        record.update("metrics", metrics)
-
-        if cfg.benchmark.enabled:
-            started = time.perf_counter()
-            timed_models = _timed_models(cfg, recipe, float_model, int8, onnx, device, data.num_labels)
-            rows = latency_rows(cfg, timed_models, bench_len, hf_config.vocab_size)
-            record.update("latency", rows)
-            record.update("timing", {"bench_s": round(time.perf_counter() - started, 3)})
-        tracker.summarize(summary_figures(record.data))
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(job.folder / CHECKPOINT_DIR, ignore_errors=True)
-    return record.data
+def _tracked_config(cfg: Config, job: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+    """The tracker's run config: the flat choices and params (for W&B's panels) beside the whole config."""
+    return {**job.choices, **params, "experiment": cfg.experiment_name, "config": job.resolved_config}
 
 
-def _checkpointing(folder: Path) -> list[L.Callback]:
-    """Epoch-end `checkpoints/last.ckpt` with the RNG states: what a killed job resumes from.
-
-    Epoch ends, because Lightning resumes a plain DataLoader mid-epoch only approximately (it
-    restarts the epoch's batches); from an epoch end the resumed run is the uninterrupted one.
-    """
-    # One file, replaced every epoch (Lightning writes `save_last` copies only beside a top-k file).
-    last = ModelCheckpoint(
-        dirpath=folder / CHECKPOINT_DIR, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
+def preflight(cfg: Config, task: Task) -> Checked:
+    """Every refusal that needs no data: device, attention as training will call it, the timing
+    backends' extras, the quantization engine. Nothing is loaded and no tracker has started."""
+    device = resolve_device(cfg.trainer.accelerator)
+    training = training_call(declared_config(cfg.model))
+    check_attention(cfg.attention, str(cfg.trainer.precision), device, training)
+    backends = (
+        {name: TIMING_BACKENDS.create(name) for name in cfg.benchmark.backends}
+        if cfg.benchmark.enabled
+        else {}
     )
-    return [last, RngState()]
+    for backend in backends.values():
+        backend.check()
+    recipe = make_recipe(cfg.quant) if cfg.quant.method != "none" else None
+    qat = None
+    if recipe is not None and cfg.quant.method == "qat":
+        qat = QuantizationAwareTraining(
+            recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step
+        )
+    return Checked(task, device, training, recipe, qat, backends)
 
 
-def _resumable(folder: Path, previous: dict[str, Any] | None, config_hash: str, force: bool) -> str | None:
-    """The checkpoint of an earlier, unfinished attempt of this same job in this folder, if any.
+def _trainer(cfg: Config, job: JobContext, checked: Checked) -> L.Trainer:
+    """The fit's Trainer; its logger is attached when tracking starts."""
+    callbacks = [*([checked.qat] if checked.qat else []), *checkpointing(job.folder), FitStart()]
+    return L.Trainer(
+        **asdict(cfg.trainer),
+        logger=False,
+        default_root_dir=str(job.folder),
+        callbacks=callbacks,
+        plugins=[SafeCheckpointIO()],
+    )
 
-    An ok attempt is redone from scratch, and so is one of another config (its checkpoint is
-    overwritten); force=true always starts over.
-    """
-    checkpoint = folder / LAST_CHECKPOINT
-    unfinished = previous is not None and previous.get("status") != "ok"
-    same_job = previous is not None and previous.get("config_hash") == config_hash
-    return str(checkpoint) if unfinished and same_job and not force and checkpoint.is_file() else None
+
+def load_data(cfg: Config, checked: Checked, trainer: L.Trainer) -> Data:
+    """Index the data, check the QAT schedule against the fit's steps, then tokenize."""
+    data = checked.task.data_module()
+    plan = FitPlan.of(trainer, data.train_size, cfg.data.batch_size)
+    if checked.qat is not None:
+        checked.qat.check_schedule(plan)  # counted from the indexed rows, before tokenizing
+    data.setup()
+    check_padding_support(
+        cfg.attention, str(cfg.trainer.precision), checked.device, data.pads_batches, checked.training
+    )
+    return Data(data, plan)
+
+
+def build(cfg: Config, checked: Checked, data: Data, job: JobContext) -> Built:
+    """The model in the task's head, its lengths checked against its positions, its targets selected."""
+    hf_config = checked.task.model_config(data.module)
+    check_positions(hf_config, "data.max_length", cfg.data.max_length)
+    check_positions(hf_config, "benchmark.seq_len", cfg.benchmark.seq_len or cfg.data.max_length)
+    model = build_model(cfg.model, cfg.attention, hf_config, checked.task.auto_model)
+    hf_config.to_json_file(job.folder / MODEL_CONFIG_FILE)  # rebuilds the artifact's skeleton later
+    if checked.recipe is not None:
+        checked.recipe.select_targets(
+            model
+        )  # patterns that match nothing are refused now, not after training
+    return Built(hf_config, model)
+
+
+def fit(
+    cfg: Config,
+    job: JobContext,
+    previous: dict[str, Any] | None,
+    checked: Checked,
+    trainer: L.Trainer,
+    data: Data,
+    built: Built,
+) -> Fitted:
+    """Train the built model (the fit owns it from here), resuming an unfinished attempt, or load the
+    sweep's shared FP32 fine-tune. QAT keeps the FP32 twin of the model before training."""
+    started = time.perf_counter()
+    twin = copy.deepcopy(built.model) if checked.qat is not None else None
+    module = checked.task.lightning_module(built.model, data.module)
+    if checked.qat is not None:
+        # Prepared now, not only in the callback's setup: a spawned (DDP) fit hands its trained
+        # weights back by loading them, non-strictly, into this process's modules.
+        checked.qat.prepare(module)
+    shared = cfg.reuse_fp32 and checked.qat is None and job.sweep_dir is not None
+    cache = FinetuneCache(job.sweep_dir, cfg) if shared else None
+    metrics = cache.load(module.model) if cache is not None else None
+    record: dict[str, Any] = {"model": {}, "resumed_from": None}
+    if metrics is not None:
+        record["model"]["fp32_reused_from"] = str(cache.path)
+    else:
+        metrics, record["resumed_from"] = _train(cfg, job, previous, trainer, module, data)
+        if cache is not None:
+            cache.save(module.model, metrics)
+    return Fitted(module.model, twin, metrics, record, round(time.perf_counter() - started, 3))
+
+
+def _train(
+    cfg: Config,
+    job: JobContext,
+    previous: dict[str, Any] | None,
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    data: Data,
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Lightning's fit, from the epoch-end checkpoint of an unfinished attempt where there is one."""
+    resume = resumable(job.folder, previous, job.config_hash, cfg.force)
+    if resume is not None:
+        log.info("resuming attempt %d from %s", previous["attempt"], resume)
+    trainer.fit(module, datamodule=data.module, ckpt_path=resume)
+    metrics = _val_metrics(trainer)
+    if not metrics:  # resumed from the final epoch's checkpoint: nothing left to train
+        trainer.validate(module, datamodule=data.module, verbose=False)
+        metrics = _val_metrics(trainer)
+    if resume is None:
+        return metrics, None
+    start = next(c for c in trainer.callbacks if isinstance(c, FitStart))
+    # The step training took up from (None after a spawned fit: its callbacks ran in the workers).
+    return metrics, {"checkpoint": LAST_CHECKPOINT, "attempt": previous["attempt"], "global_step": start.step}
 
 
 def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
-def _test(trainer: L.Trainer, module: SequenceClassifier, data: TextClassificationData) -> dict[str, float]:
-    return {k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()}
+def ship_stage(
+    cfg: Config, checked: Checked, data: Data, built: Built, fitted: Fitted, job: JobContext
+) -> Shipped:
+    """The FP32 model, or its INT8 form saved as the run's artifact and proven to reload."""
+    if checked.recipe is None:
+        return Shipped(fitted.model, True)
+    batches = partial(_calibration_batches, data, cfg.quant.calibration_batches)
+    shipped = ship(checked.recipe, fitted.model, checked.qat, fitted.twin, batches)
+    skeleton = partial(build_model_from_config, built.hf_config, cfg.attention, checked.task.auto_model)
+    return saved(shipped, job.folder, skeleton, checked.task.example_inputs(data.module))
 
 
-def _int8_metrics(tested: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    """The INT8 model is what ships: its figures are test/*, also kept as test/*_int8, with the delta to FP32."""
+def _calibration_batches(data: Data, count: int) -> list[dict[str, torch.Tensor]]:
+    batches = zip(range(count), data.module.train_dataloader(), strict=False)
+    return [{k: v for k, v in batch.items() if k != "labels"} for _, batch in batches]
+
+
+def evaluate(
+    cfg: Config,
+    checked: Checked,
+    trainer: L.Trainer,
+    data: Data,
+    fitted: Fitted,
+    shipped: Shipped,
+    job: JobContext,
+) -> Evaluated:
+    """Test what the job trained (FP32, or QAT's fake-quant model), the INT8 model it ships, and the
+    models a timing backend makes of them (ONNX Runtime's), on the task's test split."""
+    started = time.perf_counter()
+    tested = _test(_single_process(trainer, cfg), checked.task, fitted.model, data)
+    seconds = round(time.perf_counter() - started, 3)
+    metrics = {**fitted.val_metrics, **shipped.metrics}
+    if shipped.int8 is None:
+        metrics.update(tested)
+    else:
+        metrics.update(_suffixed(tested, "fakequant" if checked.qat else "fp32"))
+        int8 = _test(_cpu_trainer(), checked.task, shipped.int8, data)
+        metrics.update(_int8_metrics(int8, metrics, checked.task.headline))
+    timing = _job_timing(cfg, checked, data, shipped, job)
+    backends = [backend.job_models(timing) for backend in checked.backends.values()]
+    for backend in backends:
+        for key, suffix in backend.tested.items():
+            metrics.update(
+                _suffixed(_test(_cpu_trainer(), checked.task, backend.timed[key].model, data), suffix)
+            )
+    return Evaluated(metrics, backends, seconds)
+
+
+def _test(trainer: L.Trainer, task: Task, model: nn.Module, data: Data) -> dict[str, float]:
+    tested = trainer.test(task.lightning_module(model, data.module), datamodule=data.module, verbose=False)
+    return {k: float(v) for k, v in tested[0].items()}
+
+
+def _int8_metrics(tested: dict[str, float], before: dict[str, float], headline: str) -> dict[str, float]:
+    """The INT8 model is what ships: its figures are test/*, also kept as test/*_int8, with the delta
+    of the headline figure to FP32's (PTQ; QAT has no FP32 test of its own)."""
     metrics = {**tested, **_suffixed(tested, "int8")}
-    if "test/acc_fp32" in before:
-        metrics["test/acc_delta"] = tested["test/acc"] - before["test/acc_fp32"]
+    if f"{headline}_fp32" in before:
+        metrics[f"{headline}_delta"] = tested[headline] - before[f"{headline}_fp32"]
     return metrics
 
 
@@ -305,68 +358,53 @@ def _cpu_trainer() -> L.Trainer:
     )
 
 
-def _calibrated(
-    recipe: Recipe, model: torch.nn.Module, data: TextClassificationData, cfg: QuantConfig
-) -> torch.nn.Module:
-    """A prepared copy of the fine-tuned model, its observers fed calibration batches (static PTQ)."""
-    model = recipe.prepare(copy.deepcopy(model).cpu().train())
-    if cfg.method == "ptq_static":
-        model.eval()
-        with torch.inference_mode():
-            for _, batch in zip(range(cfg.calibration_batches), data.train_dataloader(), strict=False):
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-    return model
-
-
-def _record_int8(
-    record: RunRecord,
-    folder: Path,
-    recipe: Recipe,
-    int8: torch.nn.Module,
-    float_model: torch.nn.Module,
-    skeleton: Any,
-    data: TextClassificationData,
-) -> dict[str, float]:
-    """Save the INT8 artifact, prove it reloads to identical logits, record sizes; returns metrics."""
-    path = folder / recipe.artifact_name
-    int8_bytes = recipe.save(int8, path)
-    reloaded = recipe.load(path, skeleton)
-    batch = {k: v for k, v in next(iter(data.test_dataloader())).items() if k != "labels"}
-    int8.eval()  # not chained: exported graphs' eval() returns None
-    with torch.inference_mode():
-        if not torch.equal(int8(**batch).logits, reloaded(**batch).logits):
-            raise RuntimeError(f"the INT8 artifact {path} does not reproduce the model's logits")
-    fp32_bytes = serialized_bytes(float_model)
-    record.update(
-        "model",
-        {
-            "int8_artifact": path.name,
-            "int8_bytes": int8_bytes,
-            "fp32_bytes": fp32_bytes,
-            "quantized_modules": recipe.count_quantized(int8),
-        },
+def _job_timing(cfg: Config, checked: Checked, data: Data, shipped: Shipped, job: JobContext) -> JobTiming:
+    precision = str(cfg.trainer.precision)
+    autocast = getattr(torch, PRECISIONS[precision]) if precision.endswith("-mixed") else None
+    return JobTiming(
+        shipped=shipped,
+        device=checked.device,
+        precision=precision,
+        autocast=autocast,
+        folder=job.folder,
+        example=checked.task.example_inputs(data.module),
+        max_len=max_positions(shipped.fp32.config),
+        threads=cfg.benchmark.threads or torch.get_num_threads(),
     )
-    return {"model/size_ratio": int8_bytes / fp32_bytes}
+
+
+def time_models(
+    cfg: Config, checked: Checked, data: Data, built: Built, shipped: Shipped, evaluated: Evaluated
+) -> list[dict[str, Any]]:
+    """Every backend's models timed side by side in rounds, each inside the task's LightningModule
+    (the forward testing ran, with any forced SDPA kernel); one latency row each."""
+    timed = {
+        key: Contender(
+            checked.task.lightning_module(c.model, data.module).to(c.device),
+            c.device,
+            c.autocast_dtype,
+            c.precision,
+        )
+        for backend in evaluated.backends
+        for key, c in backend.timed.items()
+    }
+    return latency_rows(cfg, checked.task, timed, built.hf_config.vocab_size)
 
 
 def latency_rows(
-    cfg: Config,
-    timed_models: dict[tuple[str, str], Contender],
-    seq_len: int,
-    vocab_size: int,
+    cfg: Config, task: Task, timed_models: dict[tuple[str, str], Contender], vocab_size: int
 ) -> list[dict[str, Any]]:
     """One latency record per (variant, backend): what was timed, how, the figures, and its latency
     over the first FP32 row's, paired round by round (the figure an INT8-vs-FP32 decision reads)."""
-    timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size)
+    seq_len = cfg.benchmark.seq_len or cfg.data.max_length
+    timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size, task.timing_inputs)
     reference = next(key for key in timed if key[0] == "fp32")
     rows = []
     for (variant, backend), result in timed.items():
         device = timed_models[variant, backend].device
-        # ONNX Runtime runs the FP32 export in float32 whatever the training precision.
-        fp32_precision = "32-true" if backend == "onnxruntime" else str(cfg.trainer.precision)
         row = {
             "variant": variant,
-            "precision": "int8" if variant == "int8" else fp32_precision,
+            "precision": timed_models[variant, backend].precision,
             "backend": backend,
             "device": device.type,
             "threads": cfg.benchmark.threads or torch.get_num_threads(),
@@ -383,91 +421,29 @@ def latency_rows(
     return rows
 
 
-def _timed_models(
-    cfg: Config,
-    recipe: Recipe | None,
-    float_model: torch.nn.Module,
-    int8: torch.nn.Module | None,
-    onnx: dict[str, torch.nn.Module],
-    device: torch.device,
-    num_labels: int,
-) -> dict[tuple[str, str], Contender]:
-    """(variant, backend) -> the model to time, where, in which dtype. INT8 and ONNX Runtime run on the CPU.
-
-    Each is wrapped as the job's LightningModule, so timing runs the forward that testing ran
-    (with any forced SDPA kernel). A recipe whose INT8 runs only compiled (pt2e) is timed under
-    torch_compile, whichever torch backend was asked for, and once.
-    """
-    cpu = torch.device("cpu")
-
-    def contender(model: torch.nn.Module, on: torch.device, autocast: torch.dtype | None = None) -> Contender:
-        wrapped = SequenceClassifier(model, cfg.model.optim, num_labels, cfg.attention.sdpa_backend)
-        return Contender(wrapped.to(on), on, autocast)
-
-    timed: dict[tuple[str, str], Contender] = {}
-    for backend in cfg.benchmark.backends:
-        if backend == "onnxruntime":
-            timed.update({(variant, backend): contender(m, cpu) for variant, m in onnx.items()})
-            continue
-        timed["fp32", backend] = contender(
-            _on(backend, float_model), device, _AUTOCAST.get(str(cfg.trainer.precision))
-        )
-        if int8 is not None and recipe is not None:
-            int8_backend = "torch_compile" if recipe.compiled_only else backend
-            timed["int8", int8_backend] = contender(_on(int8_backend, int8), cpu)
-    return timed
-
-
-def _on(backend: str, model: torch.nn.Module) -> torch.nn.Module:
-    return torch.compile(model) if backend == "torch_compile" else model
-
-
-def _onnxruntime_models(
+def record_results(
     record: RunRecord,
-    folder: Path,
-    float_model: torch.nn.Module,
-    quantized: tuple[Recipe | None, torch.nn.Module | None],
-    data: TextClassificationData,
-    threads: int | None,
-) -> dict[str, torch.nn.Module]:
-    """ONNX Runtime sessions, sizes recorded: the FP32 export (`fp32`), ONNX Runtime's dynamic INT8
-    of it (`int8`, the deployment baseline), and the recipe's own quantization as a QDQ graph
-    (`int8_qdq`) where the recipe has one, or the reason it has none."""
-    paths = {"fp32": folder / "model_fp32.onnx", "int8": folder / "model_int8_ort.onnx"}
-    example = {k: v for k, v in next(iter(data.test_dataloader())).items() if k != "labels"}
-    model = copy.deepcopy(float_model).float().cpu()
-    max_len = max_positions(model.config)
-    sizes = {"onnx_fp32_bytes": export_onnx(model, paths["fp32"], example, max_len)}
-    sizes["onnx_int8_bytes"] = quantize_onnx(paths["fp32"], paths["int8"])
-    coverage = weight_matmul_coverage(paths["fp32"], paths["int8"])
-    if coverage["float"]:
-        record.data["warnings"].append(
-            f"ONNX Runtime's dynamic INT8 left {coverage['float']} of {coverage['weight_matmuls']} weight "
-            "matmuls in float: its onnxruntime int8 rows are partly FP32"
-        )
+    task: Task,
+    data: Data,
+    built: Built,
+    fitted: Fitted,
+    shipped: Shipped,
+    evaluated: Evaluated,
+    latency: list[dict[str, Any]],
+    bench_s: float | None,
+) -> None:
+    """What each stage measured, into results.json's sections (written `ok` when the job ends)."""
+    record.update("params", {"optimizer_steps": data.plan.steps})
+    record.update("model", {"parameters": sum(p.numel() for p in built.model.parameters())})
     record.update(
-        "model",
-        {
-            **sizes,
-            "onnx_int8_method": ORT_INT8_METHOD,
-            "onnx_int8_settings": ORT_INT8_SETTINGS,
-            "onnx_int8_weight_matmuls": coverage,
-        },
+        "model", {"num_labels": built.hf_config.num_labels, **fitted.record["model"], **shipped.record}
     )
-    recipe, prepared = quantized
-    if recipe is not None and prepared is not None:
-        if (reason := recipe.qdq_unavailable()) is None:
-            paths["int8_qdq"] = folder / "model_int8_qdq.onnx"
-            qdq_bytes = export_onnx(recipe.qdq_model(prepared), paths["int8_qdq"], example, max_len)
-            record.update("model", {"onnx_int8_qdq_bytes": qdq_bytes})
-        else:
-            record.update("model", {"onnx_int8_qdq_skipped": reason})
-    threads = threads or torch.get_num_threads()
-    return {variant: OrtModel(path, threads) for variant, path in paths.items()}
-
-
-def _check_length(hf_config: Any, *lengths: tuple[str, int]) -> None:
-    limit = max_positions(hf_config)
-    for name, value in lengths:
-        if limit is not None and value > limit:
-            raise ConfigError(f"{name}={value} exceeds the model's position limit {limit}; use <= {limit}")
+    for backend in evaluated.backends:
+        record.update("model", backend.record)
+        record.data["warnings"].extend(backend.warnings)
+    record.data["resumed_from"] = fitted.record["resumed_from"]
+    record.data["task"] = task.describe()
+    record.update("metrics", evaluated.metrics)
+    record.update("latency", latency)
+    bench = {"bench_s": bench_s} if bench_s is not None else {}
+    record.update("timing", {"fit_s": fitted.seconds, "test_s": evaluated.seconds, **bench})

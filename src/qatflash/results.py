@@ -2,38 +2,29 @@
 
 The file is written whole to a temporary name and renamed, so a reader sees the old version or the
 new one, never half of one. A job marks itself `running` before any work, so a killed job can never
-be mistaken for a finished one; only a job that completed every step is `ok`.
+be mistaken for a finished one; only a job that completed every step is `ok`. Reading and writing
+results needs no torch, so the report starts fast.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 import traceback
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import torch
+from qatflash.errors import first_line
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
+# The HF config of a run's model, beside its artifact: what rebuilds the artifact's skeleton.
+MODEL_CONFIG_FILE = "model_config.json"
 TRACEBACK_FILE = "traceback.txt"
-_VERSIONED = (
-    "torch",
-    "transformers",
-    "lightning",
-    "datasets",
-    "hydra-core",
-    "torchmetrics",
-    "wandb",
-    "qatflash",
-)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -60,35 +51,6 @@ def read_results(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def environment(device: torch.device | None = None) -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    env.update({name: _version(name) for name in _VERSIONED})
-    env["cpu"] = _cpu_model()
-    env["threads"] = torch.get_num_threads()
-    env["cuda"] = torch.version.cuda
-    if device is not None:
-        env["device"] = device.type
-        env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"]
-    return env
-
-
 def summary_figures(data: dict[str, Any]) -> dict[str, Any]:
     """A training job's figures under flat keys: its W&B summary, and what an optimising sweeper reads.
 
@@ -105,9 +67,16 @@ class RunRecord:
     """The results.json of one job: `running` on entry, `ok` or `failed` (with the error) on exit."""
 
     def __init__(
-        self, folder: Path, choices: dict[str, Any], params: dict[str, Any], config_hash: str | None = None
+        self,
+        folder: Path,
+        choices: dict[str, Any],
+        params: dict[str, Any],
+        config_hash: str | None = None,
+        write: bool = True,
     ) -> None:
         self.path = folder / RESULTS_FILE
+        # False for the ranks but 0 of a multi-process launch: they keep the record, never write it.
+        self.write = write
         # The record of the attempt before this one in the same folder: what a resume continues.
         self.previous = read_results(self.path)
         self.data: dict[str, Any] = {
@@ -125,7 +94,7 @@ class RunRecord:
             "latency": [],
             "model": {},
             "timing": {},
-            "env": environment(),
+            "env": {},
             "argv": sys.argv[1:],
             "warnings": [],
         }
@@ -140,7 +109,8 @@ class RunRecord:
 
     def save(self) -> None:
         """Write the record as it stands (still `running`): progress of a long job, readable at any time."""
-        write_json_atomic(self.path, self.data)
+        if self.write:
+            write_json_atomic(self.path, self.data)
 
     def __enter__(self) -> RunRecord:
         self.save()
@@ -154,8 +124,9 @@ class RunRecord:
             self.data["status"] = "ok"
         else:
             self.data["status"] = "failed"
-            self.data["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            trace = self.path.parent / TRACEBACK_FILE
-            trace.write_text("".join(traceback.format_exception(exc_type, exc, tb)))
-            self.data["traceback"] = trace.name
-        write_json_atomic(self.path, self.data)
+            self.data["error"] = first_line(exc)
+            self.data["traceback"] = TRACEBACK_FILE
+            if self.write:
+                trace = "".join(traceback.format_exception(exc_type, exc, tb))
+                (self.path.parent / TRACEBACK_FILE).write_text(trace)
+        self.save()

@@ -18,11 +18,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from qatflash.config import ConfigError
-
-
-class UnreadableFileError(ConfigError):
-    """A file a run needs is corrupt, truncated or not a plain tensor file."""
+from qatflash.errors import UnreadableFileError, first_line
 
 
 def save_atomic(obj: Any, path: Path) -> int:
@@ -43,13 +39,13 @@ def load_tensors(path: Path, what: str) -> Any:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
         # weights_only refuses anything but tensors and plain values: the file would run code.
-        reason = str(error).strip().splitlines()[0]
+        reason = first_line(error, with_type=False)
         raise UnreadableFileError(
             f"{what} {path} holds more than tensors and plain values, refused unread "
             f"(weights_only=True): {reason}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error, with_type=False)
         raise UnreadableFileError(
             f"{what} {path} is unreadable (truncated or corrupt: {reason}); delete it, or re-run with force=true"
         ) from None

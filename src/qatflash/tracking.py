@@ -67,10 +67,6 @@ class Tracker:
         log.warning(message)
         self.warnings.append(message)
 
-    @property
-    def lightning_logger(self) -> Logger | bool:
-        return self.logger if self.logger is not None else False
-
     def summarize(self, values: dict[str, Any]) -> None:
         """Final figures of the job: the W&B run summary, or a last CSV row."""
         if isinstance(self.logger, WandbLogger):

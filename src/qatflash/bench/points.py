@@ -11,28 +11,29 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import signal
-import tempfile
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import PretrainedConfig
 
-from qatflash.bench.latency import LatencyStats, time_iterations
-from qatflash.bench.memory import (
+from qatflash.bench.saved_run import open_run
+from qatflash.config import AttentionConfig, BenchConfig, ModelConfig, TaskConfig, TimingConfig
+from qatflash.models import build_model, declared_config, max_positions
+from qatflash.quant import make_recipe
+from qatflash.tasks import TASKS
+from qatflash.timing import TIMING_BACKENDS
+from qatflash.timing.backends import CompiledBackend, TimingBackend
+from qatflash.timing.latency import LatencyStats, time_iterations
+from qatflash.timing.memory import (
     address_space_bytes,
     exact_host_allocator,
     peak_memory,
     steady_host_allocator,
 )
-from qatflash.bench.onnx import OrtModel, export_onnx
-from qatflash.bench.saved_run import open_run
-from qatflash.config import AttentionConfig, BenchmarkConfig, BenchSweepConfig, ModelConfig
-from qatflash.models import build_model, declared_config, max_positions
-from qatflash.quant import make_recipe
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUT_OF_MEMORY = "out of memory"
 # How allocation failures read: CUDA's OutOfMemoryError, or the CPU allocator under an address-space cap.
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "bad_alloc")
@@ -42,10 +43,11 @@ _OOM_MESSAGES = ("out of memory", "can't allocate memory", "bad_alloc")
 class PointJob:
     """Everything a fresh process needs to build the model and time one point (picklable)."""
 
+    task: TaskConfig
     model: ModelConfig
     attention: AttentionConfig
-    timing: BenchmarkConfig
-    sweep: BenchSweepConfig
+    timing: TimingConfig
+    sweep: BenchConfig
     seq_len: int
     batch_size: int
     backend: str
@@ -64,40 +66,46 @@ class PointJob:
         }
 
 
+def _subject(job: PointJob, device: torch.device) -> tuple[nn.Module, PretrainedConfig, TimingBackend]:
+    """The model the point times, its HF config, and the backend that runs it: the task's model of
+    `model` in `bench.dtype`, or a training run's INT8 artifact (compiled where it runs only so)."""
+    backend: TimingBackend = TIMING_BACKENDS.create(job.backend)
+    if job.sweep.artifact is None:
+        task = TASKS.load(job.task.name)
+        hf_config = declared_config(job.model)
+        model = build_model(job.model, job.attention, hf_config, task.auto_model)
+        return model.to(device=device, dtype=getattr(torch, job.sweep.dtype)).eval(), hf_config, backend
+    # check_bench allows artifacts on the CPU in float32 only, their kernels' home
+    run = open_run(job.sweep.artifact)
+    recipe = make_recipe(run.quant)
+    backend = CompiledBackend() if recipe.compiled_only else backend
+    return run.load_int8(recipe, job.attention), run.hf_config(), backend
+
+
 def measure(job: PointJob, isolated: bool) -> dict[str, Any]:
     """Build, warm up, take the peak memory of one forward, then time forwards; in this process, which
     is a fresh one of the point's own when `isolated`."""
-    device, dtype = torch.device(job.sweep.device), DTYPES[job.sweep.dtype]
+    device = torch.device(job.sweep.device)
     # Only a fresh process may switch its allocator, and before the model exists.
     exact = isolated and device.type == "cpu" and exact_host_allocator()
     if job.timing.threads is not None:
         torch.set_num_threads(job.timing.threads)
     torch.manual_seed(job.seed)
-    compile_model = job.backend == "torch_compile"
-    if job.sweep.artifact is None:
-        hf_config = declared_config(job.model)
-        model = build_model(job.model, job.attention, hf_config).to(device=device, dtype=dtype).eval()
-    else:  # check_bench allows artifacts on the CPU in float32 only, their kernels' home
-        run = open_run(job.sweep.artifact)
-        recipe = make_recipe(run.quant)
-        hf_config = run.hf_config()
-        model = run.load_int8(recipe, job.attention)
-        compile_model = compile_model or recipe.compiled_only
-    ids = torch.randint(0, hf_config.vocab_size, (job.batch_size, job.seq_len), device=device)
-    mask = torch.ones_like(ids)
-    if compile_model:
-        model = torch.compile(model)
-    elif job.backend == "onnxruntime":
-        model = _in_onnxruntime(model, {"input_ids": ids, "attention_mask": mask}, max_positions(hf_config))
+    model, hf_config, backend = _subject(job, device)
+    make_inputs = TASKS.load(job.task.name).timing_inputs
+    inputs = {
+        k: v.to(device) for k, v in make_inputs(job.batch_size, job.seq_len, hf_config.vocab_size).items()
+    }
+    model = backend.wrap(model, inputs, max_positions(hf_config))
 
     def forward() -> object:
-        return model(input_ids=ids, attention_mask=mask)
+        return model(**inputs)
 
     with torch.inference_mode():
-        if job.backend == "torch_compile":
+        if backend.warm_at_full_size:
             forward()  # compile at this shape; compilation's own memory is not the model's
         else:  # load lazily initialised kernels and libraries, at a size that costs no memory
-            model(input_ids=ids[:1, :8], attention_mask=mask[:1, :8])
+            model(**{k: v[:1, :8] for k, v in inputs.items()})
         _cap_memory(job.sweep.max_memory_gb, device)
         memory = peak_memory(forward, device, exact)
         if exact:
@@ -111,20 +119,12 @@ def measure(job: PointJob, isolated: bool) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
         "isolated": isolated,
-        "compiled": compile_model,  # pt2e INT8 artifacts run compiled whatever the backend
+        "compiled": isinstance(
+            backend, CompiledBackend
+        ),  # pt2e INT8 artifacts run compiled whatever the backend
         **memory,
         **stats.as_dict(),
     }
-
-
-def _in_onnxruntime(
-    model: torch.nn.Module, example: dict[str, torch.Tensor], max_len: int | None
-) -> OrtModel:
-    """The model exported to ONNX and loaded into a session; the file is not needed once loaded."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        export_onnx(model, path, example, max_len)
-        return OrtModel(path, torch.get_num_threads())
 
 
 def _cap_memory(max_gb: float | None, device: torch.device) -> None:

@@ -17,12 +17,11 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from qatflash.config import AttentionConfig, ConfigError, QuantConfig
+from qatflash.config import AttentionConfig, QuantConfig
+from qatflash.errors import ConfigError
 from qatflash.models import build_model_from_config
-from qatflash.quant import Recipe
-from qatflash.results import read_results
-
-MODEL_CONFIG_FILE = "model_config.json"
+from qatflash.quant.recipe import Recipe
+from qatflash.results import MODEL_CONFIG_FILE, read_results
 
 
 @dataclass(frozen=True)

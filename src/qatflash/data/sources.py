@@ -10,8 +10,9 @@ from pathlib import Path
 
 from datasets import ClassLabel, DatasetDict, load_dataset
 
-from qatflash.config import ConfigError, DataConfig
+from qatflash.config import DataConfig
 from qatflash.data.synthetic import synthetic_splits
+from qatflash.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 # File suffix -> (datasets builder, extra builder arguments).

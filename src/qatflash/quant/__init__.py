@@ -1,25 +1,31 @@
-"""Quantization recipes (torch.ao eager, torchao, pt2e), name-based targeting, the QAT callback, artifacts."""
+"""Quantization recipes (torch.ao eager, torchao, pt2e) behind one set of verbs (recipe.py), name-based
+targeting, the QAT callback, INT8 artifacts, and shipping a model as INT8 (ship.py).
+
+`quant.api` names a recipe class in RECIPES, imported only when a run uses it: torchao is loaded by
+the torchao recipes alone.
+"""
 
 from __future__ import annotations
 
-from qatflash.config import QuantConfig
-from qatflash.quant.callback import QuantizationAwareTraining
-from qatflash.quant.recipe import Recipe
+from typing import TYPE_CHECKING
+
+from qatflash.registry import Registry
+
+if TYPE_CHECKING:
+    from qatflash.config import QuantConfig
+    from qatflash.quant.recipe import Recipe
+
+RECIPES: Registry[type[Recipe]] = Registry(
+    "quant.api",
+    {
+        "eager": "qatflash.quant.eager:EagerRecipe",
+        "torchao": "qatflash.quant.torchao_recipe:TorchaoRecipe",
+        "pt2e": "qatflash.quant.pt2e:Pt2eRecipe",
+    },
+    group="qatflash.quant_apis",
+)
 
 
 def make_recipe(cfg: QuantConfig) -> Recipe:
-    """The recipe for `quant.api`; torchao is imported only by the recipes that use it."""
-    if cfg.api == "torchao":
-        from qatflash.quant.torchao_recipe import TorchaoRecipe
-
-        return TorchaoRecipe(cfg)
-    if cfg.api == "pt2e":
-        from qatflash.quant.pt2e import Pt2eRecipe
-
-        return Pt2eRecipe(cfg)
-    from qatflash.quant.eager import EagerRecipe
-
-    return EagerRecipe(cfg)
-
-
-__all__ = ["QuantizationAwareTraining", "Recipe", "make_recipe"]
+    """The recipe of `quant.api`, built for this config."""
+    return RECIPES.load(cfg.api)(cfg)

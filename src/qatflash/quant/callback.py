@@ -15,7 +15,7 @@ import lightning as L
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 
-from qatflash.config import ConfigError
+from qatflash.errors import ConfigError
 from qatflash.fit_plan import FitPlan
 from qatflash.quant.recipe import Recipe
 

@@ -19,27 +19,16 @@ from torch.ao.nn import qat as nnqat
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized import dynamic as nnqd
 
-from qatflash.config import ConfigError, ObserverConfig, QuantConfig
+from qatflash.config import OBSERVERS, ObserverConfig, QuantConfig
+from qatflash.errors import ConfigError, require
 from qatflash.quant.attention_matmuls import add_attention_fake_quant, set_aside
 from qatflash.quant.float_output import Int8LinearFloatOutput
 from qatflash.quant.qdq import to_qdq
 from qatflash.quant.recipe import Recipe
 from qatflash.quant.targeting import embedding_targets, replace_module
 
-_OBSERVERS = {
-    "minmax": tq.MinMaxObserver,
-    "moving_average_minmax": tq.MovingAverageMinMaxObserver,
-    "per_channel_minmax": tq.PerChannelMinMaxObserver,
-    "moving_average_per_channel_minmax": tq.MovingAveragePerChannelMinMaxObserver,
-    "histogram": tq.HistogramObserver,
-}
-_DTYPES = {"quint8": torch.quint8, "qint8": torch.qint8}
-_QSCHEMES = {
-    "per_tensor_affine": torch.per_tensor_affine,
-    "per_tensor_symmetric": torch.per_tensor_symmetric,
-    "per_channel_affine": torch.per_channel_affine,
-    "per_channel_symmetric": torch.per_channel_symmetric,
-}
+# The quantized engines whose packed Linear weights have fbgemm's float-output INT8 kernel.
+FLOAT_OUTPUT_ENGINES = ("x86", "fbgemm")
 # The token-embedding table under QAT: weight fake-quantized per row (uint8, float scale and
 # offset), exactly as conversion stores it; its output stays float.
 _EMBEDDING_QAT = tq.default_embedding_qat_qconfig
@@ -52,13 +41,13 @@ _DYNAMIC_ACTIVATION = tq.PlaceholderObserver.with_args(
 
 def _observer(cfg: ObserverConfig, fake_quant: bool) -> Any:
     kwargs = {
-        "dtype": _DTYPES[cfg.dtype],
-        "qscheme": _QSCHEMES[cfg.qscheme],
+        "dtype": getattr(torch, cfg.dtype),  # config names are torch's own (QUANT_DTYPES, QSCHEMES)
+        "qscheme": getattr(torch, cfg.qscheme),
         "quant_min": cfg.quant_min,
         "quant_max": cfg.quant_max,
         "reduce_range": cfg.reduce_range,
     }
-    observer = _OBSERVERS[cfg.observer]
+    observer = getattr(tq, OBSERVERS[cfg.observer])
     return (
         tq.FakeQuantize.with_args(observer=observer, **kwargs) if fake_quant else observer.with_args(**kwargs)
     )
@@ -74,6 +63,20 @@ def check_engine(engine: str) -> None:
 
 class EagerRecipe(Recipe):
     """torch.ao eager mode: QuantWrapper per targeted Linear, observers or FakeQuantize, convert to fbgemm/x86/qnnpack kernels."""
+
+    methods = ("ptq_dynamic", "ptq_static", "qat")
+
+    @classmethod
+    def check_config(cls, cfg: QuantConfig) -> None:
+        super().check_config(cfg)
+        needs = ("weight",) if cfg.method == "ptq_dynamic" else ("activation", "weight")
+        missing = [f"quant.{name}" for name in needs if getattr(cfg, name) is None]
+        require(not missing, f"quant.method={cfg.method} (api=eager) needs observers: {missing}")
+        require(
+            cfg.linear_output != "float" or cfg.engine in FLOAT_OUTPUT_ENGINES,
+            f"quant.linear_output=float needs quant.engine in {list(FLOAT_OUTPUT_ENGINES)} (fbgemm's "
+            f"float-output kernel), not {cfg.engine}",
+        )
 
     def __init__(self, cfg: QuantConfig) -> None:
         check_engine(cfg.engine)

@@ -21,7 +21,8 @@ from torchao.quantization import pt2e
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
-from qatflash.config import ConfigError, QuantConfig
+from qatflash.config import QuantConfig
+from qatflash.errors import ConfigError, require
 from qatflash.models import max_positions
 from qatflash.quant.recipe import Recipe
 
@@ -44,6 +45,17 @@ class Pt2eRecipe(Recipe):
 
     artifact_name = "int8_model.pt2"
     compiled_only = True
+    methods = ("ptq_static", "qat")
+    engines = ("x86",)  # (Inductor)
+    unpicklable = "exported graphs do not support"
+
+    @classmethod
+    def check_config(cls, cfg: QuantConfig) -> None:
+        super().check_config(cfg)
+        require(
+            cfg.embeddings == "float",
+            "quant.embeddings=int8: the x86 Inductor quantizer (quant.api=pt2e) keeps embeddings float",
+        )
 
     def __init__(self, cfg: QuantConfig) -> None:
         check_compiler()

@@ -4,6 +4,8 @@ The pipeline and the QAT callback speak only these verbs, so a sweep compares AP
 `quant.api` in YAML: select targets (refused early if none match), prepare (fake quantization or
 observers; may return a new module, as torch.export does), switch fake quantization and observers
 per step, convert to INT8, and save/load the INT8 artifact so that it reproduces its logits.
+A recipe class also says what it accepts (methods, engines) and checks its own config, before any
+data is loaded, so that adding an API changes neither the schema nor the pipeline.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 from torch import nn
 
-from qatflash.config import QuantConfig
+from qatflash.config import QUANT_ENGINES, QuantConfig
+from qatflash.errors import require
 from qatflash.quant.artifact import load_state, save_state
 from qatflash.quant.targeting import linear_targets
 
@@ -27,6 +31,23 @@ class Recipe(ABC):
     # Whether the converted model runs INT8 kernels only through torch.compile (pt2e: in eager mode
     # its graph merely simulates quantization), so it is timed compiled whatever the backend.
     compiled_only = False
+    # The quant.method values and quant.engine values this API implements.
+    methods: ClassVar[tuple[str, ...]]
+    engines: ClassVar[tuple[str, ...]] = QUANT_ENGINES
+    # Why its prepared models cannot be pickled to spawned workers (trainer=ddp), or "" if they can.
+    unpicklable: ClassVar[str] = ""
+
+    @classmethod
+    def check_config(cls, cfg: QuantConfig) -> None:
+        """Refuse a config this API cannot run, in one line, before any data is loaded."""
+        require(
+            cfg.method in cls.methods,
+            f"quant.method={cfg.method} is not available with quant.api={cfg.api}; it offers {list(cls.methods)}",
+        )
+        require(
+            cfg.engine in cls.engines,
+            f"quant.engine={cfg.engine}: quant.api={cfg.api} targets {', '.join(cls.engines)}",
+        )
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg

@@ -12,7 +12,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from qatflash.config import ConfigError, TargetsConfig
+from qatflash.config import TargetsConfig
+from qatflash.errors import ConfigError
 
 
 def linear_targets(model: nn.Module, targets: TargetsConfig) -> list[str]:

@@ -25,8 +25,9 @@ _TRAIN_COLUMNS = {
     "choices.quant": "quant",
     "choices.attention": "attention",
     "params.max_length": "max len",
-    "metrics.test/acc": "test acc",
-    "metrics.test/acc_delta": "Δ acc vs FP32",
+    "headline": "metric",
+    "headline_value": "test figure",
+    "headline_delta": "Δ vs FP32",
     "latency.fp32.torch.p50_ms": "FP32 p50 ms",
     "shipped_p50_ms": "shipped p50 ms",
     "shipped_ratio_to_fp32": "shipped / FP32 latency (paired)",
@@ -50,8 +51,8 @@ _BENCH_COLUMNS = {
 
 # Figures are rounded to what their spread supports.
 _DECIMALS = {
-    "metrics.test/acc": 4,
-    "metrics.test/acc_delta": 4,
+    "headline_value": 4,
+    "headline_delta": 4,
     "metrics.model/size_ratio": 3,
     "latency.fp32.torch.p50_ms": 1,
     "shipped_p50_ms": 1,
@@ -95,6 +96,7 @@ def write_report(sweeps: list[Path], out: Path) -> Report:
 def _table(collected: Collected) -> pd.DataFrame:
     table = pd.DataFrame(collected.rows)
     if not table.empty:
+        table = _with_headline(table)
         table["shipped_p50_ms"] = shipped_latency(table)
         table["shipped_ratio_to_fp32"] = shipped_latency(table, "ratio_to_fp32")
         if "bench.peak_memory_bytes" in table:
@@ -102,6 +104,26 @@ def _table(collected: Collected) -> pd.DataFrame:
         if "bench.attention" in table:
             table["attention_kernel"] = _attention_kernels(table)
     return table
+
+
+def _with_headline(table: pd.DataFrame) -> pd.DataFrame:
+    """Each job's headline figure, by the name its results.json gives (`task.headline`; older
+    results, all classification, read test/acc), with its delta to FP32 and its direction."""
+    names = table.get("task.headline", pd.Series(None, index=table.index, dtype=object)).fillna("test/acc")
+    higher = table.get("task.higher_is_better", pd.Series(None, index=table.index, dtype=object))
+
+    def figure(suffix: str) -> list[float]:
+        return [
+            table.at[i, f"metrics.{name}{suffix}"] if f"metrics.{name}{suffix}" in table else None
+            for i, name in names.items()
+        ]
+
+    return table.assign(
+        headline=names,
+        headline_value=figure(""),
+        headline_delta=figure("_delta"),
+        higher_is_better=higher.fillna(True).astype(bool),
+    )
 
 
 def _attention_kernels(table: pd.DataFrame) -> pd.Series:

@@ -1,7 +1,7 @@
 """Gather sweep folders' results.json into flat rows: one per training job, one per benchmark point.
 
-Column names are stable (`choices.*`, `params.*`, `metrics.*`, `model.*`, `timing.*`, and for a
-training job `latency.<variant>.<backend>.<figure>`), so a CSV from one sweep lines up with the
+Column names are stable (`task.*`, `choices.*`, `params.*`, `metrics.*`, `model.*`, `timing.*`, and
+for a training job `latency.<variant>.<backend>.<figure>`), so a CSV from one sweep lines up with the
 next. A file that cannot be read, or a job that never finished (`running`), is skipped and listed
 with the reason: a report never crashes on one bad point and never shows a partial one as a result.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from qatflash.results import RESULTS_FILE, SCHEMA_VERSION, read_results
 
 REPORT_SCHEMA = 1
-_SECTIONS = ("choices", "params", "metrics", "model", "timing")
+_SECTIONS = ("task", "choices", "params", "metrics", "model", "timing")
 # Latency figures carried into a training job's row (per variant and backend).
 _LATENCY_FIGURES = (
     "p50_ms",

@@ -1,4 +1,5 @@
-"""The report's plots: accuracy vs latency with its Pareto frontier, attention scaling, INT8 vs FP32 size.
+"""The report's plots: quality (each task's headline figure) vs latency with its Pareto frontier,
+attention scaling, INT8 vs FP32 size.
 
 Each function takes the flat table and returns a matplotlib Figure, or None when the sweep holds
 nothing to plot (a benchmark-only sweep has no accuracy; a training sweep has no sequence scaling).
@@ -46,7 +47,8 @@ def shipped_latency(table: pd.DataFrame, figure: str = "p50_ms") -> pd.Series:
 
 
 def pareto_mask(latency: pd.Series, accuracy: pd.Series) -> pd.Series:
-    """Points no other point beats on both axes (lower latency and higher accuracy)."""
+    """Points no other point beats on both axes (lower latency and higher `accuracy`: any figure
+    where higher is better)."""
     best, keep = float("-inf"), pd.Series(False, index=latency.index)
     for index in sorted(latency.index, key=lambda i: (latency[i], -accuracy[i])):
         if accuracy[index] > best:
@@ -73,15 +75,17 @@ def pareto_latency(table: pd.DataFrame) -> tuple[pd.Series, str]:
     return p50, "latency p50 (ms, INT8 where quantized)"
 
 
-def accuracy_vs_latency(table: pd.DataFrame) -> Figure | None:
-    if "metrics.test/acc" not in table:
+def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
+    """Each job's headline figure (test accuracy for classification) against its shipped model's
+    latency, with the Pareto frontier ringed."""
+    if "headline_value" not in table:
         return None
     points = table[table["status"] == "ok"]
     latency, xlabel = pareto_latency(points)
-    points = points.assign(latency=latency)
-    points = points.dropna(subset=["metrics.test/acc", "latency"])
+    points = points.assign(latency=latency).dropna(subset=["headline_value", "latency"])
     if points.empty:
         return None
+    better = points["headline_value"].where(points["higher_is_better"], -points["headline_value"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = dict(
         zip(sorted(points["choices.quant"].astype(str).unique()), itertools.cycle(plt.cm.tab10.colors))
@@ -90,23 +94,24 @@ def accuracy_vs_latency(table: pd.DataFrame) -> Figure | None:
     for (quant, attention), group in points.groupby(["choices.quant", "choices.attention"]):
         ax.scatter(
             group["latency"],
-            group["metrics.test/acc"],
+            group["headline_value"],
             color=colours[str(quant)],
             marker=markers[str(attention)],
             s=60,
             label=f"{quant} / {attention}",
         )
-    front = points[pareto_mask(points["latency"], points["metrics.test/acc"])].sort_values("latency")
-    ax.step(front["latency"], front["metrics.test/acc"], where="post", color="black", lw=1, ls="--")
+    front = points[pareto_mask(points["latency"], better)].sort_values("latency")
+    ax.step(front["latency"], front["headline_value"], where="post", color="black", lw=1, ls="--")
     ax.scatter(
         front["latency"],
-        front["metrics.test/acc"],
+        front["headline_value"],
         s=180,
         facecolors="none",
         edgecolors="black",
         label="Pareto frontier",
     )
-    ax.set(xlabel=xlabel, ylabel="test accuracy", title="Accuracy vs latency")
+    metric = " / ".join(sorted(points["headline"].astype(str).unique()))
+    ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs latency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -158,4 +163,4 @@ def model_sizes(table: pd.DataFrame) -> Figure | None:
     return fig
 
 
-FIGURES = {"pareto": accuracy_vs_latency, "scaling": attention_scaling, "sizes": model_sizes}
+FIGURES = {"pareto": quality_vs_latency, "scaling": attention_scaling, "sizes": model_sizes}

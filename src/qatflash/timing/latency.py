@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from qatflash.config import BenchmarkConfig
+from qatflash.config import TimingConfig
 
 K = TypeVar("K")
 # Inside a CUDA timing loop the host waits for the device every this many forwards (see above).
@@ -67,7 +67,7 @@ class LatencyStats:
         return asdict(self)
 
 
-def time_iterations(step: Callable[[], object], device: torch.device, cfg: BenchmarkConfig) -> list[float]:
+def time_iterations(step: Callable[[], object], device: torch.device, cfg: TimingConfig) -> list[float]:
     """Run `step` `cfg.warmup` times untimed, then until both `min_iters` and `min_duration_s` are met."""
     for _ in range(cfg.warmup):
         step()
@@ -111,11 +111,13 @@ def _time_cuda(
 
 @dataclass(frozen=True)
 class Contender:
-    """One model timed side by side with others: where it runs and in which autocast dtype."""
+    """One model timed side by side with others: where it runs, in which autocast dtype, and the
+    precision its latency row reports (a training precision such as 32-true, or int8)."""
 
     model: torch.nn.Module
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,13 +143,25 @@ class SideBySide:
         }
 
 
-def measure_side_by_side(
-    contenders: Mapping[K, Contender], cfg: BenchmarkConfig, seq_len: int, vocab_size: int
-) -> dict[K, SideBySide]:
-    """Forward latency of several models on the same random token ids, timed in interleaved rounds."""
+def token_inputs(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Seeded random token ids of shape (batch_size, seq_len) with a full attention mask: the same
+    inputs for every model a job or benchmark point times."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab_size, (cfg.batch_size, seq_len), generator=generator)
-    steps = {key: (_forward(c, input_ids.to(c.device)), c.device) for key, c in contenders.items()}
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def measure_side_by_side(
+    contenders: Mapping[K, Contender],
+    cfg: TimingConfig,
+    seq_len: int,
+    vocab_size: int,
+    make_inputs: Callable[[int, int, int], dict[str, torch.Tensor]] = token_inputs,
+) -> dict[K, SideBySide]:
+    """Forward latency of several models on the same inputs (a task's `timing_inputs`; random token
+    ids by default), timed in interleaved rounds."""
+    inputs = make_inputs(cfg.batch_size, seq_len, vocab_size)
+    steps = {key: (_forward(c, inputs), c.device) for key, c in contenders.items()}
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -164,7 +178,7 @@ def measure_side_by_side(
 
 
 def time_in_rounds(
-    steps: Mapping[K, tuple[Callable[[], object], torch.device]], cfg: BenchmarkConfig, seq_len: int
+    steps: Mapping[K, tuple[Callable[[], object], torch.device]], cfg: TimingConfig, seq_len: int
 ) -> dict[K, SideBySide]:
     """Time several steps (each with the device it runs on) against each other in interleaved rounds.
 
@@ -195,8 +209,8 @@ def time_in_rounds(
     }
 
 
-def _forward(contender: Contender, input_ids: torch.Tensor) -> Callable[[], object]:
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+def _forward(contender: Contender, inputs: dict[str, torch.Tensor]) -> Callable[[], object]:
+    inputs = {name: tensor.to(contender.device) for name, tensor in inputs.items()}
     dtype = contender.autocast_dtype
 
     def step() -> object:
@@ -206,7 +220,7 @@ def _forward(contender: Contender, input_ids: torch.Tensor) -> Callable[[], obje
     return step
 
 
-def _enough(samples_ms: list[float], cfg: BenchmarkConfig) -> bool:
+def _enough(samples_ms: list[float], cfg: TimingConfig) -> bool:
     return len(samples_ms) >= cfg.min_iters and sum(samples_ms) / 1000.0 >= cfg.min_duration_s
 
 

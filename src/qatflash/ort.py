@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from qatflash.config import ConfigError
+from qatflash.errors import ConfigError
 
 # How the INT8 ONNX model was made, recorded on its rows.
 ORT_INT8_METHOD = "onnxruntime.quantization.quantize_dynamic (from the FP32 export)"

@@ -1,0 +1,163 @@
+"""What runs a timed forward: eager torch, `torch.compile`, or ONNX Runtime (TIMING_BACKENDS names them).
+
+A backend does two jobs. In a `qatflash-bench` point it turns the built model into what it runs
+(`wrap`). In a training job it says which of the job's models it times, where and in which
+precision (`job_models`); ONNX Runtime also makes its own models there (the FP32 export, its
+dynamic INT8 of it, the recipe's QDQ graph), which the job tests for accuracy as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from qatflash.errors import ConfigError
+from qatflash.quant.ship import Shipped
+from qatflash.timing.latency import Contender
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class JobTiming:
+    """What a training job hands each backend: its models and where its FP32 model runs."""
+
+    shipped: Shipped
+    device: torch.device
+    precision: str  # the training precision: the FP32 model runs under its autocast
+    autocast: torch.dtype | None
+    folder: Path
+    example: dict[str, torch.Tensor]  # real inputs, for exports
+    max_len: int | None
+    threads: int
+
+
+@dataclass(frozen=True)
+class BackendModels:
+    """A backend's share of a training job: models to time by (variant, backend), the variants it
+    also tests (with the suffix of their metrics), and what results.json's model section records."""
+
+    timed: dict[tuple[str, str], Contender]
+    tested: dict[tuple[str, str], str] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class TimingBackend:
+    """The interface, and eager torch (the model as it is): other backends override what differs."""
+
+    name: ClassVar[str] = "torch"
+    # Whether its first call at the timed shape does work a warm-up on a small input would not
+    # (compilation), so a benchmark warms up at full size.
+    warm_at_full_size: ClassVar[bool] = False
+
+    def check(self, device: str | None = None, dtype: str | None = None) -> None:
+        """Refuse, before any work, what this backend cannot run (None: whatever the job trains on)."""
+
+    def wrap(self, model: nn.Module, example: dict[str, torch.Tensor], max_len: int | None) -> nn.Module:
+        """The model as this backend runs it (same forward signature)."""
+        return model
+
+    def job_models(self, job: JobTiming) -> BackendModels:
+        """FP32 where the job trained it, INT8 on the CPU (its kernels' home); an INT8 that runs only
+        compiled (pt2e) is timed under torch_compile, whichever torch backend was asked for."""
+        shipped = job.shipped
+        timed = {
+            ("fp32", self.name): Contender(
+                self.wrap(shipped.fp32, job.example, job.max_len), job.device, job.autocast, job.precision
+            )
+        }
+        if shipped.int8 is not None and shipped.recipe is not None:
+            backend = CompiledBackend() if shipped.recipe.compiled_only else self
+            timed["int8", backend.name] = Contender(
+                backend.wrap(shipped.int8, job.example, job.max_len), _CPU, None, "int8"
+            )
+        return BackendModels(timed)
+
+
+class CompiledBackend(TimingBackend):
+    """`torch.compile` (Inductor) of the model."""
+
+    name = "torch_compile"
+    warm_at_full_size = True
+
+    def wrap(self, model: nn.Module, example: dict[str, torch.Tensor], max_len: int | None) -> nn.Module:
+        return torch.compile(model)
+
+
+class OnnxRuntimeBackend(TimingBackend):
+    """ONNX Runtime on the CPU in float32: the FP32 model exported (`qatflash.ort`), ONNX Runtime's
+    dynamic INT8 of that export (the deployment baseline a recipe must beat), and the recipe's own
+    quantization as a QDQ graph where it has one."""
+
+    name = "onnxruntime"
+
+    def check(self, device: str | None = None, dtype: str | None = None) -> None:
+        from qatflash.ort import check_onnxruntime
+
+        check_onnxruntime()
+        if (device or "cpu") != "cpu" or (dtype or "float32") != "float32":
+            raise ConfigError(
+                f"benchmark.backends includes onnxruntime, which runs float32 on the CPU here; "
+                f"got bench.device={device} bench.dtype={dtype}"
+            )
+
+    def wrap(self, model: nn.Module, example: dict[str, torch.Tensor], max_len: int | None) -> nn.Module:
+        from qatflash.ort import OrtModel, export_onnx
+
+        with tempfile.TemporaryDirectory() as folder:  # the session holds the model once loaded
+            path = Path(folder) / "model.onnx"
+            export_onnx(model, path, example, max_len)
+            return OrtModel(path, torch.get_num_threads())
+
+    def job_models(self, job: JobTiming) -> BackendModels:
+        from qatflash.ort import (
+            ORT_INT8_METHOD,
+            ORT_INT8_SETTINGS,
+            OrtModel,
+            export_onnx,
+            quantize_onnx,
+            weight_matmul_coverage,
+        )
+
+        paths = {"fp32": job.folder / "model_fp32.onnx", "int8": job.folder / "model_int8_ort.onnx"}
+        fp32 = copy.deepcopy(job.shipped.fp32).float().cpu()
+        record: dict[str, Any] = {
+            "onnx_fp32_bytes": export_onnx(fp32, paths["fp32"], job.example, job.max_len)
+        }
+        record["onnx_int8_bytes"] = quantize_onnx(paths["fp32"], paths["int8"])
+        coverage = weight_matmul_coverage(paths["fp32"], paths["int8"])
+        record.update(
+            onnx_int8_method=ORT_INT8_METHOD,
+            onnx_int8_settings=ORT_INT8_SETTINGS,
+            onnx_int8_weight_matmuls=coverage,
+        )
+        recipe, prepared = job.shipped.recipe, job.shipped.prepared
+        if recipe is not None and prepared is not None:
+            if (reason := recipe.qdq_unavailable()) is None:
+                paths["int8_qdq"] = job.folder / "model_int8_qdq.onnx"
+                record["onnx_int8_qdq_bytes"] = export_onnx(
+                    recipe.qdq_model(prepared), paths["int8_qdq"], job.example, job.max_len
+                )
+            else:
+                record["onnx_int8_qdq_skipped"] = reason
+        precisions = {"fp32": "32-true", "int8": "int8", "int8_qdq": "int8"}
+        timed = {
+            (variant, self.name): Contender(OrtModel(path, job.threads), _CPU, None, precisions[variant])
+            for variant, path in paths.items()
+        }
+        # QAT's FP32 reference is the model before fine-tuning, and ORT's INT8 is made from it: never scored.
+        tested = [v for v in paths if job.shipped.fp32_trained or v == "int8_qdq"]
+        warnings = []
+        if coverage["float"]:
+            warnings.append(
+                f"ONNX Runtime's dynamic INT8 left {coverage['float']} of {coverage['weight_matmuls']} weight "
+                "matmuls in float: its onnxruntime int8 rows are partly FP32"
+            )
+        return BackendModels(timed, {(v, self.name): f"ort_{v}" for v in tested}, record, warnings)

@@ -1,0 +1,113 @@
+"""The job envelope: point folders named by what a sweep varies, earlier folders taken up, one writer
+under a multi-process launch, and a quiet, light start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST, compose_config, run_cli
+from omegaconf import OmegaConf
+
+from qatflash.config import to_config
+from qatflash.job import JobContext, point_dir
+from qatflash.pipeline import run
+from qatflash.results import read_results
+
+FIXTURES = Path(__file__).parent / "fixtures"
+QUIET = ["benchmark=none", "logger=none", "trainer.max_epochs=1", "data.batch_size=2"]
+
+
+def _headerless(folder: Path) -> Path:
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.csv").write_text("good movie,1\nbad film,0\ngreat fun,1\ndull plot,0\n")
+    return folder
+
+
+def test_points_are_named_by_the_keys_the_sweep_varies(run_app, tmp_path: Path) -> None:
+    """The command a new user tried: many constant overrides, one swept key. Before, every point's
+    folder began with the constants and the cut to 200 bytes took the one key that differed."""
+    data = _headerless(tmp_path / "data")
+    sweep = tmp_path / "sweep"
+    constants = [
+        "data=local",
+        f"data.path={data}",
+        "data.header=false",
+        "data.column_names=[text,label]",
+        "data.max_length=32",
+        "data.group_by_length=true",
+        "model.arch.hidden_size=32",
+        "model.arch.intermediate_size=64",
+        *QUIET,
+    ]
+    args = ["-m", "quant=fp32,ptq_dynamic", *constants, f"hydra.sweep.dir={sweep}"]
+    code, stderr = run_app(*args)
+    assert code == 0, stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
+        "quant=fp32",
+        "quant=ptq_dynamic",
+    ]
+    # A folder of the earlier naming (every override but the paths and the logger) is taken up, not run again.
+    named = [*constants, "quant=fp32"]
+    overrides = sorted(o for o in named if not o.startswith(("data.path=", "logger=")))
+    earlier = sweep / point_dir(",".join(overrides))
+    (sweep / "quant=fp32").rename(earlier)
+    recorded = read_results(earlier)
+    code, stderr = run_app(*args)
+    assert code == 0, stderr[-3000:]
+    assert read_results(sweep / "quant=fp32") == recorded  # skipped: the same ok record, moved
+    assert read_results(earlier) is None
+
+
+def test_under_a_multi_process_launch_only_rank_zero_writes(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    config = to_config(make_cfg(*FAST, "logger=csv", "benchmark=none"))
+    results = run(config, JobContext(folder=tmp_path, choices={"quant": "fp32"}))
+    assert results["status"] == "ok" and "test/acc" in results["metrics"]  # the rank computed the job
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "csv_logs").exists()
+    monkeypatch.setenv("RANK", "0")
+    run(config, JobContext(folder=tmp_path, choices={"quant": "fp32"}))
+    assert read_results(tmp_path)["status"] == "ok" and (tmp_path / "csv_logs").is_dir()
+
+
+def test_a_point_recorded_before_the_task_axis_keeps_its_config_hash() -> None:
+    """The committed record of main before this axis (commit 9fca08a): the same command hashes the
+    same, so a re-run skips or resumes it; a task of another name is another job."""
+    before = read_results(FIXTURES / "results_before_task_section")
+    resolved = OmegaConf.to_container(compose_config("config", before["params"]["overrides"]), resolve=True)
+    assert JobContext(Path("."), {}, resolved_config=resolved).config_hash == before["config_hash"]
+    resolved["task"]["name"] = "toy_plugins:MacroF1Task"
+    assert JobContext(Path("."), {}, resolved_config=resolved).config_hash != before["config_hash"]
+
+
+def test_help_and_the_report_start_without_torch(tmp_path: Path) -> None:
+    """`qatflash --help` through its entry point, and a report read and written, load no torch."""
+    probe = (
+        "import sys, qatflash.cli as cli\n"
+        "sys.argv = ['qatflash', '--help']\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        f"cli.report_main([{str(FIXTURES / 'results_before_task_section')!r}, '--out', {str(tmp_path)!r}])\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "== Config ==" in out.stdout and (tmp_path / "report.md").is_file()
+    assert out.stderr.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    "refused",
+    [
+        ["attention.sdpa_backend=flash"],
+        ["quant=qat_x86", "quant.fake_quant_start_step=500"],
+        ["data.max_length=600"],
+    ],
+    ids=["before_any_data", "after_indexing", "after_tokenizing"],
+)
+def test_a_refused_run_prints_its_one_line_and_nothing_else(tmp_path: Path, refused: list[str]) -> None:
+    proc = run_cli(*refused, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith("qatflash: error: ")
