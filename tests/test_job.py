@@ -74,10 +74,12 @@ def test_under_a_multi_process_launch_only_rank_zero_writes(make_cfg, tmp_path: 
 
 
 def test_a_point_recorded_before_the_task_axis_keeps_its_config_hash() -> None:
-    """The committed record of main before this axis (commit 9fca08a): the same command hashes the
+    """The committed record of main before this axis (commit 9fca08a): the same job hashes the
     same, so a re-run skips or resumes it; a task of another name is another job."""
     before = read_results(FIXTURES / "results_before_task_section")
-    resolved = OmegaConf.to_container(compose_config("config", before["params"]["overrides"]), resolve=True)
+    # benchmark.threads' default was null (torch's 2 threads here) then; it is 1 since: another job.
+    command = [*before["params"]["overrides"], "benchmark.threads=null"]
+    resolved = OmegaConf.to_container(compose_config("config", command), resolve=True)
     assert JobContext(Path("."), {}, resolved_config=resolved).config_hash == before["config_hash"]
     resolved["task"]["name"] = "toy_plugins:MacroF1Task"
     assert JobContext(Path("."), {}, resolved_config=resolved).config_hash != before["config_hash"]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import FAST
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from wandb_files import records
 
 from qatflash.bench.app import run_benchmark
@@ -32,7 +32,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
             with open_dict(cfg):
                 cfg.pop("hydra", None)
             choices = {"quant": quant, "attention": "sdpa"}
-            run(to_config(cfg), JobContext(folder=root / f"quant={quant}", choices=choices))
+            resolved = OmegaConf.to_container(cfg, resolve=True)  # what the hashes that pair points read
+            run(to_config(cfg), JobContext(root / f"quant={quant}", choices, resolved_config=resolved))
         for attention in ("sdpa", "sdpa_flash"):  # the same implementation, the second forced onto one kernel
             cfg = compose(
                 "bench",
@@ -100,6 +101,29 @@ def test_a_results_json_from_before_the_task_section_reads_as_classification(
         assert row["headline"] == "test/acc" and row["headline_value"] == row["metrics.test/acc"]
         assert row["headline_delta"] == row["metrics.test/acc_delta"] and row["higher_is_better"]
     assert report.points == 7 and len(report.skipped) == 2  # the six of the sweep, and this one
+
+
+def test_quality_intervals_come_from_each_points_own_examples(sweep: Path, tmp_path: Path) -> None:
+    """The per-example files of the sweep's FP32 and PTQ points give the figures the jobs recorded:
+    each model's accuracy, the INT8 delta to the FP32 point found by reference hash, McNemar's
+    counts; the PTQ job's own FP32 test is the FP32 point's model (one shared fine-tune), so it
+    predicts identically. A point recorded before per-example results gets no interval, and says why."""
+    before = Path(__file__).parent / "fixtures" / "results_before_task_section"
+    write_report([sweep, before], tmp_path)
+    seeds = pd.read_csv(tmp_path / "quality_per_seed.csv")
+    ptq = json.loads((sweep / "quant=ptq_dynamic" / "results.json").read_text())
+    rows = {(Path(r["point"]).name, r["model"]): r for r in seeds.to_dict("records")}
+    int8 = rows["quant=ptq_dynamic", "int8"]
+    assert int8["accuracy"] == pytest.approx(ptq["metrics"]["test/acc_int8"], abs=1e-9)
+    assert int8["delta"] == pytest.approx(ptq["metrics"]["test/acc_delta"], abs=1e-9)
+    assert int8["delta_low"] <= int8["delta"] <= int8["delta_high"]
+    assert int8["mcnemar_c"] - int8["mcnemar_b"] == round(int8["delta"] * int8["examples"])
+    twin = rows["quant=ptq_dynamic", "fp32"]
+    assert twin["note"] == "identical predictions" and twin["mcnemar_p"] == 1.0
+    assert rows["quant=fp32", "fp32"]["accuracy"] == pytest.approx(ptq["metrics"]["test/acc_fp32"])
+    (old,) = [r for r in seeds.to_dict("records") if Path(r["point"]) == before]
+    assert old["note"].startswith("no interval: the point has no examples.parquet")
+    assert "Quality per seed" in (tmp_path / "report.md").read_text()
 
 
 def test_report_logs_a_summary_run_to_offline_wandb(sweep: Path, tmp_path: Path) -> None:

@@ -134,7 +134,12 @@ def report_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qatflash-report", description=report_main.__doc__)
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep (or run) folders, searched recursively")
     parser.add_argument("--out", type=Path, help="where to write the report (default: the first folder)")
-    parser.add_argument("--wandb", action="store_true", help="also log the table and Pareto plot to W&B")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        help="non-inferiority margin of the quality verdicts, in accuracy points (default 1)",
+    )
+    parser.add_argument("--wandb", action="store_true", help="also log the tables and Pareto plot to W&B")
     parser.add_argument("--wandb-project", default="qatflash")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     args = parser.parse_args(argv)
@@ -143,7 +148,7 @@ def report_main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"qatflash-report: error: {missing} do not exist\n")
     from qatflash.report import log_to_wandb, write_report
 
-    report = write_report(args.sweeps, args.out or args.sweeps[0])
+    report = write_report(args.sweeps, args.out or args.sweeps[0], args.margin)
     if report.points == 0:
         parser.exit(
             2, f"qatflash-report: error: no usable results.json under {[str(p) for p in args.sweeps]}\n"

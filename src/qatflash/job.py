@@ -50,6 +50,8 @@ _ADDED_KEYS: dict[tuple[str, ...], Any] = {
 # logger name the sweep, not a point.
 _PATH_KEYS = ("data.path", "data.cache_dir", "model.name_or_path")
 NOT_IN_FOLDER_NAMES = ("experiment", "logger", "sweep_name", "force", *_PATH_KEYS)
+# What a quantized job's FP32 reference differs in: the recipe and how latency is timed.
+REFERENCE_KEYS = ("quant", "benchmark")
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.ckpt"
 # The package versions every results.json records.
@@ -82,8 +84,14 @@ class JobContext:
     @property
     def config_hash(self) -> str:
         """What the job computes: its resolved config, less the keys that cannot change a result."""
+        return self.hash_without()
+
+    def hash_without(self, *keys: str) -> str:
+        """The config hash less the top-level `keys` as well: jobs alike but for those keys share it
+        (less `quant` and `benchmark`: a quantized job and its FP32 reference; less `seed`: the seeds
+        of one point)."""
         relevant = _without_added_defaults(
-            {k: v for k, v in self.resolved_config.items() if k not in NOT_RESULT_KEYS}
+            {k: v for k, v in self.resolved_config.items() if k not in (*NOT_RESULT_KEYS, *keys)}
         )
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -268,6 +276,8 @@ def open_job(job: JobContext, logger: LoggerConfig, seed: int, params: dict[str,
 
     rank_zero = process_rank() == 0
     record = RunRecord(job.folder, job.choices, params, job.config_hash, write=rank_zero)
+    record.data["reference_hash"] = job.hash_without(*REFERENCE_KEYS)
+    record.data["seed_group_hash"] = job.hash_without("seed")
     record.data["env"] = environment()
     with record, contextlib.ExitStack() as stack:
         L.seed_everything(seed, workers=True, verbose=False)

@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,18 +69,41 @@ class SequenceClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+    def _evaluate(
+        self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection
+    ) -> torch.Tensor:
         logits, loss = self._loss(batch)
         metrics.update(logits.argmax(dim=-1), batch["labels"])
         size = batch["labels"].shape[0]
         self.log(f"{stage}/loss", loss, batch_size=size)
         self.log_dict(metrics, batch_size=size)
+        return logits
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
+    def on_test_epoch_start(self) -> None:
+        self._examples: list[dict[str, torch.Tensor]] = []
+
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics)
+        logits = self._evaluate(batch, "test", self.test_metrics).float()
+        probabilities = logits.softmax(dim=-1)
+        self._examples.append(
+            {
+                "target": batch["labels"],
+                "prediction": logits.argmax(dim=-1),
+                "score": probabilities.max(dim=-1).values,
+                "loss": F.cross_entropy(logits, batch["labels"], reduction="none"),
+                "tokens": batch["attention_mask"].sum(dim=-1),
+            }
+        )
+
+    @property
+    def test_examples(self) -> dict[str, np.ndarray]:
+        """The last test's per-example columns, in the test split's order (`index`): the target and
+        predicted label, the predicted label's probability, the example's loss and token count."""
+        columns = {k: torch.cat([b[k] for b in self._examples]).cpu().numpy() for k in self._examples[0]}
+        return {"index": np.arange(len(columns["target"])), **columns}
 
     def configure_optimizers(self) -> dict[str, Any]:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -58,6 +58,7 @@ from qatflash.tasks.task import Task
 from qatflash.timing import TIMING_BACKENDS
 from qatflash.timing.backends import BackendModels, JobTiming, TimingBackend
 from qatflash.timing.latency import Contender, measure_side_by_side
+from qatflash.timing.pairing import Conditions, paired_ratios
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Evaluated:
     metrics: dict[str, float]
     backends: list[BackendModels]
     seconds: float
+    examples: dict[str, dict[str, Any]]  # per tested model (by metric suffix): per-example columns
 
 
 def run(cfg: Config, job: JobContext) -> dict[str, Any]:
@@ -138,6 +140,7 @@ def job_params(cfg: Config, overrides: list[str]) -> dict[str, Any]:
         "batch_size": cfg.data.batch_size,
         "precision": str(cfg.trainer.precision),
         "seed": cfg.seed,
+        "quant_method": cfg.quant.method,
         "sdpa_backend": cfg.attention.sdpa_backend,
         "train_subset": cfg.data.train_subset,
         "max_epochs": cfg.trainer.max_epochs,
@@ -301,30 +304,36 @@ def evaluate(
     job: JobContext,
 ) -> Evaluated:
     """Test what the job trained (FP32, or QAT's fake-quant model), the INT8 model it ships, and the
-    models a timing backend makes of them (ONNX Runtime's), on the task's test split."""
+    models a timing backend makes of them (ONNX Runtime's), on the task's test split; each model's
+    per-example results are kept under the suffix of its metrics (fp32, fakequant, int8, ort_int8)."""
     started = time.perf_counter()
-    tested = _test(_single_process(trainer, cfg), checked.task, fitted.model, data)
+    trained = "fp32" if shipped.int8 is None or not checked.qat else "fakequant"
+    tested, examples = _test(_single_process(trainer, cfg), checked.task, fitted.model, data)
     seconds = round(time.perf_counter() - started, 3)
     metrics = {**fitted.val_metrics, **shipped.metrics}
+    per_model = {trained: examples}
     if shipped.int8 is None:
         metrics.update(tested)
     else:
-        metrics.update(_suffixed(tested, "fakequant" if checked.qat else "fp32"))
-        int8 = _test(_cpu_trainer(), checked.task, shipped.int8, data)
+        metrics.update(_suffixed(tested, trained))
+        int8, per_model["int8"] = _test(_cpu_trainer(), checked.task, shipped.int8, data)
         metrics.update(_int8_metrics(int8, metrics, checked.task.headline))
     timing = _job_timing(cfg, checked, data, shipped, job)
     backends = [backend.job_models(timing) for backend in checked.backends.values()]
     for backend in backends:
         for key, suffix in backend.tested.items():
-            metrics.update(
-                _suffixed(_test(_cpu_trainer(), checked.task, backend.timed[key].model, data), suffix)
-            )
-    return Evaluated(metrics, backends, seconds)
+            other, per_model[suffix] = _test(_cpu_trainer(), checked.task, backend.timed[key].model, data)
+            metrics.update(_suffixed(other, suffix))
+    return Evaluated(metrics, backends, seconds, per_model)
 
 
-def _test(trainer: L.Trainer, task: Task, model: nn.Module, data: Data) -> dict[str, float]:
-    tested = trainer.test(task.lightning_module(model, data.module), datamodule=data.module, verbose=False)
-    return {k: float(v) for k, v in tested[0].items()}
+def _test(
+    trainer: L.Trainer, task: Task, model: nn.Module, data: Data
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The test metrics of `model`, and its per-example results (the task's columns)."""
+    module = task.lightning_module(model, data.module)
+    tested = trainer.test(module, datamodule=data.module, verbose=False)
+    return {k: float(v) for k, v in tested[0].items()}, module.test_examples
 
 
 def _int8_metrics(tested: dict[str, float], before: dict[str, float], headline: str) -> dict[str, float]:
@@ -394,31 +403,30 @@ def time_models(
 def latency_rows(
     cfg: Config, task: Task, timed_models: dict[tuple[str, str], Contender], vocab_size: int
 ) -> list[dict[str, Any]]:
-    """One latency record per (variant, backend): what was timed, how, the figures, and its latency
-    over the first FP32 row's, paired round by round (the figure an INT8-vs-FP32 decision reads)."""
+    """One latency record per (variant, backend): what was timed, how, under which host load, the
+    figures, and its ratio to the FP32 row timed under the same conditions, paired round by round
+    (the figure an INT8-vs-FP32 decision reads; `qatflash.timing.pairing`)."""
     seq_len = cfg.benchmark.seq_len or cfg.data.max_length
     timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size, task.timing_inputs)
-    reference = next(key for key in timed if key[0] == "fp32")
-    rows = []
-    for (variant, backend), result in timed.items():
-        device = timed_models[variant, backend].device
-        row = {
+    threads = cfg.benchmark.threads or torch.get_num_threads()
+    conditions = {key: Conditions(c.device.type, key[1], threads) for key, c in timed_models.items()}
+    ratios = paired_ratios(timed, conditions)
+    return [
+        {
             "variant": variant,
             "precision": timed_models[variant, backend].precision,
             "backend": backend,
-            "device": device.type,
-            "threads": cfg.benchmark.threads or torch.get_num_threads(),
+            "device": conditions[variant, backend].device,
+            "threads": threads,
             "seq_len": seq_len,
             "batch_size": cfg.benchmark.batch_size,
-            "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
+            "timer": "cuda_event" if conditions[variant, backend].device == "cuda" else "perf_counter",
             **result.stats.as_dict(),
+            **result.host.as_dict(),
+            **ratios[variant, backend],
         }
-        if (variant, backend) != reference:
-            paired = result.ratio_to(timed[reference])
-            row.update({f"{key}_to_fp32": value for key, value in paired.items()})
-            row["ratio_reference"] = "/".join(reference)
-        rows.append(row)
-    return rows
+        for (variant, backend), result in timed.items()
+    ]
 
 
 def record_results(
@@ -444,6 +452,7 @@ def record_results(
     record.data["resumed_from"] = fitted.record["resumed_from"]
     record.data["task"] = task.describe()
     record.update("metrics", evaluated.metrics)
+    record.data["examples"] = record.save_examples(evaluated.examples)
     record.update("latency", latency)
     bench = {"bench_s": bench_s} if bench_s is not None else {}
     record.update("timing", {"fit_s": fitted.seconds, "test_s": evaluated.seconds, **bench})

@@ -25,6 +25,9 @@ RESULTS_FILE = "results.json"
 # The HF config of a run's model, beside its artifact: what rebuilds the artifact's skeleton.
 MODEL_CONFIG_FILE = "model_config.json"
 TRACEBACK_FILE = "traceback.txt"
+# Per-example test results of every model a job tested, one row per (model, example): what the
+# report's intervals and paired tests are computed from.
+EXAMPLES_FILE = "examples.parquet"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -49,6 +52,17 @@ def read_results(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_examples(folder: Path) -> Any:
+    """A job folder's per-example results as a DataFrame, or None where the job wrote none (older
+    points) or the file cannot be read."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(folder / EXAMPLES_FILE)
+    except (OSError, ValueError):
+        return None
 
 
 def summary_figures(data: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +120,27 @@ class RunRecord:
             current.extend(values)
         else:
             current.update(values)
+
+    def save_examples(self, per_model: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Write `examples.parquet` (columns `model`, then the task's: index, target, prediction,
+        score, loss, tokens) whole under a temporary name, and return what results.json says of it."""
+        import pandas as pd
+
+        frame = pd.concat(
+            [pd.DataFrame(columns).assign(model=model) for model, columns in per_model.items()],
+            ignore_index=True,
+        )
+        frame = frame[["model", *(c for c in frame.columns if c != "model")]]
+        path = self.path.parent / EXAMPLES_FILE
+        if self.write:
+            tmp = path.with_name(f".{EXAMPLES_FILE}.tmp")
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        return {
+            "file": EXAMPLES_FILE,
+            "models": list(per_model),
+            "rows": len(frame) // max(len(per_model), 1),
+        }
 
     def save(self) -> None:
         """Write the record as it stands (still `running`): progress of a long job, readable at any time."""

@@ -26,6 +26,7 @@ from qatflash.quant import make_recipe
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
 from qatflash.timing.backends import CompiledBackend, TimingBackend
+from qatflash.timing.host import HostWindow
 from qatflash.timing.latency import LatencyStats, time_iterations
 from qatflash.timing.memory import (
     address_space_bytes,
@@ -110,7 +111,9 @@ def measure(job: PointJob, isolated: bool) -> dict[str, Any]:
         memory = peak_memory(forward, device, exact)
         if exact:
             steady_host_allocator()
+        window = HostWindow()
         samples = time_iterations(forward, device, job.timing)
+        host = window.load()
     stats = LatencyStats.from_samples(samples, job.timing.warmup, job.batch_size, job.seq_len)
     return {
         **job.describe(),
@@ -124,6 +127,7 @@ def measure(job: PointJob, isolated: bool) -> dict[str, Any]:
         ),  # pt2e INT8 artifacts run compiled whatever the backend
         **memory,
         **stats.as_dict(),
+        **host.as_dict(),
     }
 
 

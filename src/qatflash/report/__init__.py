@@ -17,7 +17,10 @@ import pandas as pd
 
 from qatflash.report.collect import Collected, collect
 from qatflash.report.figures import FIGURES, shipped_latency
+from qatflash.report.quality import over_seeds, per_seed
 
+# The non-inferiority margin of the quality verdicts, in points (`qatflash-report --margin`).
+DEFAULT_MARGIN = 1.0
 # The columns of the Markdown/HTML summary tables (the CSV keeps every column).
 _TRAIN_COLUMNS = {
     "point": "point",
@@ -31,6 +34,7 @@ _TRAIN_COLUMNS = {
     "latency.fp32.torch.p50_ms": "FP32 p50 ms",
     "shipped_p50_ms": "shipped p50 ms",
     "shipped_ratio_to_fp32": "shipped / FP32 latency (paired)",
+    "shipped_host_busy": "host busy",
     "metrics.model/size_ratio": "INT8/FP32 size",
     "error": "error",
 }
@@ -44,6 +48,7 @@ _BENCH_COLUMNS = {
     "bench.batch_size": "batch",
     "bench.p50_ms": "p50 ms",
     "bench.rel_stdev": "rel. stdev",
+    "bench.host_busy": "host busy",
     "peak_mib": "peak MiB",
     "bench.status": "status",
     "bench.error": "error",
@@ -71,14 +76,23 @@ class Report:
     skipped: list[tuple[str, str]]
 
 
-def write_report(sweeps: list[Path], out: Path) -> Report:
-    """Write every output into `out`; returns what was written and what was skipped."""
+def write_report(sweeps: list[Path], out: Path, margin: float | None = None) -> Report:
+    """Write every output into `out`; returns what was written and what was skipped. `margin` (in
+    points; default `DEFAULT_MARGIN`) is the non-inferiority margin of the quality verdicts."""
+    margin = DEFAULT_MARGIN if margin is None else margin
     collected = collect(sweeps)
     out.mkdir(parents=True, exist_ok=True)
     table = _table(collected)
+    seeds, groups = _quality(table, margin)
+    if not seeds.empty:
+        table = _with_intervals(table, seeds)
     files = [out / "results.csv"]
     table.to_csv(files[0], index=False)
-    summaries = _summaries(table, sweeps)
+    for name, frame in (("quality_per_seed.csv", seeds), ("quality.csv", groups)):
+        if not frame.empty:
+            files.append(out / name)
+            frame.to_csv(files[-1], index=False)
+    summaries = {**_quality_summaries(seeds, groups, sweeps, margin), **_summaries(table, sweeps)}
     images: dict[str, Path] = {}
     for name, plot in FIGURES.items():
         figure = plot(table) if not table.empty else None
@@ -93,12 +107,85 @@ def write_report(sweeps: list[Path], out: Path) -> Report:
     return Report(out, files, len(table), collected.skipped)
 
 
+def _quality(table: pd.DataFrame, margin: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per seed and over seeds, every tested model's accuracy and delta with their intervals."""
+    if table.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    training = table[table["status"] == "ok"]
+    if "bench.seq_len" in training:
+        training = training[training["bench.seq_len"].isna()]
+    if training.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    seeds = per_seed(training.drop_duplicates("point"), margin)
+    return seeds, over_seeds(seeds, margin)
+
+
+def _with_intervals(table: pd.DataFrame, seeds: pd.DataFrame) -> pd.DataFrame:
+    """The shipped model's accuracy interval on each training row (the Pareto plot's error bars)."""
+    if "accuracy_low" not in seeds or "params.quant_method" not in table:
+        return table
+    shipped = seeds[seeds["model"] == seeds["point"].map(_shipped_model(table))]
+    bounds = shipped.set_index("point")[["accuracy_low", "accuracy_high"]]
+    accuracy = table["headline"] == "test/acc"
+    return table.assign(
+        headline_low=table["point"].map(bounds["accuracy_low"]).where(accuracy),
+        headline_high=table["point"].map(bounds["accuracy_high"]).where(accuracy),
+    )
+
+
+def _shipped_model(table: pd.DataFrame) -> pd.Series:
+    """Per training point: the name of the model it ships in its examples (int8 or fp32)."""
+    training = table.dropna(subset=["params.quant_method"]).drop_duplicates("point")
+    shipped = training["params.quant_method"].map(lambda method: "fp32" if method == "none" else "int8")
+    return pd.Series(shipped.to_numpy(), index=training["point"])
+
+
+def _quality_summaries(
+    seeds: pd.DataFrame, groups: pd.DataFrame, sweeps: list[Path], margin: float
+) -> dict[str, pd.DataFrame]:
+    """The quality tables as a reader reads them: figures in points, intervals as [low, high]."""
+    out = {}
+    if not groups.empty:
+        out[f"Quality over seeds (95 % intervals; verdict at a {margin:g}-point margin)"] = _readable(groups)
+    if not seeds.empty:
+        readable = seeds.assign(point=[_short(p, sweeps) for p in seeds["point"]])
+        out["Quality per seed (paired bootstrap CI, McNemar's exact test)"] = _readable(
+            readable.drop(columns=["seed_group_hash"])
+        )
+    return out
+
+
+def _readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Accuracies and deltas in points with their interval beside them, the rest as it is."""
+    frame = frame.copy()
+    for name in ("accuracy", "delta"):
+        if name in frame:
+            frame[name] = [
+                _points(v, lo, hi)
+                for v, lo, hi in zip(frame[name], frame[f"{name}_low"], frame[f"{name}_high"], strict=True)
+            ]
+            frame = frame.drop(columns=[f"{name}_low", f"{name}_high"])
+    for column in ("t", "mcnemar_p"):
+        if column in frame and pd.api.types.is_float_dtype(frame[column]):
+            frame[column] = frame[column].round(3)
+    return frame.astype(object).where(frame.notna(), "")
+
+
+def _points(value: float, low: float, high: float) -> str:
+    if pd.isna(value):
+        return ""
+    if pd.isna(low):
+        return f"{100 * value:.2f}"
+    return f"{100 * value:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+
+
 def _table(collected: Collected) -> pd.DataFrame:
     table = pd.DataFrame(collected.rows)
     if not table.empty:
         table = _with_headline(table)
         table["shipped_p50_ms"] = shipped_latency(table)
         table["shipped_ratio_to_fp32"] = shipped_latency(table, "ratio_to_fp32")
+        table["shipped_host_busy"] = shipped_latency(table, "host_busy")
         if "bench.peak_memory_bytes" in table:
             table["peak_mib"] = table["bench.peak_memory_bytes"] / 2**20
         if "bench.attention" in table:
@@ -202,6 +289,9 @@ def log_to_wandb(report: Report, project: str, mode: str) -> str:
     run = wandb.init(project=project, job_type="report", mode=mode, dir=str(report.folder))
     try:
         logged: dict[str, Any] = {"results": wandb.Table(dataframe=table)}
+        for name in ("quality", "quality_per_seed"):
+            if (report.folder / f"{name}.csv").is_file():
+                logged[name] = wandb.Table(dataframe=pd.read_csv(report.folder / f"{name}.csv"))
         pareto = report.folder / "pareto.png"
         if pareto.is_file():
             logged["pareto"] = wandb.Image(str(pareto))

@@ -16,7 +16,7 @@ from typing import Any
 from qatflash.results import RESULTS_FILE, SCHEMA_VERSION, read_results
 
 REPORT_SCHEMA = 1
-_SECTIONS = ("task", "choices", "params", "metrics", "model", "timing")
+_SECTIONS = ("task", "choices", "params", "metrics", "model", "timing", "examples")
 # Latency figures carried into a training job's row (per variant and backend).
 _LATENCY_FIGURES = (
     "p50_ms",
@@ -27,6 +27,13 @@ _LATENCY_FIGURES = (
     "ratio_p10_to_fp32",
     "ratio_p90_to_fp32",
     "tokens_per_s",
+    "ratio_reference",
+    "ratio_to_torch_fp32",
+    "torch_fp32_reference",
+    "host_other_cpu",
+    "host_steal",
+    "host_busy",
+    "threads",
     "iters",
     "seq_len",
     "batch_size",
@@ -76,6 +83,8 @@ def _flatten(data: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
         "status": data["status"],
         "error": data.get("error"),
         "attempt": data.get("attempt"),
+        "reference_hash": data.get("reference_hash"),
+        "seed_group_hash": data.get("seed_group_hash"),
     }
     for section in _SECTIONS:
         for key, value in (data.get(section) or {}).items():

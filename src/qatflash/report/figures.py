@@ -33,7 +33,7 @@ def shipped_latency(table: pd.DataFrame, figure: str = "p50_ms") -> pd.Series:
     The shipped model is chosen by which p50 exists, then every figure is read from that one row,
     so a p50 and a ratio in the same report line always describe the same model.
     """
-    out = pd.Series(float("nan"), index=table.index)
+    out = pd.Series(None, index=table.index, dtype=object)  # numbers, or flags such as host_busy
     chosen = pd.Series(False, index=table.index)
     for variant, backend in _SHIPPED:
         prefix = f"latency.{variant}.{backend}."
@@ -43,7 +43,7 @@ def shipped_latency(table: pd.DataFrame, figure: str = "p50_ms") -> pd.Series:
         if prefix + figure in table:
             out[take] = table.loc[take, prefix + figure]
         chosen |= take
-    return out
+    return out.infer_objects()
 
 
 def pareto_mask(latency: pd.Series, accuracy: pd.Series) -> pd.Series:
@@ -75,30 +75,54 @@ def pareto_latency(table: pd.DataFrame) -> tuple[pd.Series, str]:
     return p50, "latency p50 (ms, INT8 where quantized)"
 
 
+def varying_coordinates(points: pd.DataFrame) -> list[str]:
+    """The sweep coordinates (`choices.*` and `params.*` columns, but the raw override list) whose
+    value differs between the points: what a plot must tell apart."""
+    derived = ("params.overrides", "params.quant_method")  # the raw overrides; implied by choices.quant
+    columns = [c for c in points if c.startswith(("choices.", "params.")) and c not in derived]
+    return [c for c in columns if points[c].astype(str).nunique() > 1]
+
+
 def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
     """Each job's headline figure (test accuracy for classification) against its shipped model's
-    latency, with the Pareto frontier ringed."""
+    latency, with the Pareto frontier ringed. Vertical bars: the figure's 95 % bootstrap interval
+    over the test examples; horizontal bars: the paired latency ratio's p10-p90 over rounds. Colour
+    is the quantization recipe, and each other coordinate that varies is in the point's label, with
+    a marker per combination of them."""
     if "headline_value" not in table:
         return None
     points = table[table["status"] == "ok"]
     latency, xlabel = pareto_latency(points)
-    points = points.assign(latency=latency).dropna(subset=["headline_value", "latency"])
+    paired = "paired" in xlabel
+    spread = {q: shipped_latency(points, f"ratio_{q}_to_fp32") for q in ("p10", "p90")}
+    points = points.assign(latency=latency, x_low=spread["p10"], x_high=spread["p90"])
+    points = points.dropna(subset=["headline_value", "latency"])
     if points.empty:
         return None
+    varying = [c for c in varying_coordinates(points) if c != "choices.quant"]
+    labels = (
+        points[varying].astype(str).agg(", ".join, axis=1) if varying else pd.Series("", index=points.index)
+    )
     better = points["headline_value"].where(points["higher_is_better"], -points["headline_value"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     colours = dict(
         zip(sorted(points["choices.quant"].astype(str).unique()), itertools.cycle(plt.cm.tab10.colors))
     )
-    markers = dict(zip(sorted(points["choices.attention"].astype(str).unique()), itertools.cycle(_MARKERS)))
-    for (quant, attention), group in points.groupby(["choices.quant", "choices.attention"]):
-        ax.scatter(
+    markers = dict(zip(sorted(labels.unique()), itertools.cycle(_MARKERS)))
+    for (quant, label), group in points.groupby([points["choices.quant"].astype(str), labels]):
+        x_err = _bars(group["latency"], group["x_low"], group["x_high"]) if paired else None
+        y_err = _bars(group["headline_value"], group.get("headline_low"), group.get("headline_high"))
+        ax.errorbar(
             group["latency"],
             group["headline_value"],
-            color=colours[str(quant)],
-            marker=markers[str(attention)],
-            s=60,
-            label=f"{quant} / {attention}",
+            xerr=x_err,
+            yerr=y_err,
+            color=colours[quant],
+            marker=markers[label],
+            markersize=7,
+            linestyle="none",
+            capsize=3,
+            label=f"{quant}" + (f" ({label})" if label else ""),
         )
     front = points[pareto_mask(points["latency"], better)].sort_values("latency")
     ax.step(front["latency"], front["headline_value"], where="post", color="black", lw=1, ls="--")
@@ -111,11 +135,19 @@ def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
         label="Pareto frontier",
     )
     metric = " / ".join(sorted(points["headline"].astype(str).unique()))
+    legend_title = ", ".join(c.split(".", 1)[1] for c in varying) or None
     ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs latency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best", title=f"quant ({legend_title})" if legend_title else "quant")
     fig.tight_layout()
     return fig
+
+
+def _bars(centre: pd.Series, low: pd.Series | None, high: pd.Series | None) -> list[list[float]] | None:
+    """Error bar lengths below and above each centre; None (no bar) where bounds are missing."""
+    if low is None or high is None or low.isna().all():
+        return None
+    return [(centre - low).fillna(0).clip(lower=0).tolist(), (high - centre).fillna(0).clip(lower=0).tolist()]
 
 
 def attention_scaling(table: pd.DataFrame) -> Figure | None:

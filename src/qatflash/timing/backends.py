@@ -66,7 +66,9 @@ class TimingBackend:
 
     def job_models(self, job: JobTiming) -> BackendModels:
         """FP32 where the job trained it, INT8 on the CPU (its kernels' home); an INT8 that runs only
-        compiled (pt2e) is timed under torch_compile, whichever torch backend was asked for."""
+        compiled (pt2e) is timed under torch_compile, whichever torch backend was asked for. Where
+        the INT8 model runs elsewhere than the FP32 one (on the CPU after a CUDA fit, compiled), the
+        FP32 model is timed there too, so that its ratio pairs like with like."""
         shipped = job.shipped
         timed = {
             ("fp32", self.name): Contender(
@@ -78,6 +80,12 @@ class TimingBackend:
             timed["int8", backend.name] = Contender(
                 backend.wrap(shipped.int8, job.example, job.max_len), _CPU, None, "int8"
             )
+            if backend is not self or job.device != _CPU:
+                cpu_fp32 = copy.deepcopy(shipped.fp32).float().cpu()
+                variant = "fp32" if job.device == _CPU else "fp32_cpu"
+                timed[variant, backend.name] = Contender(
+                    backend.wrap(cpu_fp32, job.example, job.max_len), _CPU, None, "32-true"
+                )
         return BackendModels(timed)
 
 

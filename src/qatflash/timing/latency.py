@@ -22,6 +22,7 @@ from typing import TypeVar
 import torch
 
 from qatflash.config import TimingConfig
+from qatflash.timing.host import HostLoad, HostWindow
 
 K = TypeVar("K")
 # Inside a CUDA timing loop the host waits for the device every this many forwards (see above).
@@ -126,6 +127,7 @@ class SideBySide:
 
     stats: LatencyStats
     block_medians_ms: list[float]
+    host: HostLoad  # the load of the whole interleaved window, the same for every contender
 
     def ratio_to(self, reference: SideBySide) -> dict[str, float | int]:
         """This contender's latency over the reference's, paired round by round.
@@ -194,6 +196,7 @@ def time_in_rounds(
     samples: dict[K, list[float]] = {key: [] for key in steps}
     blocks: dict[K, list[float]] = {key: [] for key in steps}
     order = list(steps)
+    window = HostWindow()
     while not all(_enough(times, cfg) for times in samples.values()):
         for key in order:
             step, device = steps[key]
@@ -201,9 +204,10 @@ def time_in_rounds(
             samples[key].extend(block)
             blocks[key].append(statistics.median(block))
         order = order[1:] + order[:1]
+    host = window.load()
     return {
         key: SideBySide(
-            LatencyStats.from_samples(samples[key], cfg.warmup, cfg.batch_size, seq_len), blocks[key]
+            LatencyStats.from_samples(samples[key], cfg.warmup, cfg.batch_size, seq_len), blocks[key], host
         )
         for key in steps
     }

@@ -1,0 +1,124 @@
+"""The statistics behind every quality figure of the report, each defined once and computed with scipy.
+
+- Seed spread: the mean of a figure over seeds ± a Student t-interval (`t_interval`).
+- Test-set uncertainty of a difference: the paired bootstrap CI of the accuracy delta over the test
+  examples (`paired_delta`: percentile method, 10,000 resamples, a fixed seed).
+- McNemar's exact test of two models' disagreements (`mcnemar`).
+- A verdict for a shipping decision from a delta's interval and a non-inferiority margin (`verdict`).
+
+All take and give fractions (0.01 = one accuracy point), except the margin, which is in points as
+a reader states it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+IDENTICAL = "identical predictions"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its two-sided `CONFIDENCE` interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes 0 (for a difference: whether it is significant)."""
+        return self.low > 0 or self.high < 0
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    interval: Interval
+    n: int
+    t: float  # the t factor: half-width = t × standard error of the mean
+
+
+def t_interval(values: list[float] | np.ndarray) -> SeedSpread:
+    """Mean over `n` seeds ± t(0.975, n − 1) × the standard error; NaN bounds for one seed."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    mean = float(values.mean())
+    if n < 2:
+        return SeedSpread(Interval(mean, float("nan"), float("nan")), n, float("nan"))
+    t = float(stats.t.ppf((1 + CONFIDENCE) / 2, n - 1))
+    sem = float(stats.sem(values))
+    if sem == 0:  # every seed gave the same figure: the interval is that point
+        return SeedSpread(Interval(mean, mean, mean), n, t)
+    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
+    return SeedSpread(Interval(mean, float(low), float(high)), n, t)
+
+
+def _bootstrap(samples: tuple[np.ndarray, ...], statistic: Any, paired: bool) -> Interval:
+    """`statistic` of `samples` with its percentile bootstrap CI (the fixed resamples and seed above)."""
+    result = stats.bootstrap(
+        samples,
+        statistic,
+        paired=paired,
+        vectorized=True,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    estimate = float(statistic(*samples, axis=-1))
+    return Interval(estimate, float(result.confidence_interval.low), float(result.confidence_interval.high))
+
+
+def accuracy(correct: np.ndarray) -> Interval:
+    """The share of correct examples (0/1 each) with its bootstrap percentile CI over the examples."""
+    return _bootstrap((np.asarray(correct, dtype=float),), lambda a, axis: a.mean(axis=axis), paired=False)
+
+
+def paired_delta(correct: np.ndarray, reference_correct: np.ndarray) -> Interval:
+    """Accuracy of `correct` minus that of `reference_correct` (0/1 per example, same examples in the
+    same order), with the paired bootstrap percentile CI over the examples."""
+    samples = (np.asarray(correct, dtype=float), np.asarray(reference_correct, dtype=float))
+    return _bootstrap(samples, lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis), paired=True)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    b: int  # examples the reference gets right and the model wrong
+    c: int  # examples the model gets right and the reference wrong
+    p: float
+    note: str | None = None
+
+
+def mcnemar(correct: np.ndarray, reference_correct: np.ndarray) -> McNemar:
+    """McNemar's exact test: `binomtest(b, b + c, 0.5)` over the examples the two models disagree on
+    (two-sided). With no disagreement, p = 1 and the note says the predictions are identical."""
+    correct = np.asarray(correct, dtype=bool)
+    reference_correct = np.asarray(reference_correct, dtype=bool)
+    b = int((reference_correct & ~correct).sum())
+    c = int((correct & ~reference_correct).sum())
+    if b + c == 0:
+        return McNemar(0, 0, 1.0, IDENTICAL)
+    return McNemar(b, c, float(stats.binomtest(b, b + c, 0.5).pvalue))
+
+
+def verdict(delta: Interval, margin_points: float) -> str:
+    """What a shipping decision reads from a delta's interval (higher is better), checked in order:
+    better (lower bound above 0), non-inferior (lower bound above −margin), worse (upper bound
+    below −margin), else inconclusive. No interval, no verdict."""
+    margin = margin_points / 100
+    if np.isnan(delta.low) or np.isnan(delta.high):
+        return "no interval"
+    if delta.low > 0:
+        return "better"
+    if delta.low > -margin:
+        return "non-inferior"
+    if delta.high < -margin:
+        return "worse"
+    return "inconclusive"
