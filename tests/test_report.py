@@ -129,7 +129,9 @@ def test_quality_intervals_come_from_each_points_own_examples(sweep: Path, tmp_p
 def test_report_logs_a_summary_run_to_offline_wandb(sweep: Path, tmp_path: Path) -> None:
     report_main([str(sweep), "--out", str(tmp_path), "--wandb"])
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    assert any(record.WhichOneof("record_type") == "history" for record in records(run_file))
+    history = [r.history for r in records(run_file) if r.WhichOneof("record_type") == "history"]
+    logged = {item.key or item.nested_key[0] for h in history for item in h.item}
+    assert {"results", "quality", "quality_per_seed", "pareto"} <= logged  # the report's tables, the plot
 
 
 def test_report_refuses_folders_without_results(run_app, tmp_path: Path) -> None:
