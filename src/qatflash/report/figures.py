@@ -8,6 +8,7 @@ nothing to plot (a benchmark-only sweep has no accuracy; a training sweep has no
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import matplotlib
 
@@ -103,27 +104,9 @@ def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
     labels = (
         points[varying].astype(str).agg(", ".join, axis=1) if varying else pd.Series("", index=points.index)
     )
-    better = points["headline_value"].where(points["higher_is_better"], -points["headline_value"])
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = dict(
-        zip(sorted(points["choices.quant"].astype(str).unique()), itertools.cycle(plt.cm.tab10.colors))
-    )
-    markers = dict(zip(sorted(labels.unique()), itertools.cycle(_MARKERS)))
-    for (quant, label), group in points.groupby([points["choices.quant"].astype(str), labels]):
-        x_err = _bars(group["latency"], group["x_low"], group["x_high"]) if paired else None
-        y_err = _bars(group["headline_value"], group.get("headline_low"), group.get("headline_high"))
-        ax.errorbar(
-            group["latency"],
-            group["headline_value"],
-            xerr=x_err,
-            yerr=y_err,
-            color=colours[quant],
-            marker=markers[label],
-            markersize=7,
-            linestyle="none",
-            capsize=3,
-            label=f"{quant}" + (f" ({label})" if label else ""),
-        )
+    _draw_points(ax, points, labels, paired)
+    better = points["headline_value"].where(points["higher_is_better"], -points["headline_value"])
     front = points[pareto_mask(points["latency"], better)].sort_values("latency")
     ax.step(front["latency"], front["headline_value"], where="post", color="black", lw=1, ls="--")
     ax.scatter(
@@ -141,6 +124,27 @@ def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
     ax.legend(fontsize=7, loc="best", title=f"quant ({legend_title})" if legend_title else "quant")
     fig.tight_layout()
     return fig
+
+
+def _draw_points(ax: Any, points: pd.DataFrame, labels: pd.Series, paired: bool) -> None:
+    """One error-bar series per (quant, other varying coordinates): colour by quant, marker by the rest."""
+    colours = dict(
+        zip(sorted(points["choices.quant"].astype(str).unique()), itertools.cycle(plt.cm.tab10.colors))
+    )
+    markers = dict(zip(sorted(labels.unique()), itertools.cycle(_MARKERS)))
+    for (quant, label), group in points.groupby([points["choices.quant"].astype(str), labels]):
+        ax.errorbar(
+            group["latency"],
+            group["headline_value"],
+            xerr=_bars(group["latency"], group["x_low"], group["x_high"]) if paired else None,
+            yerr=_bars(group["headline_value"], group.get("headline_low"), group.get("headline_high")),
+            color=colours[quant],
+            marker=markers[label],
+            markersize=7,
+            linestyle="none",
+            capsize=3,
+            label=f"{quant}" + (f" ({label})" if label else ""),
+        )
 
 
 def _bars(centre: pd.Series, low: pd.Series | None, high: pd.Series | None) -> list[list[float]] | None:
