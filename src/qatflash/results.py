@@ -8,12 +8,14 @@ results needs no torch, so the report starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,18 +32,26 @@ TRACEBACK_FILE = "traceback.txt"
 EXAMPLES_FILE = "examples.parquet"
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` (unique per process) to write to; renamed onto `path` when
+    the block ends without error, removed in every case, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_results(path: Path) -> dict[str, Any] | None:
@@ -133,9 +143,8 @@ class RunRecord:
         frame = frame[["model", *(c for c in frame.columns if c != "model")]]
         path = self.path.parent / EXAMPLES_FILE
         if self.write:
-            tmp = path.with_name(f".{EXAMPLES_FILE}.tmp")
-            frame.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                frame.to_parquet(tmp, index=False)
         return {
             "file": EXAMPLES_FILE,
             "models": list(per_model),

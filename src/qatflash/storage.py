@@ -9,7 +9,6 @@ path and what to do, never a bare unpickling traceback.
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -19,17 +18,13 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from qatflash.errors import UnreadableFileError, first_line
+from qatflash.results import atomic_path
 
 
 def save_atomic(obj: Any, path: Path) -> int:
     """torch.save `obj` to `path` via a temporary name (unique per process); returns its size in bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path.stat().st_size
 
 

@@ -24,6 +24,11 @@ from qatflash.timing.latency import Contender
 _CPU = torch.device("cpu")
 
 
+def _float_cpu_copy(model: nn.Module) -> nn.Module:
+    """A float32 copy of `model` on the CPU, leaving the job's own (perhaps CUDA, bf16) untouched."""
+    return copy.deepcopy(model).float().cpu()
+
+
 @dataclass(frozen=True)
 class JobTiming:
     """What a training job hands each backend: its models and where its FP32 model runs."""
@@ -81,7 +86,7 @@ class TimingBackend:
                 backend.wrap(shipped.int8, job.example, job.max_len), _CPU, None, "int8"
             )
             if backend is not self or job.device != _CPU:
-                cpu_fp32 = copy.deepcopy(shipped.fp32).float().cpu()
+                cpu_fp32 = _float_cpu_copy(shipped.fp32)
                 variant = "fp32" if job.device == _CPU else "fp32_cpu"
                 timed[variant, backend.name] = Contender(
                     backend.wrap(cpu_fp32, job.example, job.max_len), _CPU, None, "32-true"
@@ -135,7 +140,7 @@ class OnnxRuntimeBackend(TimingBackend):
         )
 
         paths = {"fp32": job.folder / "model_fp32.onnx", "int8": job.folder / "model_int8_ort.onnx"}
-        fp32 = copy.deepcopy(job.shipped.fp32).float().cpu()
+        fp32 = _float_cpu_copy(job.shipped.fp32)
         record: dict[str, Any] = {
             "onnx_fp32_bytes": export_onnx(fp32, paths["fp32"], job.example, job.max_len)
         }
