@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -25,10 +24,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from qatflash.cli import config_dir
 from qatflash.config import SyntheticConfig, register_schema, to_config
-from qatflash.data import TextClassificationData
 from qatflash.data.synthetic import synthetic_splits
-from qatflash.models import build_model, load_tokenizer, model_config
-from qatflash.module import SequenceClassifier
+from qatflash.models import build_model
 
 # No test may reach a hub: loading code stays real, exercised on local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,17 +169,18 @@ class LearnedModel:
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
-@pytest.fixture(scope="session")
-def learned_model(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path) -> LearnedModel:
-    cfg = to_config(compose_config("config", [f"data.cache_dir={hf_cache}", *LEARN]))
-    root = tmp_path_factory.mktemp("learned")
+def train_and_save(overrides: list[str], root: Path, headline: str) -> tuple[Path, float]:
+    """Train the model `overrides` compose (through its task, as a job would) and save it with its
+    tokenizer as a model folder; returns the folder and the test figure `headline`."""
+    from qatflash.tasks import TASKS
+
+    cfg = to_config(compose_config("config", overrides))
     L.seed_everything(cfg.seed, verbose=False)
-    data = TextClassificationData(cfg.data, partial(load_tokenizer, cfg.model), cfg.seed)
+    task = TASKS.load(cfg.task.name)(cfg)
+    data = task.data_module()
     data.setup()
-    model = build_model(
-        cfg.model, cfg.attention, model_config(cfg.model, data.num_labels, len(data.tokenizer))
-    )
-    module = SequenceClassifier(model, cfg.model.optim, data.num_labels)
+    model = build_model(cfg.model, cfg.attention, task.model_config(data), task.auto_model)
+    module = task.lightning_module(model, data)
     trainer = L.Trainer(
         **asdict(cfg.trainer), logger=False, enable_checkpointing=False, default_root_dir=root
     )
@@ -190,7 +188,13 @@ def learned_model(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path) -> L
     (tested,) = trainer.test(module, datamodule=data, verbose=False)
     model.save_pretrained(root / "model")
     data.tokenizer.save_pretrained(root / "model")
-    return LearnedModel(root / "model", tested["test/acc"])
+    return root / "model", tested[headline]
+
+
+@pytest.fixture(scope="session")
+def learned_model(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path) -> LearnedModel:
+    root = tmp_path_factory.mktemp("learned")
+    return LearnedModel(*train_and_save([f"data.cache_dir={hf_cache}", *LEARN], root, "test/acc"))
 
 
 @pytest.fixture
@@ -229,3 +233,81 @@ def run_cli(
         text=True,
         timeout=900,
     )
+
+
+# --- Causal language modelling -------------------------------------------------------------------
+
+# A tiny decoder of each family (Llama, Qwen2 with tied embeddings): a few seconds to train on 2 cores.
+TINY_DECODER = [
+    "model.arch.hidden_size=64",
+    "model.arch.intermediate_size=128",
+    "model.arch.num_hidden_layers=2",
+    "model.arch.num_attention_heads=2",
+    "model.arch.num_key_value_heads=1",
+    "model.arch.vocab_size=512",
+    "model.arch.max_position_embeddings=256",
+]
+# A fast causal_lm job on the corpus of `text_corpus`.
+LM_FAST = [
+    "task=causal_lm",
+    "data=text",
+    "data.max_length=32",
+    "data.batch_size=8",
+    "data.eval_batch_size=32",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "benchmark.warmup=1",
+    "benchmark.min_iters=3",
+    "benchmark.min_duration_s=0",
+]
+_NOUNS = ["cat", "dog", "bird", "fish", "horse", "lion", "mouse", "wolf"]
+_VERBS = ["sees", "chases", "likes", "finds"]
+_ADJECTIVES = ["big", "small", "red", "old"]
+
+
+def write_corpus(folder: Path, lines: dict[str, int], seed: int = 0) -> Path:
+    """train/validation/test .txt files of seeded sentences from a small grammar ("the big cat
+    sees a dog ."): structured enough that a tiny decoder learns it in seconds, so its perplexity
+    means something."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for offset, (split, count) in enumerate(lines.items()):
+        rng = np.random.default_rng([seed, offset])
+        sentences = [
+            f"the {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} a {rng.choice(_NOUNS)} .\n"
+            for _ in range(count)
+        ]
+        (folder / f"{split}.txt").write_text("".join(sentences))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of train (1,200 sentences), validation and test (200 each) .txt files."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), {"train": 1200, "validation": 200, "test": 200})
+
+
+@dataclass(frozen=True)
+class LearnedDecoder:
+    """A tiny decoder trained on `text_corpus`, saved with its BPE tokenizer as a model folder."""
+
+    folder: Path
+    test_ppl: float
+
+
+def _learn_decoder(model: str, corpus: Path, root: Path, hf_cache: Path) -> LearnedDecoder:
+    overrides = [f"data.cache_dir={hf_cache}", *LM_FAST, f"model={model}", *TINY_DECODER]
+    trained = [*overrides, f"data.path={corpus}", "trainer.max_epochs=3", "logger=none"]
+    return LearnedDecoder(*train_and_save(trained, root, "test/ppl"))
+
+
+@pytest.fixture(scope="session", params=["llama_tiny", "qwen2_tiny"])
+def learned_decoder(
+    request: pytest.FixtureRequest,
+    text_corpus: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    hf_cache: Path,
+) -> LearnedDecoder:
+    """Each tiny decoder family, trained once per session (a few seconds each)."""
+    return _learn_decoder(request.param, text_corpus, tmp_path_factory.mktemp(request.param), hf_cache)

@@ -18,8 +18,14 @@ from qatflash.job import point_dir
 
 CONF = Path(config_dir())
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
-# Options that need a value only the user can give.
-REQUIRED = {("data", "local"): ["data.path=."]}
+# Options that need a value only the user can give, or a choice of another group.
+REQUIRED = {
+    ("data", "local"): ["data.path=."],
+    # Language-modelling data is read by the causal_lm task only (the default task refuses it).
+    ("data", "text"): ["data.path=.", "task=causal_lm"],
+    ("data", "wikitext2"): ["task=causal_lm"],
+    ("task", "causal_lm"): ["data=wikitext2"],
+}
 # Presets of `qatflash-bench` (conf/bench.yaml), and the groups it shares with `qatflash`.
 BENCH_ONLY = {("experiment", "attention_scaling")}
 SHARED = ("model", "attention", "benchmark", "logger")

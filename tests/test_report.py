@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FAST
+from conftest import FAST, LM_FAST, TINY_DECODER
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from wandb_files import records
@@ -180,3 +180,44 @@ def test_pareto_axis_is_the_paired_ratio_when_every_point_has_one() -> None:
     # Only FP32 points: a ratio of 1 everywhere says nothing; p50.
     latency, label = pareto_latency(table.iloc[:1])
     assert latency.tolist() == [38.0] and "p50" in label
+
+
+def test_language_model_points_get_perplexity_intervals_and_a_size_plot(
+    make_cfg, text_corpus: Path, tmp_path: Path
+) -> None:
+    """An FP32 and a dynamic-PTQ decoder point: perplexity per token and per word equal to what
+    each job recorded, the INT8 model's relative change to the FP32 point inside its bootstrap CI,
+    a verdict at the 2 % margin, and the perplexity-vs-size plot."""
+    points = {}
+    for quant in ("fp32", "ptq_dynamic"):
+        cfg = make_cfg(
+            *LM_FAST,
+            "model=llama_tiny",
+            *TINY_DECODER,
+            f"data.path={text_corpus}",
+            "logger=none",
+            f"quant={quant}",
+            "benchmark=none",
+        )
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        folder = tmp_path / "sweep" / f"quant={quant}"
+        points[quant] = run(
+            to_config(cfg),
+            JobContext(folder, {"quant": quant, "attention": "sdpa"}, resolved_config=resolved),
+        )
+    report = write_report([tmp_path / "sweep"], tmp_path / "report")
+    seeds = pd.read_csv(tmp_path / "report" / "quality_per_seed.csv")
+    rows = {(Path(r["point"]).name, r["model"]): r for r in seeds.to_dict("records")}
+    fp32, int8 = rows["quant=fp32", "fp32"], rows["quant=ptq_dynamic", "int8"]
+    assert fp32["ppl"] == pytest.approx(points["fp32"]["metrics"]["test/ppl"], rel=1e-5)
+    assert fp32["word_ppl"] == pytest.approx(points["fp32"]["metrics"]["test/word_ppl"], rel=1e-5)
+    assert fp32["ppl_low"] < fp32["ppl"] < fp32["ppl_high"]
+    measured = points["ptq_dynamic"]["metrics"]["test/ppl"] / points["fp32"]["metrics"]["test/ppl"] - 1
+    assert int8["delta"] == pytest.approx(measured, abs=1e-6)  # float32 sums in the job, float64 here
+    assert int8["delta_low"] <= int8["delta"] <= int8["delta_high"]
+    assert (
+        int8["verdict"] in ("better", "non-inferior", "inconclusive", "worse")
+        and 0 <= int8["wilcoxon_p"] <= 1
+    )
+    assert (tmp_path / "report" / "ppl_vs_size.png") in report.files
+    assert "word_ppl" in (tmp_path / "report" / "report.md").read_text()

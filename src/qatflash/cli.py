@@ -137,7 +137,12 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--margin",
         type=float,
-        help="non-inferiority margin of the quality verdicts, in accuracy points (default 1)",
+        help="non-inferiority margin of accuracy verdicts, in accuracy points (default 1)",
+    )
+    parser.add_argument(
+        "--ppl-margin",
+        type=float,
+        help="non-inferiority margin of perplexity verdicts, in percent of the reference's (default 2)",
     )
     parser.add_argument("--wandb", action="store_true", help="also log the tables and Pareto plot to W&B")
     parser.add_argument("--wandb-project", default="qatflash")
@@ -147,8 +152,11 @@ def report_main(argv: list[str] | None = None) -> None:
     if missing:
         parser.exit(2, f"qatflash-report: error: {missing} do not exist\n")
     from qatflash.report import log_to_wandb, write_report
+    from qatflash.report.quality import Margins
 
-    report = write_report(args.sweeps, args.out or args.sweeps[0], args.margin)
+    given = {"accuracy": args.margin, "ppl": args.ppl_margin}
+    margins = Margins(**{figure: margin for figure, margin in given.items() if margin is not None})
+    report = write_report(args.sweeps, args.out or args.sweeps[0], margins)
     if report.points == 0:
         parser.exit(
             2, f"qatflash-report: error: no usable results.json under {[str(p) for p in args.sweeps]}\n"

@@ -29,6 +29,16 @@ def _positive_or_null(name: str, value: float | None, null_means: str = "") -> N
     _require(value is None or value > 0, f"{name}={value} must be > 0 or null{null_means}")
 
 
+def _check_step(name: str, value: Any) -> None:
+    """A schedule point: an optimizer step (int >= 0) or a fraction of the fit's steps (float in [0, 1))."""
+    step = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    fraction = isinstance(value, float) and 0 <= value < 1
+    _require(
+        step or fraction,
+        f"{name}={value!r} must be a step (int >= 0) or a fraction of the fit's steps (float in [0, 1))",
+    )
+
+
 # Lightning's precisions, each with the dtype it computes in (autocast for the -mixed ones).
 PRECISIONS = {
     "32-true": "float32",
@@ -121,10 +131,22 @@ class DataConfig:
     kind: str = "classification"
     hub_name: str | None = None
     # Our split name -> hub split spec (slicing allowed, e.g. "train[:90%]"). Local folders hold one
-    # file per split, named train.*, validation.*, test.* (tsv, csv, json, jsonl or parquet).
+    # file per split, named train.*, validation.*, test.* (tsv, csv, json, jsonl or parquet; causal_lm
+    # also txt), unless `files` names them.
     hub_splits: dict[str, str] = field(
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
+    # causal_lm: split -> file inside `path` (e.g. {train: valid.txt, test: test.txt}); `path` may
+    # also be one file, which is then the training text.
+    files: dict[str, str] | None = None
+    # causal_lm: splits carved from the end of the training text, as fractions of its lines
+    # (e.g. {validation: 0.1}): a split named here must not come from a file too.
+    holdout: dict[str, float] = field(default_factory=dict)
+    # causal_lm evaluation: windows of eval_length tokens (null = max_length) that score every token of
+    # the split exactly once; eval_stride < eval_length slides them by that many tokens instead, each
+    # scoring only its new tokens with the rest as context (null = non-overlapping).
+    eval_length: int | None = None
+    eval_stride: int | None = None
     synthetic: SyntheticConfig | None = None
     text_column: str = "sentence"
     label_column: str = "label"
@@ -161,6 +183,20 @@ class DataConfig:
         _require(
             self.num_labels is None or self.num_labels >= 2,
             f"data.num_labels={self.num_labels} must be >= 2 or null (inferred)",
+        )
+        for split, fraction in self.holdout.items():
+            _one_of("data.holdout split", split, ("validation", "test"))
+            _require(0 < fraction < 1, f"data.holdout.{split}={fraction} must be in (0, 1)")
+        _require(sum(self.holdout.values()) < 1, f"data.holdout={dict(self.holdout)} leaves no training text")
+        clash = sorted(set(self.holdout) & set(self.files or {}))
+        _require(not clash, f"data.holdout and data.files both give the split(s) {clash}; choose one")
+        _positive_or_null("data.eval_length", self.eval_length)
+        _positive_or_null("data.eval_stride", self.eval_stride)
+        evaluated = self.eval_length or self.max_length
+        _require(
+            self.eval_stride is None or self.eval_stride < evaluated,
+            f"data.eval_stride={self.eval_stride} must be < the evaluation length {evaluated} "
+            "(null: non-overlapping windows)",
         )
         _require(
             self.header or bool(self.column_names),
@@ -283,10 +319,13 @@ class QuantConfig:
     embeddings: str = "float"
     # ptq_static: training batches that calibrate the observers.
     calibration_batches: int = 32
-    # qat: train in float for this many steps before fake quantization starts ...
-    fake_quant_start_step: int = 0
-    # ... and stop updating observers (scales, zero points) from this step on; null = never.
-    freeze_observers_step: int | None = None
+    # qat: train in float for this many optimizer steps before fake quantization starts ...
+    # (Lightning's convention for limit_*_batches: an int counts steps, a float in [0, 1) is a
+    # fraction of the fit's steps, e.g. 0.75 = fake-quantize the last 25 %; typed Any because
+    # OmegaConf cannot merge an int | float union)
+    fake_quant_start_step: Any = 0
+    # ... and stop updating observers (scales, zero points) from this step (or fraction) on; null = never.
+    freeze_observers_step: Any = None
     # qat (eager api, attention=eager): also fake-quantize the inputs of QKᵀ and probabilities·V.
     attention_matmuls: bool = False
     # eager ptq_static/qat: `quantized` = each INT8 Linear rounds its output to uint8 (torch.ao's
@@ -303,15 +342,15 @@ class QuantConfig:
         _require(
             self.calibration_batches > 0, f"quant.calibration_batches={self.calibration_batches} must be > 0"
         )
-        _require(
-            self.fake_quant_start_step >= 0,
-            f"quant.fake_quant_start_step={self.fake_quant_start_step} must be >= 0",
-        )
-        _require(
-            self.freeze_observers_step is None or self.freeze_observers_step > self.fake_quant_start_step,
-            f"quant.freeze_observers_step={self.freeze_observers_step} must come after "
-            f"quant.fake_quant_start_step={self.fake_quant_start_step}",
-        )
+        _check_step("quant.fake_quant_start_step", self.fake_quant_start_step)
+        if self.freeze_observers_step is not None:
+            _check_step("quant.freeze_observers_step", self.freeze_observers_step)
+            _require(
+                type(self.freeze_observers_step) is not type(self.fake_quant_start_step)
+                or self.freeze_observers_step > self.fake_quant_start_step,
+                f"quant.freeze_observers_step={self.freeze_observers_step} must come after "
+                f"quant.fake_quant_start_step={self.fake_quant_start_step}",
+            )
         _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
         if self.method != "none":
             self._check_eager_features()

@@ -45,6 +45,11 @@ NOT_RESULT_KEYS = ("logger", "force", "sweep_name", "reuse_fp32", "keep_checkpoi
 _ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("task",): {"name": "classification"},  # the task axis: classification was the only task
     ("data", "kind"): "classification",
+    # causal_lm's data keys: the classification data never reads them.
+    ("data", "files"): None,
+    ("data", "holdout"): {},
+    ("data", "eval_length"): None,
+    ("data", "eval_stride"): None,
 }
 # Overrides that never name a point's folder: paths would nest folders; the experiment and the
 # logger name the sweep, not a point.

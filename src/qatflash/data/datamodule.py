@@ -55,15 +55,23 @@ class EpochSeededSampler(Sampler[int]):
         return len(self._sampler())
 
 
-class TextClassificationData(L.LightningDataModule):
+class TokenizedData(L.LightningDataModule):
+    """What every task's data module holds: its config and seed, the tokenizer it makes from the
+    training texts (trained, or the model's own) and the tokenized splits, both set by `setup()`."""
+
     def __init__(self, cfg: DataConfig, tokenizer_factory: TokenizerFactory, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.seed = seed
         self._tokenizer_factory = tokenizer_factory
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self._raw: DatasetDict | None = None
         self.splits: DatasetDict | None = None
+
+
+class TextClassificationData(TokenizedData):
+    def __init__(self, cfg: DataConfig, tokenizer_factory: TokenizerFactory, seed: int = 0) -> None:
+        super().__init__(cfg, tokenizer_factory, seed)
+        self._raw: DatasetDict | None = None
         self.label_names: list[str] = []
         self.sequence_lengths: list[int] = []
         self._train_lengths: list[int] = []

@@ -7,6 +7,7 @@ and sweep point that reads the same files.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from datasets import ClassLabel, DatasetDict, load_dataset
 
@@ -25,17 +26,22 @@ _FORMATS = {
 }
 
 
+def hub_splits(cfg: DataConfig) -> DatasetDict:
+    """The splits of `data.hub_id` (network, or the HF cache) named by `data.hub_splits`."""
+    return DatasetDict(
+        {
+            split: load_dataset(cfg.hub_id, cfg.hub_name, split=spec, cache_dir=cfg.cache_dir)
+            for split, spec in cfg.hub_splits.items()
+        }
+    )
+
+
 def load_splits(cfg: DataConfig, seed: int) -> DatasetDict:
     """train/validation/test with columns `text` (str) and `label` (ClassLabel, ids from 0)."""
     if cfg.path is not None:
         raw = _local_splits(cfg)
     elif cfg.hub_id is not None:
-        raw = DatasetDict(
-            {
-                split: load_dataset(cfg.hub_id, cfg.hub_name, split=spec, cache_dir=cfg.cache_dir)
-                for split, spec in cfg.hub_splits.items()
-            }
-        )
+        raw = hub_splits(cfg)
     else:
         assert cfg.synthetic is not None
         return _as_classlabel(synthetic_splits(cfg.synthetic, seed), cfg)
@@ -48,20 +54,40 @@ def _local_splits(cfg: DataConfig) -> DatasetDict:
         raise ConfigError(
             f"data.path={cfg.path} is not a folder; give a folder holding train/validation/test files"
         )
+    return load_files(cfg, split_files(cfg, folder, SPLITS, _FORMATS), _FORMATS)
+
+
+def split_files(
+    cfg: DataConfig, folder: Path, splits: tuple[str, ...], formats: dict[str, Any]
+) -> dict[str, str]:
+    """The file of each split in `folder`: the one `data.files` names, else `<split>.<format>`."""
     files = {}
-    for split in SPLITS:
-        found = sorted(p for p in folder.iterdir() if p.stem == split and p.suffix in _FORMATS)
+    for split in splits:
+        if cfg.files and split in cfg.files:
+            found = [folder / cfg.files[split]]
+            if not found[0].is_file():
+                raise ConfigError(f"data.files.{split}={cfg.files[split]} is not a file in {folder}")
+        else:
+            found = sorted(p for p in folder.iterdir() if p.stem == split and p.suffix in formats)
         if not found:
             raise ConfigError(
-                f"data.path={cfg.path} has no '{split}' file; expected {split}{{{','.join(_FORMATS)}}}"
+                f"data.path={cfg.path} has no '{split}' file; expected {split}{{{','.join(formats)}}}"
             )
         if found[0].stat().st_size == 0:
             raise ConfigError(f"data.path={cfg.path}: {found[0].name} is empty")
         files[split] = str(found[0])
+    return files
+
+
+def load_files(cfg: DataConfig, files: dict[str, str], formats: dict[str, Any]) -> DatasetDict:
+    """The splits' files parsed by HF datasets (cached as Arrow); one format for all of them."""
     suffixes = {Path(f).suffix for f in files.values()}
     if len(suffixes) != 1:
         raise ConfigError(f"data.path={cfg.path} mixes file formats {sorted(suffixes)}; use one format")
-    builder, kwargs = _FORMATS[suffixes.pop()]
+    suffix = suffixes.pop()
+    if suffix not in formats:
+        raise ConfigError(f"data.path={cfg.path}: {suffix} files are not read; use one of {list(formats)}")
+    builder, kwargs = formats[suffix]
     if builder == "csv" and not cfg.header:
         kwargs = {**kwargs, "header": None, "names": list(cfg.column_names or [])}
     try:
@@ -69,7 +95,7 @@ def _local_splits(cfg: DataConfig) -> DatasetDict:
     except ValueError as error:  # e.g. a header-only file: datasets finds no rows for a split
         raise ConfigError(
             f"data.path={cfg.path}: its {builder} files could not be read ({str(error).splitlines()[0]}); "
-            f"each of {'/'.join(SPLITS)} needs at least one row"
+            f"each of {'/'.join(files)} needs at least one row"
         ) from None
 
 

@@ -24,20 +24,30 @@ class QuantizationAwareTraining(L.Callback):
     def __init__(
         self,
         recipe: Recipe,
-        fake_quant_start_step: int = 0,
-        freeze_observers_step: int | None = None,
+        fake_quant_start_step: int | float = 0,
+        freeze_observers_step: int | float | None = None,
     ) -> None:
         self.recipe = recipe
-        self.start = fake_quant_start_step
-        self.freeze = freeze_observers_step
+        # As configured (a step, or a fraction of the fit's steps); `check_schedule` resolves both
+        # to optimizer steps once the fit's length is known.
+        self.start: int | float = fake_quant_start_step
+        self.freeze: int | float | None = freeze_observers_step
         self.int8_model: nn.Module | None = None
 
     def observing(self, step: int) -> bool:
         return step >= self.start and (self.freeze is None or step < self.freeze)
 
     def check_schedule(self, plan: FitPlan) -> None:
-        """Refuse schedule steps the fit never reaches: observers that never ran leave every INT8
-        activation scale at its initial 1.0, and the job would still finish as if it had trained."""
+        """Resolve fractions to steps of this fit, and refuse schedule steps the fit never reaches:
+        observers that never ran leave every INT8 activation scale at its initial 1.0, and the job
+        would still finish as if it had trained."""
+        self.start = _steps(self.start, plan.steps)
+        self.freeze = _steps(self.freeze, plan.steps) if self.freeze is not None else None
+        if self.freeze is not None and self.freeze <= self.start:
+            raise ConfigError(
+                f"quant.freeze_observers_step resolves to step {self.freeze}, not after "
+                f"quant.fake_quant_start_step's step {self.start} of the fit's {plan.steps}"
+            )
         schedule = (
             ("quant.fake_quant_start_step", self.start, "fake quantization and observers would never run"),
             ("quant.freeze_observers_step", self.freeze, "observers would never freeze (null: never freeze)"),
@@ -90,3 +100,8 @@ class QuantizationAwareTraining(L.Callback):
         self.recipe.set_phase(model, fake_quant=True, observe=False)
         self.int8_model = self.recipe.convert(copy.deepcopy(model))
         return self.int8_model
+
+
+def _steps(point: int | float, steps: int) -> int:
+    """A schedule point in optimizer steps: a float is that fraction of the fit's `steps`."""
+    return int(point * steps) if isinstance(point, float) else point

@@ -63,10 +63,15 @@ class Pt2eRecipe(Recipe):
         # Filled from the float model's config by `prepare`; exported graphs carry no HF config.
         self.vocab_size = 0
         self.max_length: int | None = None
+        self.decoder = False
 
     def example_inputs(self) -> dict[str, torch.Tensor]:
+        """What the graph is traced on: token ids, and for encoders their attention mask (a decoder,
+        one that can generate, is called on token ids alone and builds its causal mask itself)."""
         ids = torch.randint(0, self.vocab_size, _EXAMPLE_SHAPE)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return (
+            {"input_ids": ids} if self.decoder else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        )
 
     def _export(self, model: nn.Module, example: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
         dims = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("seq", min=2, max=self.max_length)}
@@ -78,6 +83,7 @@ class Pt2eRecipe(Recipe):
         self.select_targets(model)
         self.vocab_size = model.config.vocab_size
         self.max_length = max_positions(model.config)
+        self.decoder = model.can_generate()
         qat = self.cfg.method == "qat"
         quantizer = x86.X86InductorQuantizer()
         qconfig = x86.get_default_x86_inductor_quantization_config(is_qat=qat)

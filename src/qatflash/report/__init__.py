@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from qatflash.report.collect import Collected, collect
 from qatflash.report.figures import FIGURES, shipped_latency
-from qatflash.report.quality import over_seeds, per_seed
+from qatflash.report.quality import Margins, over_seeds, per_seed
 
-# The non-inferiority margin of the quality verdicts, in points (`qatflash-report --margin`).
-DEFAULT_MARGIN = 1.0
 # The columns of the Markdown/HTML summary tables (the CSV keeps every column).
 _TRAIN_COLUMNS = {
     "point": "point",
@@ -76,14 +75,15 @@ class Report:
     skipped: list[tuple[str, str]]
 
 
-def write_report(sweeps: list[Path], out: Path, margin: float | None = None) -> Report:
-    """Write every output into `out`; returns what was written and what was skipped. `margin` (in
-    points; default `DEFAULT_MARGIN`) is the non-inferiority margin of the quality verdicts."""
-    margin = DEFAULT_MARGIN if margin is None else margin
+def write_report(sweeps: list[Path], out: Path, margins: Margins | None = None) -> Report:
+    """Write every output into `out`; returns what was written and what was skipped. `margins`
+    (default `Margins()`: 1 accuracy point, 2 % of perplexity) are the non-inferiority margins of
+    the quality verdicts."""
+    margins = margins or Margins()
     collected = collect(sweeps)
     out.mkdir(parents=True, exist_ok=True)
     table = _table(collected)
-    seeds, groups = _quality(table, margin)
+    seeds, groups = _quality(table, margins)
     if not seeds.empty:
         table = _with_intervals(table, seeds)
     files = [out / "results.csv"]
@@ -92,7 +92,7 @@ def write_report(sweeps: list[Path], out: Path, margin: float | None = None) -> 
         if not frame.empty:
             files.append(out / name)
             frame.to_csv(files[-1], index=False)
-    summaries = {**_quality_summaries(seeds, groups, sweeps, margin), **_summaries(table, sweeps)}
+    summaries = {**_quality_summaries(seeds, groups, sweeps, margins), **_summaries(table, sweeps)}
     images: dict[str, Path] = {}
     for name, plot in FIGURES.items():
         figure = plot(table) if not table.empty else None
@@ -107,8 +107,8 @@ def write_report(sweeps: list[Path], out: Path, margin: float | None = None) -> 
     return Report(out, files, len(table), collected.skipped)
 
 
-def _quality(table: pd.DataFrame, margin: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per seed and over seeds, every tested model's accuracy and delta with their intervals."""
+def _quality(table: pd.DataFrame, margins: Margins) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per seed and over seeds, every tested model's quality figure and delta with their intervals."""
     if table.empty:
         return pd.DataFrame(), pd.DataFrame()
     training = table[table["status"] == "ok"]
@@ -116,21 +116,23 @@ def _quality(table: pd.DataFrame, margin: float) -> tuple[pd.DataFrame, pd.DataF
         training = training[training["bench.seq_len"].isna()]
     if training.empty:
         return pd.DataFrame(), pd.DataFrame()
-    seeds = per_seed(training.drop_duplicates("point"), margin)
-    return seeds, over_seeds(seeds, margin)
+    seeds = per_seed(training.drop_duplicates("point"), margins)
+    return seeds, over_seeds(seeds, margins)
 
 
 def _with_intervals(table: pd.DataFrame, seeds: pd.DataFrame) -> pd.DataFrame:
-    """The shipped model's accuracy interval on each training row (the Pareto plot's error bars)."""
-    if "accuracy_low" not in seeds or "params.quant_method" not in table:
+    """The shipped model's headline interval on each training row (the Pareto plot's error bars):
+    accuracy's for test/acc, perplexity's for test/ppl."""
+    if "params.quant_method" not in table:
         return table
-    shipped = seeds[seeds["model"] == seeds["point"].map(_shipped_model(table))]
-    bounds = shipped.set_index("point")[["accuracy_low", "accuracy_high"]]
-    accuracy = table["headline"] == "test/acc"
-    return table.assign(
-        headline_low=table["point"].map(bounds["accuracy_low"]).where(accuracy),
-        headline_high=table["point"].map(bounds["accuracy_high"]).where(accuracy),
-    )
+    shipped = seeds[seeds["model"] == seeds["point"].map(_shipped_model(table))].set_index("point")
+    low, high = pd.Series(np.nan, index=table.index), pd.Series(np.nan, index=table.index)
+    for headline, figure in (("test/acc", "accuracy"), ("test/ppl", "ppl")):
+        if f"{figure}_low" in shipped:
+            rows = table["headline"] == headline
+            low = low.where(~rows, table["point"].map(shipped[f"{figure}_low"]))
+            high = high.where(~rows, table["point"].map(shipped[f"{figure}_high"]))
+    return table.assign(headline_low=low, headline_high=high)
 
 
 def _shipped_model(table: pd.DataFrame) -> pd.Series:
@@ -141,42 +143,51 @@ def _shipped_model(table: pd.DataFrame) -> pd.Series:
 
 
 def _quality_summaries(
-    seeds: pd.DataFrame, groups: pd.DataFrame, sweeps: list[Path], margin: float
+    seeds: pd.DataFrame, groups: pd.DataFrame, sweeps: list[Path], margins: Margins
 ) -> dict[str, pd.DataFrame]:
-    """The quality tables as a reader reads them: figures in points, intervals as [low, high]."""
+    """The quality tables as a reader reads them: accuracies and deltas in points (perplexity's
+    delta in percent), intervals as [low, high]."""
     out = {}
+    margin = f"{margins.accuracy:g}-point accuracy / {margins.ppl:g} % perplexity margin"
     if not groups.empty:
-        out[f"Quality over seeds (95 % intervals; verdict at a {margin:g}-point margin)"] = _readable(groups)
+        out[f"Quality over seeds (95 % intervals; verdict at a {margin})"] = _readable(groups)
     if not seeds.empty:
         readable = seeds.assign(point=[_short(p, sweeps) for p in seeds["point"]])
-        out["Quality per seed (paired bootstrap CI, McNemar's exact test)"] = _readable(
-            readable.drop(columns=["seed_group_hash"])
-        )
+        title = "Quality per seed (paired bootstrap CI; McNemar's exact test, or Wilcoxon over windows)"
+        out[title] = _readable(readable.drop(columns=["seed_group_hash"]))
     return out
 
 
 def _readable(frame: pd.DataFrame) -> pd.DataFrame:
-    """Accuracies and deltas in points with their interval beside them, the rest as it is."""
+    """Each figure with its interval beside it: accuracies and deltas ×100 (points, percent),
+    perplexities as they are; the rest as it is."""
     frame = frame.copy()
-    for name in ("accuracy", "delta"):
+    for name, scale, decimals in (
+        ("accuracy", 100, 2),
+        ("delta", 100, 2),
+        ("ppl", 1, 2),
+        ("word_ppl", 1, 1),
+    ):
         if name in frame:
             frame[name] = [
-                _points(v, lo, hi)
+                _with_interval(v, lo, hi, scale, decimals)
                 for v, lo, hi in zip(frame[name], frame[f"{name}_low"], frame[f"{name}_high"], strict=True)
             ]
             frame = frame.drop(columns=[f"{name}_low", f"{name}_high"])
-    for column in ("t", "mcnemar_p"):
+    if "word_delta" in frame:
+        frame["word_delta"] = (100 * frame["word_delta"]).round(2)
+    for column in ("t", "mcnemar_p", "wilcoxon_p"):
         if column in frame and pd.api.types.is_float_dtype(frame[column]):
             frame[column] = frame[column].round(3)
     return frame.astype(object).where(frame.notna(), "")
 
 
-def _points(value: float, low: float, high: float) -> str:
+def _with_interval(value: float, low: float, high: float, scale: float, decimals: int) -> str:
     if pd.isna(value):
         return ""
     if pd.isna(low):
-        return f"{100 * value:.2f}"
-    return f"{100 * value:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+        return f"{scale * value:.{decimals}f}"
+    return f"{scale * value:.{decimals}f} [{scale * low:.{decimals}f}, {scale * high:.{decimals}f}]"
 
 
 def _table(collected: Collected) -> pd.DataFrame:

@@ -1,5 +1,5 @@
 """The report's plots: quality (each task's headline figure) vs latency with its Pareto frontier,
-attention scaling, INT8 vs FP32 size.
+attention scaling, INT8 vs FP32 size, and language models' perplexity vs the size they ship at.
 
 Each function takes the flat table and returns a matplotlib Figure, or None when the sweep holds
 nothing to plot (a benchmark-only sweep has no accuracy; a training sweep has no sequence scaling).
@@ -199,4 +199,43 @@ def model_sizes(table: pd.DataFrame) -> Figure | None:
     return fig
 
 
-FIGURES = {"pareto": quality_vs_latency, "scaling": attention_scaling, "sizes": model_sizes}
+def perplexity_vs_size(table: pd.DataFrame) -> Figure | None:
+    """Language-modelling jobs: test perplexity (95 % bootstrap interval over windows) against the
+    size of the model each ships (its INT8 artifact, or FP32's state_dict), one colour per recipe."""
+    if "headline" not in table or "model.fp32_bytes" not in table:
+        return None
+    points = table[(table["status"] == "ok") & (table["headline"] == "test/ppl")]
+    if points.empty:
+        return None
+    int8 = (
+        points["model.int8_bytes"]
+        if "model.int8_bytes" in points
+        else pd.Series(float("nan"), index=points.index)
+    )
+    points = points.assign(size_mb=int8.fillna(points["model.fp32_bytes"]) / 1e6)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = itertools.cycle(plt.cm.tab10.colors)
+    for quant, group in points.groupby(points["choices.quant"].astype(str)):
+        ax.errorbar(
+            group["size_mb"],
+            group["headline_value"],
+            yerr=_bars(group["headline_value"], group.get("headline_low"), group.get("headline_high")),
+            color=next(colours),
+            marker="o",
+            linestyle="none",
+            capsize=3,
+            label=quant,
+        )
+    ax.set(xlabel="shipped model size (MB)", ylabel="test perplexity (per token)", title="Perplexity vs size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {
+    "pareto": quality_vs_latency,
+    "scaling": attention_scaling,
+    "sizes": model_sizes,
+    "ppl_vs_size": perplexity_vs_size,
+}

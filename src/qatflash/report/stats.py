@@ -4,10 +4,14 @@
 - Test-set uncertainty of a difference: the paired bootstrap CI of the accuracy delta over the test
   examples (`paired_delta`: percentile method, 10,000 resamples, a fixed seed).
 - McNemar's exact test of two models' disagreements (`mcnemar`).
+- Perplexity over evaluation windows (`perplexity`: exp(total NLL / tokens) with its bootstrap CI
+  over the windows), a perplexity's relative change to a reference's on the same windows
+  (`relative_perplexity`, paired bootstrap) and the Wilcoxon signed-rank test of the windows'
+  per-token NLL differences (`wilcoxon`).
 - A verdict for a shipping decision from a delta's interval and a non-inferiority margin (`verdict`).
 
-All take and give fractions (0.01 = one accuracy point), except the margin, which is in points as
-a reader states it.
+All take and give fractions (0.01 = one accuracy point, or 1 % of a perplexity), except the
+margin, which is in points or percent as a reader states it.
 """
 
 from __future__ import annotations
@@ -88,6 +92,33 @@ def paired_delta(correct: np.ndarray, reference_correct: np.ndarray) -> Interval
     return _bootstrap(samples, lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis), paired=True)
 
 
+def perplexity(nll: np.ndarray, tokens: np.ndarray) -> Interval:
+    """exp(sum of the windows' NLL / sum of their scored tokens), with the bootstrap percentile CI
+    over windows (resampled whole, so a window's tokens stay together)."""
+    samples = (np.asarray(nll, dtype=float), np.asarray(tokens, dtype=float))
+    return _bootstrap(samples, lambda n, t, axis: np.exp(n.sum(axis=axis) / t.sum(axis=axis)), paired=True)
+
+
+def relative_perplexity(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray) -> Interval:
+    """A perplexity over the reference's on the same windows, minus 1 (0.02 = 2 % higher), with the
+    paired bootstrap percentile CI over the windows."""
+    samples = tuple(np.asarray(a, dtype=float) for a in (nll, reference_nll, tokens))
+    return _bootstrap(
+        samples,
+        lambda n, r, t, axis: np.expm1((n.sum(axis=axis) - r.sum(axis=axis)) / t.sum(axis=axis)),
+        paired=True,
+    )
+
+
+def wilcoxon(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray) -> float:
+    """The two-sided Wilcoxon signed-rank p of the windows' per-token NLL differences (1.0 when
+    every window scores the same)."""
+    difference = (np.asarray(nll, dtype=float) - np.asarray(reference_nll, dtype=float)) / tokens
+    if not np.any(difference):
+        return 1.0
+    return float(stats.wilcoxon(difference).pvalue)
+
+
 @dataclass(frozen=True)
 class McNemar:
     b: int  # examples the reference gets right and the model wrong
@@ -108,11 +139,14 @@ def mcnemar(correct: np.ndarray, reference_correct: np.ndarray) -> McNemar:
     return McNemar(b, c, float(stats.binomtest(b, b + c, 0.5).pvalue))
 
 
-def verdict(delta: Interval, margin_points: float) -> str:
-    """What a shipping decision reads from a delta's interval (higher is better), checked in order:
-    better (lower bound above 0), non-inferior (lower bound above −margin), worse (upper bound
-    below −margin), else inconclusive. No interval, no verdict."""
+def verdict(delta: Interval, margin_points: float, higher_is_better: bool = True) -> str:
+    """What a shipping decision reads from a delta's interval, checked in order: better (lower bound
+    above 0), non-inferior (lower bound above −margin), worse (upper bound below −margin), else
+    inconclusive. For a figure where lower is better (perplexity) the delta is read negated. No
+    interval, no verdict."""
     margin = margin_points / 100
+    if not higher_is_better:
+        delta = Interval(-delta.estimate, -delta.high, -delta.low)
     if np.isnan(delta.low) or np.isnan(delta.high):
         return "no interval"
     if delta.low > 0:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 TASKS: Registry[type[Task]] = Registry(
     "task.name",
-    {"classification": "qatflash.tasks.classification:ClassificationTask"},
+    {
+        "classification": "qatflash.tasks.classification:ClassificationTask",
+        "causal_lm": "qatflash.tasks.causal_lm:CausalLMTask",
+    },
     group="qatflash.tasks",
 )

@@ -14,6 +14,7 @@ from qatflash.errors import ConfigError
 
 if TYPE_CHECKING:
     from qatflash.config import Config, SharedRoot
+    from qatflash.quant.recipe import Recipe
 
 
 class Task(ABC):
@@ -66,6 +67,14 @@ class Task(ABC):
     @abstractmethod
     def example_inputs(self, data: L.LightningDataModule) -> dict[str, torch.Tensor]:
         """Real inputs (a test batch, without targets) an exported or reloaded model is checked on."""
+
+    def baseline_metrics(self, data: L.LightningDataModule) -> dict[str, float]:
+        """Figures of a reference model the task computes itself, recorded beside every result."""
+        return {}
+
+    def model_facts(self, hf_config: PretrainedConfig, recipe: Recipe | None) -> dict[str, Any]:
+        """What the model section of results.json says about this task's kind of model."""
+        return {}
 
     @staticmethod
     @abstractmethod
