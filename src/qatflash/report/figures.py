@@ -102,7 +102,9 @@ def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
         return None
     varying = [c for c in varying_coordinates(points) if c != "choices.quant"]
     labels = (
-        points[varying].astype(str).agg(", ".join, axis=1) if varying else pd.Series("", index=points.index)
+        points[varying].fillna("-").astype(str).agg(", ".join, axis=1)
+        if varying
+        else pd.Series("", index=points.index)
     )
     fig, ax = plt.subplots(figsize=(8, 5))
     _draw_points(ax, points, labels, paired)
