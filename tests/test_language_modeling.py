@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LM_FAST, TINY_DECODER, LearnedDecoder
-from datasets import Dataset
 from transformers import AutoConfig
 
 from qatflash.config import DataConfig, to_config
-from qatflash.data.corpus import unigram_word_perplexity
+from qatflash.data.corpus import unigram_word_perplexity, words
 from qatflash.data.language_modeling import IGNORE, packed_blocks, scoring_windows
 from qatflash.errors import ConfigError
 from qatflash.job import JobContext
@@ -111,7 +110,7 @@ def test_trained_bpe_is_the_same_in_another_process(text_corpus: Path) -> None:
 
 
 def test_unigram_baseline_by_hand() -> None:
-    train, test = Dataset.from_dict({"text": ["a a b\n"]}), Dataset.from_dict({"text": ["a c\n"]})
+    train, test = words(["a a b\n"]), words(["a c\n"])
     # counts a=2, b=1: N=3, V=2+1; p(a) = 3/6, p(c) = 1/6 (unseen): perplexity sqrt(12).
     assert unigram_word_perplexity(train, test) == pytest.approx(math.sqrt(12))
 

@@ -164,12 +164,14 @@ def preflight(cfg: Config, task: Task) -> Checked:
     device = resolve_device(cfg.trainer.accelerator)
     declared = declared_config(cfg.model)
     training = training_call(declared)
-    for name, length in (
-        ("data.max_length", cfg.data.max_length),
-        ("data.eval_length", cfg.data.eval_length),
-        ("benchmark.seq_len", cfg.benchmark.seq_len or cfg.data.max_length),
-    ):
-        check_positions(declared, name, length or 0)
+    lengths = {
+        "data.max_length": cfg.data.max_length,
+        "data.eval_length": cfg.data.eval_length,
+        "benchmark.seq_len": cfg.benchmark.seq_len or cfg.data.max_length,
+    }
+    for name, length in lengths.items():
+        if length is not None:
+            check_positions(declared, name, length)
     check_attention(cfg.attention, str(cfg.trainer.precision), device, training)
     backends = (
         {name: TIMING_BACKENDS.create(name) for name in cfg.benchmark.backends}

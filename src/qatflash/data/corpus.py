@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
 
 from qatflash.config import DataConfig
 from qatflash.data.sources import SPLITS, hub_splits, load_files, split_files
@@ -83,15 +83,14 @@ def words(texts: Iterable[str]) -> list[str]:
     return [word for text in texts for word in text.split()]
 
 
-def unigram_word_perplexity(train: Dataset, test: Dataset) -> float:
+def unigram_word_perplexity(train_words: list[str], test_words: list[str]) -> float:
     """The add-one unigram model of the training words, scored on the test words: the baseline
     every language-modelling result is recorded beside.
 
     p(w) = (count(w) + 1) / (N + V), with N training words and V their distinct words plus one
     for every word unseen in training (count 0).
     """
-    counts = Counter(words(train["text"]))
-    total, vocabulary = sum(counts.values()), len(counts) + 1
-    scored = words(test["text"])
-    log_likelihood = sum(math.log((counts.get(w, 0) + 1) / (total + vocabulary)) for w in scored)
-    return math.exp(-log_likelihood / len(scored))
+    counts = Counter(train_words)
+    total, vocabulary = len(train_words), len(counts) + 1
+    log_likelihood = sum(math.log((counts.get(w, 0) + 1) / (total + vocabulary)) for w in test_words)
+    return math.exp(-log_likelihood / len(test_words))

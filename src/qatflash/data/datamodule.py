@@ -67,6 +67,12 @@ class TokenizedData(L.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.splits: DatasetDict | None = None
 
+    def vocabulary_digest(self) -> str:
+        """The tokenizer's whole definition, hashed: part of every cache fingerprint built on its
+        output (datasets cannot hash tokenizers reliably itself)."""
+        assert self.tokenizer is not None, "setup() makes the tokenizer first"
+        return hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
 
 class TextClassificationData(TokenizedData):
     def __init__(self, cfg: DataConfig, tokenizer_factory: TokenizerFactory, seed: int = 0) -> None:
@@ -119,7 +125,7 @@ class TextClassificationData(TokenizedData):
 
     def _tokenize(self, ds: Dataset) -> Dataset:
         tokenizer, max_length = self.tokenizer, self.cfg.max_length
-        vocab = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+        vocab = self.vocabulary_digest()
         fingerprint = hashlib.sha256(
             f"{ds._fingerprint}-{vocab}-{max_length}-{_TOKENIZE_FORMAT}".encode()
         ).hexdigest()[:32]

@@ -97,7 +97,8 @@ class LanguageModelingData(TokenizedData):
             return
         raw = load_corpus(self.cfg)
         self.tokenizer = self._tokenizer_factory(raw["train"]["text"])
-        tokens = DatasetDict({split: self._tokenize(ds) for split, ds in raw.items()})
+        vocabulary = self.vocabulary_digest()
+        tokens = DatasetDict({split: self._tokenize(ds, vocabulary) for split, ds in raw.items()})
         train = self._grouped(tokens["train"], "pack", partial(_pack, length=self.cfg.max_length))
         if self.cfg.train_subset is not None and self.cfg.train_subset < len(train):
             train = train.shuffle(seed=self.seed).select(range(self.cfg.train_subset))
@@ -112,9 +113,10 @@ class LanguageModelingData(TokenizedData):
             split: self._grouped(tokens[split], "windows", windows) for split in ("validation", "test")
         }
         self.splits = DatasetDict({"train": train, **evaluated}).with_format("torch")
-        self.test_words = len(words(raw["test"]["text"]))
+        test_words = words(raw["test"]["text"])
+        self.test_words = len(test_words)
         self.test_tokens = sum(len(ids) for ids in tokens["test"]["input_ids"])
-        self.unigram_word_ppl = unigram_word_perplexity(raw["train"], raw["test"])
+        self.unigram_word_ppl = unigram_word_perplexity(words(raw["train"]["text"]), test_words)
 
     @property
     def _boundary(self) -> int:
@@ -123,10 +125,7 @@ class LanguageModelingData(TokenizedData):
         assert boundary is not None, "causal_lm tokenizers have an EOS token (the task sets one)"
         return boundary
 
-    def _vocabulary(self) -> str:
-        return hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
-
-    def _tokenize(self, ds: Dataset) -> Dataset:
+    def _tokenize(self, ds: Dataset, vocabulary: str) -> Dataset:
         """Token ids per row: a row ending in a line break is a line of running text (a .txt file,
         WikiText's rows) and is tokenized as it is; any other row is a document, closed by EOS."""
         tokenizer = self.tokenizer
@@ -145,7 +144,7 @@ class LanguageModelingData(TokenizedData):
             tokenize,
             batched=True,
             remove_columns=["text"],
-            new_fingerprint=_fingerprint(ds._fingerprint, self._vocabulary()),
+            new_fingerprint=_fingerprint(ds._fingerprint, vocabulary),
             desc="tokenize",
         )
 
