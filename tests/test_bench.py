@@ -248,7 +248,7 @@ def test_cuda_timing_uses_events_and_bounds_the_hosts_lead(monkeypatch: pytest.M
     """Device time per forward from events; the host synchronises before and after the loop, and
     inside it waits for every CUDA_SYNC_EVERY-th forward's end event, never for each forward."""
     from qatflash.config import TimingConfig
-    from qatflash.timing.latency import CUDA_SYNC_EVERY, time_iterations
+    from qatflash.timing.latency import CUDA_SYNC_EVERY, time_in_rounds
 
     cuda = _FakeCuda(monkeypatch)
     timed = 2 * CUDA_SYNC_EVERY + 3
@@ -257,9 +257,10 @@ def test_cuda_timing_uses_events_and_bounds_the_hosts_lead(monkeypatch: pytest.M
     def forward() -> None:
         cuda.gpu_ms += next(durations)
 
-    cfg = TimingConfig(warmup=2, min_iters=timed, min_duration_s=0.0)
-    samples = time_iterations(forward, torch.device("cuda"), cfg)
-    assert samples == [float(1 + i % 5) for i in range(timed)]  # device time per forward, warm-up excluded
+    cfg = TimingConfig(warmup=2, min_iters=timed, min_duration_s=0.0, block_iters=timed)
+    stats = time_in_rounds({"model": (forward, torch.device("cuda"))}, cfg, seq_len=8)["model"].stats
+    expected = [float(1 + i % 5) for i in range(timed)]  # device time per forward, warm-up excluded
+    assert stats.iters == timed and stats.mean_ms == pytest.approx(sum(expected) / timed)
     assert cuda.syncs == 2  # the whole device: before and after the timed loop
     assert cuda.event_syncs == 2  # inside the loop: after forwards 64 and 128 of 131
 

@@ -114,19 +114,19 @@ def bench_app(cfg: DictConfig) -> None:
 
     results = _run_job(cfg, run_benchmark)
     for row in results["latency"]:
-        figures = (
-            f"p50 {row['p50_ms']:.2f} ms (rsd {100 * row['rel_stdev']:.1f}%), peak {row['peak_memory_bytes'] / 2**20:.0f} MiB"
-            if row["status"] == "ok"
-            else f"failed: {row['error']}"
-        )
-        log.info(
-            "%s L=%d B=%d %s: %s",
-            row["attention"],
-            row["seq_len"],
-            row["batch_size"],
-            row["backend"],
-            figures,
-        )
+        log.info("%s", _bench_line(row))
+
+
+def _bench_line(row: dict[str, Any]) -> str:
+    """One benchmark row as the log shows it: the point, the model, its headline figures."""
+    point = f"{row['attention']} L={row['seq_len']} B={row['batch_size']} {row['backend']} {row['quant']}"
+    if row["status"] != "ok":
+        return f"{point}: failed: {row['error']}"
+    figures = f"p50 {row['p50_ms']:.2f} ms (rsd {100 * row['rel_stdev']:.1f}%)"
+    if row["scenario"] == "generate":
+        figures = f"prefill p50 {row['prefill_p50_ms']:.1f} ms, decode {figures} per token"
+    ratio = f", {row['ratio_to_float']:.2f}x float" if "ratio_to_float" in row else ""
+    return f"{point} {row['variant']}: {figures}{ratio}, peak {row['peak_memory_bytes'] / 2**20:.0f} MiB"
 
 
 def report_main(argv: list[str] | None = None) -> None:

@@ -227,7 +227,8 @@ class AttentionConfig:
             )
 
 
-QUANT_METHODS = ("none", "ptq_dynamic", "ptq_static", "qat")
+# ptq_weight_only: weights stored in int8/int4/nf4, activations stay float (the LLM decode baselines).
+QUANT_METHODS = ("none", "ptq_dynamic", "ptq_static", "ptq_weight_only", "qat")
 # torch.backends.quantized engines a recipe may convert for.
 QUANT_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
 # torch.ao observers by name, with the class of torch.ao.quantization each is.
@@ -303,6 +304,36 @@ class TorchaoConfig:
         _positive_or_null("quant.torchao.group_size", self.group_size, " (per channel)")
 
 
+# Weight-only storage formats: int8 per output channel, int4 in groups of input channels, NF4
+# (bitsandbytes' 4-bit NormalFloat, in blocks).
+WEIGHT_ONLY_DTYPES = ("int8", "int4", "nf4")
+
+
+@dataclass
+class WeightOnlyConfig:
+    """What a weight-only recipe (quant.api=packed or bitsandbytes) stores its Linear weights as."""
+
+    weight_dtype: str = "int8"
+    # int4/nf4: one scale per group (block) of this many input channels; int8 has one per output channel.
+    group_size: int | None = None
+    # bitsandbytes int8 (LLM.int8): inputs with a feature above this magnitude run that feature in
+    # float (0 = pure int8).
+    outlier_threshold: float = 6.0
+
+    def __post_init__(self) -> None:
+        _one_of("quant.weight_only.weight_dtype", self.weight_dtype, WEIGHT_ONLY_DTYPES)
+        _require(
+            (self.weight_dtype == "int8") == (self.group_size is None),
+            f"quant.weight_only.group_size={self.group_size} with weight_dtype={self.weight_dtype}: "
+            "int4 and nf4 need a group size (e.g. 32, 64), int8 takes null (per output channel)",
+        )
+        _positive_or_null("quant.weight_only.group_size", self.group_size)
+        _require(
+            self.outlier_threshold >= 0,
+            f"quant.weight_only.outlier_threshold={self.outlier_threshold} must be >= 0",
+        )
+
+
 @dataclass
 class QuantConfig:
     method: str = "none"
@@ -314,6 +345,7 @@ class QuantConfig:
     activation: ObserverConfig | None = None
     weight: ObserverConfig | None = None
     torchao: TorchaoConfig | None = None
+    weight_only: WeightOnlyConfig | None = None
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     # int8: embedding tables quantized weight-only (per-row), about half of a BERT's bytes.
     embeddings: str = "float"
@@ -428,9 +460,14 @@ class LoggerConfig:
         _one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
+# How decode keeps its keys and values: transformers' DynamicCache (grows per token), StaticCache
+# (preallocated to the whole generation), or none (every token re-runs the full sequence).
+KV_CACHES = ("dynamic", "static", "none")
+
+
 @dataclass
 class TimingConfig:
-    """The `benchmark` group: how both apps time forwards."""
+    """The `benchmark` group: how both apps time forwards, and generation (task=causal_lm)."""
 
     enabled: bool = True
     batch_size: int = 1
@@ -446,8 +483,20 @@ class TimingConfig:
     # What runs the timed forwards: names of qatflash.timing.TIMING_BACKENDS (torch (eager),
     # torch_compile, onnxruntime: an optional extra) or module:Class paths of a TimingBackend.
     backends: list[str] = field(default_factory=lambda: ["torch"])
+    # Generation (causal LMs): > 0 times prefill (the prompt's forward, up to the first token) and
+    # then this many greedy decode steps, each its own sample, instead of a plain forward.
+    new_tokens: int = 0
+    kv_cache: str = "dynamic"
+    # Stop timing once this long has passed, even short of min_iters (at least 2 rounds): a budget
+    # that keeps 16k-token CPU points to minutes. null = no cap.
+    max_duration_s: float | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.new_tokens >= 0, f"benchmark.new_tokens={self.new_tokens} must be >= 0 (0: forward only)"
+        )
+        _one_of("benchmark.kv_cache", self.kv_cache, KV_CACHES)
+        _positive_or_null("benchmark.max_duration_s", self.max_duration_s)
         _require(
             bool(self.backends), "benchmark.backends is empty; allowed: " + ", ".join(TIMING_BACKENDS.names())
         )
@@ -557,6 +606,9 @@ class BenchAppConfig(SharedRoot):
     """The root of `qatflash-bench`: the shared groups and the sweep of points, no training."""
 
     bench: BenchConfig = field(default_factory=BenchConfig)
+    # A recipe that needs no data (dynamic or weight-only PTQ), applied to the built model and timed
+    # beside it; fp32 (method none) times the model alone.
+    quant: QuantConfig = MISSING
 
 
 def register_schema() -> None:

@@ -50,6 +50,11 @@ _ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("data", "holdout"): {},
     ("data", "eval_length"): None,
     ("data", "eval_stride"): None,
+    # generation timing and the weight-only recipes' section: off and absent before
+    ("benchmark", "new_tokens"): 0,
+    ("benchmark", "kv_cache"): "dynamic",
+    ("benchmark", "max_duration_s"): None,
+    ("quant", "weight_only"): None,
 }
 # Overrides that never name a point's folder: paths would nest folders; the experiment and the
 # logger name the sweep, not a point.

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from qatflash.attention import TrainingCall, check_attention, check_padding_support
+from qatflash.attention import TrainingCall, check_attention, check_padding_support, forced_kernel
 from qatflash.callbacks import FitStart
 from qatflash.config import PRECISIONS, Config
 from qatflash.finetune_cache import FinetuneCache
@@ -57,6 +57,7 @@ from qatflash.tasks import TASKS
 from qatflash.tasks.task import Task
 from qatflash.timing import TIMING_BACKENDS
 from qatflash.timing.backends import BackendModels, JobTiming, TimingBackend
+from qatflash.timing.generation import generation_figures, generation_rounds
 from qatflash.timing.latency import Contender, measure_side_by_side
 from qatflash.timing.pairing import Conditions, paired_ratios
 
@@ -167,7 +168,8 @@ def preflight(cfg: Config, task: Task) -> Checked:
     lengths = {
         "data.max_length": cfg.data.max_length,
         "data.eval_length": cfg.data.eval_length,
-        "benchmark.seq_len": cfg.benchmark.seq_len or cfg.data.max_length,
+        # a generation's last decode step sits new_tokens past the prompt
+        "benchmark.seq_len": (cfg.benchmark.seq_len or cfg.data.max_length) + cfg.benchmark.new_tokens,
     }
     for name, length in lengths.items():
         if length is not None:
@@ -181,6 +183,10 @@ def preflight(cfg: Config, task: Task) -> Checked:
     for backend in backends.values():
         backend.check()
     recipe = make_recipe(cfg.quant) if cfg.quant.method != "none" else None
+    if recipe is not None:
+        recipe.check_device("cpu")  # a job's quantized model runs on the CPU
+    if cfg.benchmark.enabled:
+        task.check_timing(cfg.benchmark, recipe)
     qat = None
     if recipe is not None and cfg.quant.method == "qat":
         qat = QuantizationAwareTraining(
@@ -400,11 +406,14 @@ def _job_timing(cfg: Config, checked: Checked, data: Data, shipped: Shipped, job
 def time_models(
     cfg: Config, checked: Checked, data: Data, built: Built, shipped: Shipped, evaluated: Evaluated
 ) -> list[dict[str, Any]]:
-    """Every backend's models timed side by side in rounds, each inside the task's LightningModule
-    (the forward testing ran, with any forced SDPA kernel); one latency row each."""
+    """Every backend's models timed side by side in rounds; one latency row each. A forward runs
+    inside the task's LightningModule (the forward testing ran); a generation
+    (`benchmark.new_tokens` > 0) calls the model itself, which takes the KV cache. Both under any
+    forced SDPA kernel."""
+    generating = cfg.benchmark.new_tokens > 0
     timed = {
         key: Contender(
-            checked.task.lightning_module(c.model, data.module).to(c.device),
+            c.model if generating else checked.task.lightning_module(c.model, data.module).to(c.device),
             c.device,
             c.autocast_dtype,
             c.precision,
@@ -412,7 +421,8 @@ def time_models(
         for backend in evaluated.backends
         for key, c in backend.timed.items()
     }
-    return latency_rows(cfg, checked.task, timed, built.hf_config.vocab_size)
+    with forced_kernel(cfg.attention.sdpa_backend if generating else None):
+        return latency_rows(cfg, checked.task, timed, built.hf_config.vocab_size)
 
 
 def latency_rows(
@@ -420,11 +430,22 @@ def latency_rows(
 ) -> list[dict[str, Any]]:
     """One latency record per (variant, backend): what was timed, how, under which host load, the
     figures, and its ratio to the FP32 row timed under the same conditions, paired round by round
-    (the figure an INT8-vs-FP32 decision reads; `qatflash.timing.pairing`)."""
+    (the figure an INT8-vs-FP32 decision reads; `qatflash.timing.pairing`). A generation's row holds
+    decode per token as its own figures and ratios, prefill's under `prefill_`."""
     seq_len = cfg.benchmark.seq_len or cfg.data.max_length
-    timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size, task.timing_inputs)
     threads = cfg.benchmark.threads or torch.get_num_threads()
     conditions = {key: Conditions(c.device.type, key[1], threads) for key, c in timed_models.items()}
+    if cfg.benchmark.new_tokens > 0:
+        inputs = task.timing_inputs(cfg.benchmark.batch_size, seq_len, vocab_size)["input_ids"]
+        generations = generation_rounds(timed_models, cfg.benchmark, inputs)
+        timed = {key: g.decode for key, g in generations.items()}
+        figures = {key: generation_figures(g) for key, g in generations.items()}
+        prefill = paired_ratios({key: g.prefill for key, g in generations.items()}, conditions)
+        extra = {key: {f"prefill_{k}": v for k, v in ratios.items()} for key, ratios in prefill.items()}
+    else:
+        timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size, task.timing_inputs)
+        figures = {key: {**t.stats.as_dict(), "scenario": "forward"} for key, t in timed.items()}
+        extra = {key: {} for key in timed}
     ratios = paired_ratios(timed, conditions)
     return [
         {
@@ -436,9 +457,10 @@ def latency_rows(
             "seq_len": seq_len,
             "batch_size": cfg.benchmark.batch_size,
             "timer": "cuda_event" if conditions[variant, backend].device == "cuda" else "perf_counter",
-            **result.stats.as_dict(),
+            **figures[variant, backend],
             **result.host.as_dict(),
             **ratios[variant, backend],
+            **extra[variant, backend],
         }
         for (variant, backend), result in timed.items()
     ]

@@ -16,12 +16,13 @@ import torch
 from transformers import PretrainedConfig
 
 from qatflash.attention import check_attention, check_model_supports
-from qatflash.bench.points import PointJob, run_point
+from qatflash.bench.points import QUANTIZED, PointJob, run_point
 from qatflash.bench.saved_run import open_run
 from qatflash.config import DTYPE_PRECISIONS, BenchAppConfig
 from qatflash.errors import ConfigError
 from qatflash.job import JobContext, environment, open_job
 from qatflash.models import check_positions, declared_config, model_class
+from qatflash.quant import make_recipe
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
 
@@ -45,9 +46,36 @@ def check_bench(cfg: BenchAppConfig) -> PretrainedConfig:
         hf_config = declared_config(cfg.model)
     for backend in cfg.benchmark.backends:
         TIMING_BACKENDS.create(backend).check(cfg.bench.device, cfg.bench.dtype)
-    check_model_supports(cfg.attention, model_class(hf_config, TASKS.load(cfg.task.name).auto_model))
-    check_positions(hf_config, "bench.seq_lens", list(cfg.bench.seq_lens))
+    task = TASKS.load(cfg.task.name)
+    artifact_recipe = make_recipe(open_run(cfg.bench.artifact).quant) if cfg.bench.artifact else None
+    task.check_timing(cfg.benchmark, artifact_recipe)
+    _check_quant(cfg)
+    check_model_supports(cfg.attention, model_class(hf_config, task.auto_model))
+    # a generation's last decode step sits new_tokens past the prompt
+    check_positions(hf_config, "bench.seq_lens", [s + cfg.benchmark.new_tokens for s in cfg.bench.seq_lens])
     return hf_config
+
+
+# What a benchmark can quantize without data: nothing to calibrate or train.
+DATA_FREE_METHODS = ("none", "ptq_dynamic", "ptq_weight_only")
+
+
+def _check_quant(cfg: BenchAppConfig) -> None:
+    """A `quant` recipe a benchmark applies to the built model: one that needs no data, on a device its
+    kernels run on, and not beside an artifact (which brings its own)."""
+    quant = cfg.quant
+    if quant.method == "none":
+        return
+    if quant.method not in DATA_FREE_METHODS:
+        raise ConfigError(
+            f"quant.method={quant.method} needs data (calibration or training), which qatflash-bench has "
+            f"none of; use a recipe of method {list(DATA_FREE_METHODS[1:])}, or bench.artifact=<a trained run>"
+        )
+    if cfg.bench.artifact is not None:
+        raise ConfigError(
+            f"bench.artifact={cfg.bench.artifact} brings its own quantized model; leave quant=fp32 with it"
+        )
+    make_recipe(quant).check_device(cfg.bench.device)
 
 
 def run_benchmark(cfg: BenchAppConfig, job: JobContext) -> dict[str, Any]:
@@ -62,6 +90,9 @@ def run_benchmark(cfg: BenchAppConfig, job: JobContext) -> dict[str, Any]:
         "isolate": sweep.isolate,
         "artifact": sweep.artifact,
         "sdpa_backend": cfg.attention.sdpa_backend,
+        "quant": job.choices.get("quant", "fp32"),
+        "new_tokens": cfg.benchmark.new_tokens,
+        "kv_cache": cfg.benchmark.kv_cache,
         "overrides": job.overrides,
     }
     with open_job(job, cfg.logger, cfg.seed, params) as opened:
@@ -75,29 +106,43 @@ def run_benchmark(cfg: BenchAppConfig, job: JobContext) -> dict[str, Any]:
             sweep.seq_lens, sweep.batch_sizes, cfg.benchmark.backends
         ):
             point = PointJob(
-                cfg.task,
-                cfg.model,
-                cfg.attention,
-                cfg.benchmark,
-                sweep,
-                seq_len,
-                batch_size,
-                backend,
-                cfg.seed,
+                task=cfg.task,
+                model=cfg.model,
+                attention=cfg.attention,
+                timing=cfg.benchmark,
+                sweep=sweep,
+                quant=cfg.quant,
+                quant_name=params["quant"],
+                seq_len=seq_len,
+                batch_size=batch_size,
+                backend=backend,
+                seed=cfg.seed,
             )
-            record.update("latency", [run_point(point)])
+            record.update("latency", run_point(point))
             record.save()
         tracker.summarize(_summary(record.data["latency"]))
     return record.data
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Flat W&B summary keys: bench/<backend>/L<seq>/B<batch>/<figure>."""
+    """Flat W&B summary keys: bench/<backend>/L<seq>/B<batch>[/<variant>]/<figure> (the variant
+    where a point times a quantized model beside its float one)."""
     summary: dict[str, Any] = {}
     for row in rows:
         prefix = f"bench/{row['backend']}/L{row['seq_len']}/B{row['batch_size']}"
+        if row.get("variant") == QUANTIZED:
+            prefix += f"/{QUANTIZED}"
         summary[f"{prefix}/status"] = row["status"]
-        for key in ("p50_ms", "p90_ms", "rel_stdev", "tokens_per_s", "peak_memory_bytes"):
+        for key in (
+            "p50_ms",
+            "p90_ms",
+            "rel_stdev",
+            "tokens_per_s",
+            "peak_memory_bytes",
+            "prefill_p50_ms",
+            "kv_cache_bytes",
+            "ratio_to_float",
+        ):
             if key in row:
                 summary[f"{prefix}/{key}"] = row[key]
     return summary

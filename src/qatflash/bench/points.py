@@ -8,10 +8,12 @@ the sweep. Out-of-memory is a result (`failed: out of memory`); any other error 
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import resource
 import signal
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,20 +22,22 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from qatflash.bench.saved_run import open_run
-from qatflash.config import AttentionConfig, BenchConfig, ModelConfig, TaskConfig, TimingConfig
+from qatflash.config import AttentionConfig, BenchConfig, ModelConfig, QuantConfig, TaskConfig, TimingConfig
 from qatflash.models import build_model, declared_config, max_positions
 from qatflash.quant import make_recipe
+from qatflash.quant.artifact import serialized_bytes
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
 from qatflash.timing.backends import CompiledBackend, TimingBackend
-from qatflash.timing.host import HostWindow
-from qatflash.timing.latency import LatencyStats, time_iterations
+from qatflash.timing.generation import generate, generation_figures, generation_rounds
+from qatflash.timing.latency import Contender, measure_side_by_side
 from qatflash.timing.memory import (
     address_space_bytes,
     exact_host_allocator,
     peak_memory,
     steady_host_allocator,
 )
+from qatflash.timing.profile import top_ops
 
 OUT_OF_MEMORY = "out of memory"
 # How allocation failures read: CUDA's OutOfMemoryError, or the CPU allocator under an address-space cap.
@@ -49,6 +53,8 @@ class PointJob:
     attention: AttentionConfig
     timing: TimingConfig
     sweep: BenchConfig
+    quant: QuantConfig
+    quant_name: str  # the quant group's choice (fp32, wo_packed_int4, ...), as rows name it
     seq_len: int
     batch_size: int
     backend: str
@@ -64,71 +70,160 @@ class PointJob:
             "device": self.sweep.device,
             "dtype": self.sweep.dtype,
             "artifact": self.sweep.artifact,
+            "quant": self.quant_name,
+            "new_tokens": self.timing.new_tokens,
+            "kv_cache": self.timing.kv_cache if self.timing.new_tokens else None,
         }
 
 
-def _subject(job: PointJob, device: torch.device) -> tuple[nn.Module, PretrainedConfig, TimingBackend]:
-    """The model the point times, its HF config, and the backend that runs it: the task's model of
-    `model` in `bench.dtype`, or a training run's INT8 artifact (compiled where it runs only so)."""
+FLOAT, QUANTIZED = "float", "quantized"
+# Decode steps the profiler records for a breakdown (after prefill): enough to average dispatch.
+PROFILED_TOKENS = 8
+
+
+def _subjects(
+    job: PointJob, device: torch.device
+) -> tuple[dict[str, nn.Module], PretrainedConfig, TimingBackend]:
+    """The models the point times side by side, by variant, with their HF config and the backend:
+    the task's model of `model` in `bench.dtype` (`float`), and with a `quant` recipe its weights
+    quantized without data (`quantized`: dynamic or weight-only PTQ); or a training run's INT8
+    artifact alone (`quantized`; compiled where it runs only so)."""
     backend: TimingBackend = TIMING_BACKENDS.create(job.backend)
-    if job.sweep.artifact is None:
-        task = TASKS.load(job.task.name)
-        hf_config = declared_config(job.model)
-        model = build_model(job.model, job.attention, hf_config, task.auto_model)
-        return model.to(device=device, dtype=getattr(torch, job.sweep.dtype)).eval(), hf_config, backend
-    # check_bench allows artifacts on the CPU in float32 only, their kernels' home
-    run = open_run(job.sweep.artifact)
-    recipe = make_recipe(run.quant)
-    backend = CompiledBackend() if recipe.compiled_only else backend
-    return run.load_int8(recipe, job.attention), run.hf_config(), backend
+    if job.sweep.artifact is not None:  # check_bench allows artifacts on the CPU in float32 only
+        run = open_run(job.sweep.artifact)
+        recipe = make_recipe(run.quant)
+        backend = CompiledBackend() if recipe.compiled_only else backend
+        return {QUANTIZED: run.load_int8(recipe, job.attention)}, run.hf_config(), backend
+    task = TASKS.load(job.task.name)
+    hf_config = declared_config(job.model)
+    model = build_model(job.model, job.attention, hf_config, task.auto_model)
+    model = model.to(device=device, dtype=getattr(torch, job.sweep.dtype)).eval()
+    subjects = {FLOAT: model}
+    if job.quant.method != "none":
+        recipe = make_recipe(job.quant)
+        subjects[QUANTIZED] = recipe.convert(recipe.prepare(copy.deepcopy(model))).to(device)
+    return subjects, hf_config, backend
 
 
-def measure(job: PointJob, isolated: bool) -> dict[str, Any]:
-    """Build, warm up, take the peak memory of one forward, then time forwards; in this process, which
-    is a fresh one of the point's own when `isolated`."""
+def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
+    """Build, warm up, take each model's peak memory of one forward (or generation), then time them
+    side by side; in this process, which is a fresh one of the point's own when `isolated`. One row
+    per model; a quantized row carries its ratio to the float one, paired round by round, and where
+    it is slower a profiler breakdown of both."""
     device = torch.device(job.sweep.device)
     # Only a fresh process may switch its allocator, and before the model exists.
     exact = isolated and device.type == "cpu" and exact_host_allocator()
     if job.timing.threads is not None:
         torch.set_num_threads(job.timing.threads)
     torch.manual_seed(job.seed)
-    model, hf_config, backend = _subject(job, device)
-    make_inputs = TASKS.load(job.task.name).timing_inputs
+    models, hf_config, backend = _subjects(job, device)
+    task = TASKS.load(job.task.name)
     inputs = {
-        k: v.to(device) for k, v in make_inputs(job.batch_size, job.seq_len, hf_config.vocab_size).items()
+        k: v.to(device)
+        for k, v in task.timing_inputs(job.batch_size, job.seq_len, hf_config.vocab_size).items()
     }
-    model = backend.wrap(model, inputs, max_positions(hf_config))
-
-    def forward() -> object:
-        return model(**inputs)
-
+    models = {variant: backend.wrap(m, inputs, max_positions(hf_config)) for variant, m in models.items()}
+    generating = job.timing.new_tokens > 0
+    steps = {
+        variant: _step(model, inputs, job.timing if generating else None) for variant, model in models.items()
+    }
     with torch.inference_mode():
-        if backend.warm_at_full_size:
-            forward()  # compile at this shape; compilation's own memory is not the model's
-        else:  # load lazily initialised kernels and libraries, at a size that costs no memory
-            model(**{k: v[:1, :8] for k, v in inputs.items()})
+        for variant, model in models.items():
+            if backend.warm_at_full_size:
+                steps[variant]()  # compile at this shape; compilation's own memory is not the model's
+            else:  # load lazily initialised kernels and libraries, at a size that costs no memory
+                model(**{k: v[:1, :8] for k, v in inputs.items()})
         _cap_memory(job.sweep.max_memory_gb, device)
-        memory = peak_memory(forward, device, exact)
-        if exact:
-            steady_host_allocator()
-        window = HostWindow()
-        samples = time_iterations(forward, device, job.timing)
-        host = window.load()
-    stats = LatencyStats.from_samples(samples, job.timing.warmup, job.batch_size, job.seq_len)
-    return {
-        **job.describe(),
-        "status": "ok",
-        "error": None,
-        "threads": torch.get_num_threads(),
-        "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
-        "isolated": isolated,
-        "compiled": isinstance(
-            backend, CompiledBackend
-        ),  # pt2e INT8 artifacts run compiled whatever the backend
-        **memory,
-        **stats.as_dict(),
-        **host.as_dict(),
-    }
+        memory = {variant: peak_memory(step, device, exact) for variant, step in steps.items()}
+    if exact:
+        steady_host_allocator()
+    timing = replace(job.timing, batch_size=job.batch_size)
+    contenders = {variant: Contender(model, device) for variant, model in models.items()}
+    if generating:
+        times = generation_rounds(contenders, timing, inputs["input_ids"])
+        figures = {v: generation_figures(t) for v, t in times.items()}
+        timed = {v: t.decode for v, t in times.items()}
+        prefill = {v: t.prefill for v, t in times.items()}
+    else:
+        timed = measure_side_by_side(
+            contenders,
+            timing,
+            job.seq_len,
+            hf_config.vocab_size,
+            lambda *_: {k: v.cpu() for k, v in inputs.items()},
+        )
+        figures = {v: {**t.stats.as_dict(), "scenario": "forward"} for v, t in timed.items()}
+    rows = []
+    for variant, model in models.items():
+        row = {
+            **job.describe(),
+            "variant": variant,
+            "status": "ok",
+            "error": None,
+            "threads": torch.get_num_threads(),
+            "timer": "cuda_event" if device.type == "cuda" else "perf_counter",
+            "isolated": isolated,
+            "compiled": isinstance(
+                backend, CompiledBackend
+            ),  # pt2e INT8 artifacts run compiled whatever the backend
+            "weight_bytes": serialized_bytes(model),
+            **memory[variant],
+            **figures[variant],
+            **timed[variant].host.as_dict(),
+        }
+        if variant == QUANTIZED and FLOAT in timed:
+            row.update({f"{k}_to_float": v for k, v in timed[QUANTIZED].ratio_to(timed[FLOAT]).items()})
+            if generating:
+                paired = prefill[QUANTIZED].ratio_to(prefill[FLOAT])
+                row.update({f"prefill_{k}_to_float": v for k, v in paired.items()})
+        rows.append(row)
+    if len(rows) == 2 and rows[1]["ratio_to_float"] > 1:
+        for row, model in zip(rows, models.values(), strict=True):
+            row["profile"] = _breakdown(model, inputs, job.timing, device, generating)
+    return rows
+
+
+def _step(
+    model: nn.Module, inputs: dict[str, torch.Tensor], generation: TimingConfig | None
+) -> Callable[[], object]:
+    """One forward, or one whole generation (prefill + decode) when timing generation."""
+    if generation is None:
+        return lambda: model(**inputs)
+    return lambda: generate(model, inputs["input_ids"], generation.new_tokens, generation.kv_cache)
+
+
+def _breakdown(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    timing: TimingConfig,
+    device: torch.device,
+    generating: bool,
+) -> list[dict[str, Any]]:
+    """Top ops over `PROFILED_TOKENS` decode steps after an unprofiled prefill, or over block_iters forwards."""
+
+    def run(start: Callable[[], None]) -> None:
+        with torch.inference_mode():
+            if generating:
+                started = []
+
+                def timer(phase: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+                    if phase == "decode" and not started:
+                        started.append(start())
+                    return step()
+
+                generate(
+                    model,
+                    inputs["input_ids"],
+                    min(timing.new_tokens, PROFILED_TOKENS),
+                    timing.kv_cache,
+                    timer,
+                )
+            else:
+                start()
+                for _ in range(timing.block_iters):
+                    model(**inputs)
+
+    return top_ops(run, device)
 
 
 def _cap_memory(max_gb: float | None, device: torch.device) -> None:
@@ -144,11 +239,11 @@ def _cap_memory(max_gb: float | None, device: torch.device) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes() + limit, hard))
 
 
-def failed(job: PointJob, error: str) -> dict[str, Any]:
-    return {**job.describe(), "status": "failed", "error": error}
+def failed(job: PointJob, error: str) -> list[dict[str, Any]]:
+    return [{**job.describe(), "status": "failed", "error": error}]
 
 
-def measure_or_oom(job: PointJob, isolated: bool) -> dict[str, Any]:
+def measure_or_oom(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
     """`measure`, with running out of memory recorded as the point's result."""
     try:
         return measure(job, isolated)
@@ -167,8 +262,8 @@ def _child(job: PointJob, send: Connection) -> None:
         send.close()
 
 
-def run_point(job: PointJob) -> dict[str, Any]:
-    """The point's row, measured in a fresh spawned process when `bench.isolate` (the default)."""
+def run_point(job: PointJob) -> list[dict[str, Any]]:
+    """The point's rows (one per model timed), measured in a fresh spawned process when `bench.isolate` (the default)."""
     if not job.sweep.isolate:
         return measure_or_oom(job, isolated=False)
     ctx = mp.get_context("spawn")

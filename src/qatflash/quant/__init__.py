@@ -1,4 +1,4 @@
-"""Quantization recipes (torch.ao eager, torchao, pt2e) behind one set of verbs (recipe.py), name-based
+"""Quantization recipes (torch.ao eager, torchao, pt2e, weight-only: torch's packed kernels, bitsandbytes) behind one set of verbs (recipe.py), name-based
 targeting, the QAT callback, INT8 artifacts, and shipping a model as INT8 (ship.py).
 
 `quant.api` names a recipe class in RECIPES, imported only when a run uses it: torchao is loaded by
@@ -21,6 +21,9 @@ RECIPES: Registry[type[Recipe]] = Registry(
         "eager": "qatflash.quant.eager:EagerRecipe",
         "torchao": "qatflash.quant.torchao_recipe:TorchaoRecipe",
         "pt2e": "qatflash.quant.pt2e:Pt2eRecipe",
+        "packed": "qatflash.quant.weight_only:PackedRecipe",
+        "bitsandbytes": "qatflash.quant.weight_only:BitsAndBytesRecipe",
+        "gptq": "qatflash.quant.weight_only:GptqRecipe",
     },
     group="qatflash.quant_apis",
 )

@@ -49,6 +49,11 @@ class Recipe(ABC):
             f"quant.engine={cfg.engine}: quant.api={cfg.api} targets {', '.join(cls.engines)}",
         )
 
+    @classmethod  # noqa: B027 - most APIs run on any device: nothing to refuse by default
+    def check_device(cls, device: str) -> None:
+        """Refuse a device (cpu, cuda) this API's quantized kernels do not run on; a job's INT8
+        model runs on the CPU, a benchmark's on `bench.device`."""
+
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg
         self.targets: list[str] = []

@@ -77,9 +77,10 @@ def build(name: str, spec: dict[str, Any]) -> Any:
 
 
 class TorchaoRecipe(Recipe):
-    """QAT (`qat`) or dynamic PTQ (`ptq_dynamic`) of the targeted Linears, weight-only int8 embeddings."""
+    """QAT (`qat`), dynamic PTQ (`ptq_dynamic`) or weight-only PTQ (`ptq_weight_only`) of the targeted
+    Linears, with weight-only int8 embeddings."""
 
-    methods = ("ptq_dynamic", "qat")
+    methods = ("ptq_dynamic", "ptq_weight_only", "qat")
 
     @classmethod
     def check_config(cls, cfg: QuantConfig) -> None:

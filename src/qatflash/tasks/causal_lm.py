@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from qatflash.config import ModelConfig
+from qatflash.config import ModelConfig, TimingConfig
 from qatflash.data.language_modeling import LanguageModelingData
+from qatflash.errors import require
 from qatflash.language_model import CausalLanguageModel
 from qatflash.models import load_tokenizer, model_config, train_bpe
 from qatflash.quant.recipe import Recipe
@@ -41,6 +42,23 @@ class CausalLMTask(Task):
     headline = "test/ppl"
     higher_is_better = False
     auto_model = AutoModelForCausalLM
+
+    @classmethod
+    def check_timing(cls, timing: TimingConfig, recipe: Recipe | None) -> None:
+        """Generation feeds a KV cache to the model's own forward, which eager torch runs; an exported
+        or compiled forward (onnxruntime, torch_compile, a pt2e INT8 program) takes none."""
+        if timing.new_tokens == 0:
+            return
+        require(
+            list(timing.backends) == ["torch"],
+            f"benchmark.backends={list(timing.backends)} with benchmark.new_tokens={timing.new_tokens}: "
+            "generation with a KV cache runs through eager torch only; use benchmark.backends=[torch]",
+        )
+        require(
+            recipe is None or not recipe.compiled_only,
+            f"quant.api={recipe.cfg.api if recipe else None} runs its INT8 only as a compiled one-forward "
+            "program, which cannot decode with a KV cache; use benchmark.new_tokens=0 with it",
+        )
 
     def data_module(self) -> LanguageModelingData:
         return LanguageModelingData(self.cfg.data, partial(lm_tokenizer, self.cfg.model), self.cfg.seed)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from qatflash.errors import ConfigError
+from qatflash.errors import ConfigError, require
 
 if TYPE_CHECKING:
-    from qatflash.config import Config, SharedRoot
+    from qatflash.config import Config, SharedRoot, TimingConfig
     from qatflash.quant.recipe import Recipe
 
 
@@ -38,6 +38,15 @@ class Task(ABC):
                 f"data.kind={cfg.data.kind!r} is data for another task; task={cfg.task.name} reads "
                 f"data.kind={cls.data_kind!r}"
             )
+
+    @classmethod
+    def check_timing(cls, timing: TimingConfig, recipe: Recipe | None) -> None:
+        """Refuse timing this task cannot do: generation (benchmark.new_tokens > 0) is a causal LM's."""
+        require(
+            timing.new_tokens == 0,
+            f"benchmark.new_tokens={timing.new_tokens} times generation, which task={cls.data_kind} does not do; "
+            "use benchmark.new_tokens=0 (or task=causal_lm)",
+        )
 
     @property
     def objective(self) -> list[str]:

@@ -27,6 +27,8 @@ from qatflash.timing.host import HostLoad, HostWindow
 K = TypeVar("K")
 # Inside a CUDA timing loop the host waits for the device every this many forwards (see above).
 CUDA_SYNC_EVERY = 64
+# At least this many rounds are timed even when benchmark.max_duration_s runs out first.
+MIN_ROUNDS_UNDER_CAP = 2
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,6 @@ class LatencyStats:
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
-
-
-def time_iterations(step: Callable[[], object], device: torch.device, cfg: TimingConfig) -> list[float]:
-    """Run `step` `cfg.warmup` times untimed, then until both `min_iters` and `min_duration_s` are met."""
-    for _ in range(cfg.warmup):
-        step()
-    return _time_block(
-        step, device, lambda count, elapsed_s: count >= cfg.min_iters and elapsed_s >= cfg.min_duration_s
-    )
 
 
 def _time_block(
@@ -196,8 +189,11 @@ def time_in_rounds(
     samples: dict[K, list[float]] = {key: [] for key in steps}
     blocks: dict[K, list[float]] = {key: [] for key in steps}
     order = list(steps)
-    window = HostWindow()
-    while not all(_enough(times, cfg) for times in samples.values()):
+    window, started, rounds = HostWindow(), time.perf_counter(), 0
+    while not all(_enough(times, cfg) for times in samples.values()) and not over_budget(
+        cfg, time.perf_counter() - started, rounds
+    ):
+        rounds += 1
         for key in order:
             step, device = steps[key]
             block = _time_block(step, device, lambda count, _: count >= cfg.block_iters)
@@ -222,6 +218,13 @@ def _forward(contender: Contender, inputs: dict[str, torch.Tensor]) -> Callable[
             return contender.model(**inputs)
 
     return step
+
+
+def over_budget(cfg: TimingConfig, elapsed_s: float, rounds: int) -> bool:
+    """Whether `benchmark.max_duration_s` has run out, once the rounds a paired ratio needs are in."""
+    return (
+        cfg.max_duration_s is not None and elapsed_s >= cfg.max_duration_s and rounds >= MIN_ROUNDS_UNDER_CAP
+    )
 
 
 def _enough(samples_ms: list[float], cfg: TimingConfig) -> bool:

@@ -1,0 +1,274 @@
+"""Generation timing for causal LMs: the KV cache reproduces full-forward logits, its bytes are
+accounted, prefill/decode rows in jobs and benchmarks (cache on/off, batch > 1), the weight-only
+recipes end to end on a tiny decoder, the profiler breakdown, and the refusals."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LM_FAST, TINY_DECODER, LearnedDecoder
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from qatflash.bench.app import run_benchmark
+from qatflash.config import TimingConfig, to_config
+from qatflash.errors import ConfigError
+from qatflash.job import JobContext
+from qatflash.pipeline import run
+from qatflash.quant.weight_only import BitsAndBytesRecipe, PackedRecipe
+from qatflash.timing.generation import full_sequence_logits, generate, kv_cache_bytes
+from qatflash.timing.latency import time_in_rounds
+from qatflash.timing.profile import top_ops
+
+CHOICES = {"task": "causal_lm", "model": "llama_tiny", "data": "text"}
+QUICK_TIMING = ["benchmark.warmup=1", "benchmark.min_iters=2", "benchmark.min_duration_s=0"]
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_cached_decode_reproduces_the_full_forward(learned_decoder: LearnedDecoder, kv_cache: str) -> None:
+    """32 greedy tokens decoded from the cache give, at every step, the logits one forward over
+    prompt + tokens gives (to 1e-5), on both decoder families."""
+    model = AutoModelForCausalLM.from_pretrained(learned_decoder.folder).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        generated = generate(model, prompt, 32, kv_cache)
+        full = full_sequence_logits(model, prompt, generated)
+    cached = torch.stack(generated.logits, dim=1)
+    assert cached.shape == full.shape == (2, 33, model.config.vocab_size)
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+    assert len(torch.unique(generated.tokens)) > 1  # a learned model, not one repeated token
+
+
+def _decoder(layers: int = 2, kv_heads: int = 2, head_dim: int = 16) -> torch.nn.Module:
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=4 * head_dim,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_kv_cache_bytes_are_keys_and_values_of_every_layer() -> None:
+    """2 (keys, values) x layers x batch x kv heads x positions x head dim x 4 bytes; a static cache
+    holds its whole preallocation, none holds nothing."""
+    model, prompt = _decoder(layers=3, kv_heads=2), torch.zeros(2, 10, dtype=torch.long)
+    with torch.inference_mode():
+        dynamic = generate(model, prompt, 5, "dynamic")
+        static = generate(model, prompt, 5, "static")
+        none = generate(model, prompt, 5, "none")
+    per_position = 2 * 3 * 2 * 2 * 16 * 4
+    assert kv_cache_bytes(dynamic.cache) == per_position * (10 + 5)  # the last token is never fed back
+    assert kv_cache_bytes(static.cache) == per_position * (10 + 5 + 1)
+    assert none.cache is None and kv_cache_bytes(none.cache) == 0
+    assert torch.equal(dynamic.tokens, none.tokens) and torch.equal(static.tokens, none.tokens)
+
+
+def test_decode_feeds_one_token_with_a_cache_and_the_whole_sequence_without() -> None:
+    model, seen = _decoder(), []
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    with torch.inference_mode():
+        generate(model, torch.zeros(1, 6, dtype=torch.long), 3, "dynamic")
+        assert seen == [6, 1, 1, 1]
+        seen.clear()
+        generate(model, torch.zeros(1, 6, dtype=torch.long), 3, "none")
+    assert seen == [6, 7, 8, 9]
+
+
+def test_rounds_stop_at_the_time_budget_after_two_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = {"now": 0.0}
+
+    def step() -> None:
+        clock["now"] += 1.0  # a one-second forward
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    cfg = TimingConfig(warmup=0, min_iters=1000, min_duration_s=0, block_iters=2, max_duration_s=3.0)
+    timed = time_in_rounds({"a": (step, torch.device("cpu")), "b": (step, torch.device("cpu"))}, cfg, 8)
+    # the budget ran out within round 1, but a paired ratio needs 2 rounds: 2 blocks of 2 each
+    assert timed["a"].stats.iters == timed["b"].stats.iters == 4
+    assert len(timed["a"].block_medians_ms) == 2
+
+
+def _lm_job(make_cfg, corpus: Path, folder: Path, *overrides: str) -> dict:
+    cfg = to_config(
+        make_cfg(
+            *LM_FAST, "model=llama_tiny", *TINY_DECODER, f"data.path={corpus}", "logger=none", *overrides
+        )
+    )
+    return run(cfg, JobContext(folder=folder, choices=CHOICES))
+
+
+def test_a_job_times_prefill_and_decode_of_fp32_and_int8_side_by_side(
+    make_cfg, text_corpus: Path, tmp_path: Path
+) -> None:
+    results = _lm_job(
+        make_cfg,
+        text_corpus,
+        tmp_path,
+        "quant=wo_packed_int8",
+        "trainer.max_steps=2",
+        "benchmark.new_tokens=4",
+        "benchmark.batch_size=2",
+        "benchmark.seq_len=24",
+    )
+    assert results["status"] == "ok", results["error"]
+    rows = {row["variant"]: row for row in results["latency"]}
+    assert set(rows) == {"fp32", "int8"}
+    for row in rows.values():
+        assert row["scenario"] == "generate" and row["seq_len"] == 24 and row["batch_size"] == 2
+        assert row["iters"] >= 2 * 4 and row["prefill_iters"] >= 2  # per token; per generation
+        assert row["tokens_per_s"] == pytest.approx(2 * 1000 / row["p50_ms"])  # generated tokens, both rows
+        assert row["prefill_tokens_per_s"] == pytest.approx(2 * 24 * 1000 / row["prefill_p50_ms"])
+        assert row["kv_cache_bytes"] == 2 * 2 * 2 * 1 * (24 + 4) * 32 * 4
+    int8 = rows["int8"]
+    assert int8["ratio_reference"] == int8["prefill_ratio_reference"] == "fp32/torch"
+    assert int8["ratio_to_fp32"] > 0 and int8["prefill_ratio_to_fp32"] > 0
+    assert results["model"]["quantized_modules"] == 2 * 7 + 1  # every block Linear and the LM head
+
+
+def _bench(make_bench_cfg, folder: Path, *overrides: str) -> dict:
+    cfg = to_config(
+        make_bench_cfg(
+            "task=causal_lm",
+            "model=llama_tiny",
+            *TINY_DECODER,
+            "logger=none",
+            "bench.isolate=false",
+            "bench.seq_lens=[64]",
+            *QUICK_TIMING,
+            *overrides,
+        )
+    )
+    return run_benchmark(cfg, JobContext(folder=folder, choices={"quant": cfg.quant.method}))
+
+
+def test_a_benchmark_point_times_a_quantized_decoder_beside_its_float_one(
+    make_bench_cfg, tmp_path: Path
+) -> None:
+    results = _bench(
+        make_bench_cfg,
+        tmp_path,
+        "quant=wo_packed_int4",
+        "bench.seq_lens=[16,64]",
+        "benchmark.new_tokens=4",
+        "benchmark.kv_cache=static",
+    )
+    rows = results["latency"]
+    assert [(r["seq_len"], r["variant"]) for r in rows] == [
+        (16, "float"),
+        (16, "quantized"),
+        (64, "float"),
+        (64, "quantized"),
+    ]
+    for float_row, quantized in (rows[:2], rows[2:]):
+        assert quantized["weight_bytes"] < 0.6 * float_row["weight_bytes"]
+        assert quantized["rounds_to_float"] >= 2 and quantized["prefill_rounds_to_float"] >= 2
+        assert quantized["kv_cache_bytes"] == float_row["kv_cache_bytes"] > 0
+        assert "peak_memory_bytes" in float_row and quantized["kv_cache"] == "static"
+        slower = quantized["ratio_to_float"] > 1
+        assert ("profile" in quantized) == slower and ("profile" in float_row) == slower
+
+
+def test_a_slow_schemes_breakdown_names_its_kernel() -> None:
+    """The profile of a weight-only int8 decoder's decode steps shows where the time went: the
+    packed int8 matmul, and none of the prefill that came before the profiler started."""
+    model = _decoder()
+    recipe = PackedRecipe(to_config_quant("wo_packed_int8"))
+    quantized = recipe.convert(recipe.prepare(model))
+    prompt = torch.zeros(1, 8, dtype=torch.long)
+
+    def run_decode(start) -> None:
+        started = []
+
+        def timer(phase, step):
+            if phase == "decode" and not started:
+                started.append(start())
+            return step()
+
+        with torch.inference_mode():
+            generate(quantized, prompt, 4, "dynamic", timer)
+
+    ops = {op["op"]: op for op in top_ops(run_decode, torch.device("cpu"))}
+    assert "aten::_weight_int8pack_mm" in ops
+    # 4 decode steps x (7 block Linears x 2 layers + the LM head); prefill's 15 calls are not counted
+    assert ops["aten::_weight_int8pack_mm"]["calls"] == 4 * 15
+
+
+def to_config_quant(name: str):
+    from omegaconf import OmegaConf
+
+    from qatflash.config import QuantConfig
+
+    path = Path(__file__).parents[1] / "conf" / "quant" / f"{name}.yaml"
+    loaded = OmegaConf.load(path)
+    loaded.pop("defaults", None)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantConfig), loaded))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["quant=gptq"], r"quant.api=gptq: GPTQ's kernels are CUDA-only, and no maintained implementation"),
+        # as on a machine where flash-attn is installed: the CUDA check is what refuses it here
+        (
+            ["attention=flash_attention_2", "attention.requires_module=null"],
+            "attention=flash_attention_2 needs a CUDA GPU, but this run is on cpu",
+        ),
+        (["quant=ptq_static"], r"quant.method=ptq_static needs data \(calibration or training\)"),
+        (
+            ["benchmark.new_tokens=4", "benchmark.backends=[torch_compile]"],
+            "generation with a KV cache runs through eager torch only",
+        ),
+        (
+            ["bench.seq_lens=[250]", "benchmark.new_tokens=8"],
+            r"bench.seq_lens holds \[258\], beyond the model's position limit 256",
+        ),
+    ],
+)
+def test_bench_refusals(make_bench_cfg, tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _bench(make_bench_cfg, tmp_path, *overrides)
+
+
+def test_generation_is_refused_for_classification(make_bench_cfg, tmp_path: Path) -> None:
+    cfg = to_config(make_bench_cfg("model=tiny_bert", "logger=none", "benchmark.new_tokens=4"))
+    with pytest.raises(
+        ConfigError, match=r"benchmark\.new_tokens=4 times generation, which task=classification does not do"
+    ):
+        run_benchmark(cfg, JobContext(folder=tmp_path, choices={}))
+
+
+def test_packed_kernels_are_refused_on_cuda_and_bitsandbytes_without_a_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(
+        ConfigError, match=r"quant\.api=packed runs torch's CPU weight-only kernels; bench\.device=cuda"
+    ):
+        PackedRecipe.check_device("cuda")
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})
+    with pytest.raises(
+        ConfigError,
+        match=r"bitsandbytes has no backend for device 'cpu' in this install; it supports \['cuda'\]",
+    ):
+        BitsAndBytesRecipe.check_device("cpu")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ConfigError, match=r"needs the bitsandbytes package: pip install 'qatflash\[bnb\]'"):
+        BitsAndBytesRecipe.check_config(to_config_quant("wo_bnb_nf4"))
+
+
+def test_a_job_refuses_generation_it_cannot_time(make_cfg, text_corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"quant\.api=pt2e runs its INT8 only as a compiled one-forward program"
+    ):
+        _lm_job(make_cfg, text_corpus, tmp_path, "quant=qat_pt2e_x86", "benchmark.new_tokens=4")
