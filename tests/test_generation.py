@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import LM_FAST, TINY_DECODER, LearnedDecoder
@@ -19,6 +20,8 @@ from qatflash.errors import ConfigError
 from qatflash.job import JobContext
 from qatflash.pipeline import run
 from qatflash.quant.weight_only import BitsAndBytesRecipe, PackedRecipe
+from qatflash.report import write_report
+from qatflash.report.figures import quality_vs_latency
 from qatflash.timing.generation import full_sequence_logits, generate, kv_cache_bytes
 from qatflash.timing.latency import time_in_rounds
 from qatflash.timing.profile import top_ops
@@ -134,6 +137,15 @@ def test_a_job_times_prefill_and_decode_of_fp32_and_int8_side_by_side(
     assert int8["ratio_to_fp32"] > 0 and int8["prefill_ratio_to_fp32"] > 0
     assert results["model"]["quantized_modules"] == 2 * 7 + 1  # every block Linear and the LM head
 
+    # The report reads it as perplexity against decode per token, with prefill in a second panel.
+    report = write_report([tmp_path], tmp_path / "report")
+    figure = quality_vs_latency(pd.read_csv(report.folder / "results.csv"))
+    assert [ax.get_xlabel().split(" /")[0] for ax in figure.axes] == [
+        "decode latency per token",
+        "prefill latency",
+    ]
+    assert "shipped / FP32 prefill (paired)" in (report.folder / "report.md").read_text()
+
 
 def _bench(make_bench_cfg, folder: Path, *overrides: str) -> dict:
     cfg = to_config(
@@ -176,6 +188,12 @@ def test_a_benchmark_point_times_a_quantized_decoder_beside_its_float_one(
         assert "peak_memory_bytes" in float_row and quantized["kv_cache"] == "static"
         slower = quantized["ratio_to_float"] > 1
         assert ("profile" in quantized) == slower and ("profile" in float_row) == slower
+
+    report = write_report([tmp_path], tmp_path / "report")
+    assert report.folder / "generation.png" in report.files
+    assert report.folder / "scaling.png" not in report.files  # no forward was timed
+    markdown = (report.folder / "report.md").read_text()
+    assert "prefill p50 ms" in markdown and "quantized / float (paired)" in markdown
 
 
 def test_a_slow_schemes_breakdown_names_its_kernel() -> None:
@@ -272,3 +290,39 @@ def test_a_job_refuses_generation_it_cannot_time(make_cfg, text_corpus: Path, tm
         ConfigError, match=r"quant\.api=pt2e runs its INT8 only as a compiled one-forward program"
     ):
         _lm_job(make_cfg, text_corpus, tmp_path, "quant=qat_pt2e_x86", "benchmark.new_tokens=4")
+
+
+def test_on_cuda_each_step_is_timed_by_events_read_after_one_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's Event and synchronize replaced at that boundary only: every prefill and decode step
+    gets its own pair of events, and none is read before the device is synchronised."""
+    from qatflash.timing.generation import _PhaseClock
+
+    device = {"ms": 0.0, "synced": False}
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at = 0.0
+
+        def record(self) -> None:
+            self.at = device["ms"]
+
+        def elapsed_time(self, end: Event) -> float:
+            assert device["synced"], "an event read before the device was synchronised"
+            return end.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda _=None: device.update(synced=True))
+    clock = _PhaseClock(torch.device("cuda"))
+
+    def work(ms: float):
+        def step() -> torch.Tensor:
+            device["ms"] += ms
+            return torch.zeros(1)
+
+        return step
+
+    clock("prefill", work(30.0))
+    for ms in (2.0, 3.0, 4.0):
+        clock("decode", work(ms))
+    assert clock.samples() == {"prefill": [30.0], "decode": [2.0, 3.0, 4.0]}

@@ -33,6 +33,8 @@ _TRAIN_COLUMNS = {
     "latency.fp32.torch.p50_ms": "FP32 p50 ms",
     "shipped_p50_ms": "shipped p50 ms",
     "shipped_ratio_to_fp32": "shipped / FP32 latency (paired)",
+    "shipped_prefill_p50_ms": "shipped prefill p50 ms",
+    "shipped_prefill_ratio_to_fp32": "shipped / FP32 prefill (paired)",
     "shipped_host_busy": "host busy",
     "metrics.model/size_ratio": "INT8/FP32 size",
     "error": "error",
@@ -45,10 +47,19 @@ _BENCH_COLUMNS = {
     "bench.dtype": "dtype",
     "bench.seq_len": "tokens",
     "bench.batch_size": "batch",
-    "bench.p50_ms": "p50 ms",
+    "bench.quant": "quant",
+    "bench.variant": "model",
+    "bench.scenario": "timed",
+    "bench.prefill_p50_ms": "prefill p50 ms",
+    "bench.p50_ms": "p50 ms (decode: per token)",
     "bench.rel_stdev": "rel. stdev",
+    "bench.tokens_per_s": "tokens/s",
+    "bench.ratio_to_float": "quantized / float (paired)",
+    "bench.prefill_ratio_to_float": "prefill quantized / float (paired)",
     "bench.host_busy": "host busy",
     "peak_mib": "peak MiB",
+    "kv_cache_mib": "KV cache MiB",
+    "weight_mib": "weights MiB",
     "bench.status": "status",
     "bench.error": "error",
 }
@@ -61,7 +72,15 @@ _DECIMALS = {
     "latency.fp32.torch.p50_ms": 1,
     "shipped_p50_ms": 1,
     "shipped_ratio_to_fp32": 2,
+    "shipped_prefill_p50_ms": 1,
+    "shipped_prefill_ratio_to_fp32": 2,
     "bench.p50_ms": 1,
+    "bench.prefill_p50_ms": 1,
+    "bench.tokens_per_s": 1,
+    "bench.ratio_to_float": 2,
+    "bench.prefill_ratio_to_float": 2,
+    "kv_cache_mib": 1,
+    "weight_mib": 1,
     "bench.rel_stdev": 3,
     "peak_mib": 1,
 }
@@ -197,8 +216,15 @@ def _table(collected: Collected) -> pd.DataFrame:
         table["shipped_p50_ms"] = shipped_latency(table)
         table["shipped_ratio_to_fp32"] = shipped_latency(table, "ratio_to_fp32")
         table["shipped_host_busy"] = shipped_latency(table, "host_busy")
-        if "bench.peak_memory_bytes" in table:
-            table["peak_mib"] = table["bench.peak_memory_bytes"] / 2**20
+        table["shipped_prefill_p50_ms"] = shipped_latency(table, "prefill_p50_ms")
+        table["shipped_prefill_ratio_to_fp32"] = shipped_latency(table, "prefill_ratio_to_fp32")
+        for column, source in (
+            ("peak_mib", "bench.peak_memory_bytes"),
+            ("kv_cache_mib", "bench.kv_cache_bytes"),
+            ("weight_mib", "bench.weight_bytes"),
+        ):
+            if source in table:
+                table[column] = table[source] / 2**20
         if "bench.attention" in table:
             table["attention_kernel"] = _attention_kernels(table)
     return table

@@ -37,6 +37,13 @@ _LATENCY_FIGURES = (
     "iters",
     "seq_len",
     "batch_size",
+    # generation rows: the figures above are decode's (per token); prefill's and the cache beside them
+    "scenario",
+    "prefill_p50_ms",
+    "prefill_ratio_to_fp32",
+    "prefill_ratio_p10_to_fp32",
+    "prefill_ratio_p90_to_fp32",
+    "kv_cache_bytes",
 )
 
 

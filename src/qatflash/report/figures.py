@@ -1,5 +1,7 @@
-"""The report's plots: quality (each task's headline figure) vs latency with its Pareto frontier,
-attention scaling, INT8 vs FP32 size, and language models' perplexity vs the size they ship at.
+"""The report's plots: quality (each task's headline figure) vs latency with its Pareto frontier
+(decode and prefill for generation), attention scaling, generation scaling (prefill, decode
+tokens/s and memory with the KV cache against context), INT8 vs FP32 size, and language models'
+perplexity vs the size they ship at.
 
 Each function takes the flat table and returns a matplotlib Figure, or None when the sweep holds
 nothing to plot (a benchmark-only sweep has no accuracy; a training sweep has no sequence scaling).
@@ -57,23 +59,33 @@ def pareto_mask(latency: pd.Series, accuracy: pd.Series) -> pd.Series:
     return keep
 
 
-def pareto_latency(table: pd.DataFrame) -> tuple[pd.Series, str]:
-    """The accuracy-vs-latency plot's x values and label: paired ratios to FP32 where every point has one.
+def pareto_latency(table: pd.DataFrame, phase: str = "") -> tuple[pd.Series, str]:
+    """The quality-vs-latency plot's x values and label: paired ratios to FP32 where every point has one.
 
     On a shared host a point's absolute p50 carries the load of the minutes it ran in; the ratio of
     its INT8 to the FP32 timed in alternating rounds in the same job does not. A job that ships
     FP32 is its own reference (1). Without a quantized point, or with a point lacking a ratio (older
-    results), the axis is p50 in ms.
+    results), the axis is p50 in ms. `phase`: "" for a row's own figures (a forward, or a
+    generation's decode per token), "prefill_" for a generation's prefill.
     """
-    p50 = shipped_latency(table)
-    ratio = shipped_latency(table, "ratio_to_fp32")
+    p50 = shipped_latency(table, f"{phase}p50_ms")
+    ratio = shipped_latency(table, f"{phase}ratio_to_fp32")
     int8_p50 = [c for c in table if c.startswith("latency.int8.") and c.endswith(".p50_ms")]
     quantized = table[int8_p50].notna().any(axis=1) if int8_p50 else pd.Series(False, index=table.index)
     paired = ratio.mask(~quantized & ratio.isna(), 1.0)
     timed = p50.notna()
-    if quantized[timed].any() and paired[timed].notna().all():
-        return paired, "latency / FP32 latency (paired within each job; INT8 where quantized)"
-    return p50, "latency p50 (ms, INT8 where quantized)"
+    what = _timed_what(table, phase)
+    if timed.any() and quantized[timed].any() and paired[timed].notna().all():
+        return paired, f"{what} / FP32's (paired within each job; INT8 where quantized)"
+    return p50, f"{what} p50 (ms, INT8 where quantized)"
+
+
+def _timed_what(table: pd.DataFrame, phase: str) -> str:
+    """What a latency figure times: a forward, a generation's decode (per token) or its prefill."""
+    if phase == "prefill_":
+        return "prefill latency"
+    generating = (shipped_latency(table, "scenario") == "generate").any()
+    return "decode latency per token" if generating else "latency"
 
 
 def varying_coordinates(points: pd.DataFrame) -> list[str]:
@@ -85,29 +97,41 @@ def varying_coordinates(points: pd.DataFrame) -> list[str]:
 
 
 def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
-    """Each job's headline figure (test accuracy for classification) against its shipped model's
-    latency, with the Pareto frontier ringed. Vertical bars: the figure's 95 % bootstrap interval
-    over the test examples; horizontal bars: the paired latency ratio's p10-p90 over rounds. Colour
-    is the quantization recipe, and each other coordinate that varies is in the point's label, with
-    a marker per combination of them."""
+    """Each job's headline figure (test accuracy, or perplexity) against its shipped model's latency,
+    with the Pareto frontier ringed; for generation, decode per token, and prefill in a second panel.
+    Vertical bars: the figure's 95 % bootstrap interval over the test examples; horizontal bars: the
+    paired latency ratio's p10-p90 over rounds. Colour is the quantization recipe, and each other
+    coordinate that varies is in the point's label, with a marker per combination of them."""
     if "headline_value" not in table:
         return None
     points = table[table["status"] == "ok"]
-    latency, xlabel = pareto_latency(points)
-    paired = "paired" in xlabel
-    spread = {q: shipped_latency(points, f"ratio_{q}_to_fp32") for q in ("p10", "p90")}
-    points = points.assign(latency=latency, x_low=spread["p10"], x_high=spread["p90"])
-    points = points.dropna(subset=["headline_value", "latency"])
-    if points.empty:
+    phases = [""] + (["prefill_"] if shipped_latency(points, "prefill_p50_ms").notna().any() else [])
+    drawn = [(phase, _quality_points(points, phase)) for phase in phases]
+    drawn = [(phase, p, label) for phase, (p, label) in drawn if not p.empty]
+    if not drawn:
         return None
+    fig, axes = plt.subplots(1, len(drawn), figsize=(8 * len(drawn), 5), squeeze=False)
+    for ax, (_, phase_points, xlabel) in zip(axes[0], drawn, strict=True):
+        _quality_panel(ax, phase_points, xlabel)
+    fig.tight_layout()
+    return fig
+
+
+def _quality_points(points: pd.DataFrame, phase: str) -> tuple[pd.DataFrame, str]:
+    latency, xlabel = pareto_latency(points, phase)
+    spread = {q: shipped_latency(points, f"{phase}ratio_{q}_to_fp32") for q in ("p10", "p90")}
+    points = points.assign(latency=latency, x_low=spread["p10"], x_high=spread["p90"])
+    return points.dropna(subset=["headline_value", "latency"]), xlabel
+
+
+def _quality_panel(ax: Any, points: pd.DataFrame, xlabel: str) -> None:
     varying = [c for c in varying_coordinates(points) if c != "choices.quant"]
     labels = (
         points[varying].fillna("-").astype(str).agg(", ".join, axis=1)
         if varying
         else pd.Series("", index=points.index)
     )
-    fig, ax = plt.subplots(figsize=(8, 5))
-    _draw_points(ax, points, labels, paired)
+    _draw_points(ax, points, labels, "paired" in xlabel)
     better = points["headline_value"].where(points["higher_is_better"], -points["headline_value"])
     front = points[pareto_mask(points["latency"], better)].sort_values("latency")
     ax.step(front["latency"], front["headline_value"], where="post", color="black", lw=1, ls="--")
@@ -121,11 +145,9 @@ def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
     )
     metric = " / ".join(sorted(points["headline"].astype(str).unique()))
     legend_title = ", ".join(c.split(".", 1)[1] for c in varying) or None
-    ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs latency")
+    ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs {xlabel.split(' /')[0].split(' p50')[0]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", title=f"quant ({legend_title})" if legend_title else "quant")
-    fig.tight_layout()
-    return fig
 
 
 def _draw_points(ax: Any, points: pd.DataFrame, labels: pd.Series, paired: bool) -> None:
@@ -156,29 +178,88 @@ def _bars(centre: pd.Series, low: pd.Series | None, high: pd.Series | None) -> l
     return [(centre - low).fillna(0).clip(lower=0).tolist(), (high - centre).fillna(0).clip(lower=0).tolist()]
 
 
-def attention_scaling(table: pd.DataFrame) -> Figure | None:
+def _bench_points(table: pd.DataFrame, scenario: str) -> pd.DataFrame:
+    """A benchmark's ok rows of one scenario (rows from before generation timing are forwards)."""
     if "bench.seq_len" not in table:
-        return None
+        return table.iloc[:0]
     points = table[(table["status"] == "ok") & (table.get("bench.status") == "ok")]
-    if points.empty:
-        return None
-    fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (attention, backend, device, dtype, batch), group in points.groupby(
-        ["attention_kernel", "bench.backend", "bench.device", "bench.dtype", "bench.batch_size"]
-    ):
-        group = group.sort_values("bench.seq_len")
-        label = f"{attention} ({backend}, {device} {dtype}, batch {int(batch)})"
-        lat.plot(group["bench.seq_len"], group["bench.p50_ms"], marker="o", label=label)
-        mem.plot(group["bench.seq_len"], group["peak_mib"], marker="o", label=label)
+    rows = points.get("bench.scenario", pd.Series("forward", index=points.index)).fillna("forward")
+    return points[rows == scenario]
+
+
+def _bench_label(row_keys: tuple[Any, ...]) -> str:
+    attention, backend, device, dtype, batch, quant, variant = row_keys
+    model = f"{quant} {variant}" if str(quant) not in ("fp32", "nan", "None") else "float"
+    return f"{attention} {model} ({backend}, {device} {dtype}, batch {int(batch)})"
+
+
+_BENCH_SERIES = [
+    "attention_kernel",
+    "bench.backend",
+    "bench.device",
+    "bench.dtype",
+    "bench.batch_size",
+    "bench.quant",
+    "bench.variant",
+]
+
+
+def _series(points: pd.DataFrame) -> Any:
+    """The benchmark's lines: one per attention, backend, device, dtype, batch and model timed."""
+    keyed = points.assign(**{c: points[c] if c in points else "fp32" for c in _BENCH_SERIES[-2:]})
+    keyed = keyed.fillna({c: "fp32" for c in _BENCH_SERIES[-2:]})
+    for keys, group in keyed.groupby(_BENCH_SERIES):
+        yield _bench_label(keys), group.sort_values("bench.seq_len")
+
+
+def _length_axes(axes: Any, points: pd.DataFrame, ylabels: list[str]) -> None:
     lengths = sorted(int(n) for n in points["bench.seq_len"].unique())
-    for ax, ylabel in ((lat, "latency p50 (ms)"), (mem, "peak memory of one forward (MiB)")):
+    for ax, ylabel in zip(axes, ylabels, strict=True):
         ax.set_xscale("log", base=2)
         ax.set(yscale="log", xlabel="sequence length (tokens)", ylabel=ylabel)
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+
+
+def attention_scaling(table: pd.DataFrame) -> Figure | None:
+    """Benchmarks of one forward: latency and peak memory against sequence length."""
+    points = _bench_points(table, "forward")
+    if points.empty:
+        return None
+    fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, group in _series(points):
+        lat.plot(group["bench.seq_len"], group["bench.p50_ms"], marker="o", label=label)
+        mem.plot(group["bench.seq_len"], group["peak_mib"], marker="o", label=label)
+    _length_axes((lat, mem), points, ["latency p50 (ms)", "peak memory of one forward (MiB)"])
     fig.suptitle("Attention scaling")
+    fig.tight_layout()
+    return fig
+
+
+def generation_scaling(table: pd.DataFrame) -> Figure | None:
+    """Benchmarks of generation against context length: prefill latency, decode tokens/s, and the
+    peak memory of one generation with the KV cache's share of it (dashed)."""
+    points = _bench_points(table, "generate")
+    if points.empty:
+        return None
+    fig, (prefill, decode, mem) = plt.subplots(1, 3, figsize=(16, 4.5))
+    colours = itertools.cycle(plt.cm.tab10.colors)
+    for label, group in _series(points):
+        colour = next(colours)
+        x = group["bench.seq_len"]
+        prefill.plot(x, group["bench.prefill_p50_ms"], marker="o", color=colour, label=label)
+        decode.plot(x, group["bench.tokens_per_s"], marker="o", color=colour, label=label)
+        mem.plot(x, group["peak_mib"], marker="o", color=colour, label=f"{label}: peak")
+        mem.plot(x, group["bench.kv_cache_bytes"] / 2**20, ls="--", color=colour, label=f"{label}: KV cache")
+    ylabels = [
+        "prefill latency p50 (ms)",
+        "decode tokens/s (p50 per token)",
+        "memory of one generation (MiB)",
+    ]
+    _length_axes((prefill, decode, mem), points, ylabels)
+    fig.suptitle("Generation scaling: prefill, decode and memory against context length")
     fig.tight_layout()
     return fig
 
@@ -238,6 +319,7 @@ def perplexity_vs_size(table: pd.DataFrame) -> Figure | None:
 FIGURES = {
     "pareto": quality_vs_latency,
     "scaling": attention_scaling,
+    "generation": generation_scaling,
     "sizes": model_sizes,
     "ppl_vs_size": perplexity_vs_size,
 }
