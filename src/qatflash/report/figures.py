@@ -206,7 +206,7 @@ _BENCH_SERIES = [
 
 def _series(points: pd.DataFrame) -> Any:
     """The benchmark's lines: one per attention, backend, device, dtype, batch and model timed."""
-    keyed = points.assign(**{c: points[c] if c in points else "fp32" for c in _BENCH_SERIES[-2:]})
+    keyed = points.assign(**{c: points.get(c, "fp32") for c in _BENCH_SERIES[-2:]})
     keyed = keyed.fillna({c: "fp32" for c in _BENCH_SERIES[-2:]})
     for keys, group in keyed.groupby(_BENCH_SERIES):
         yield _bench_label(keys), group.sort_values("bench.seq_len")
