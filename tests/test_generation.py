@@ -107,7 +107,12 @@ def _lm_job(make_cfg, corpus: Path, folder: Path, *overrides: str) -> dict:
             *LM_FAST, "model=llama_tiny", *TINY_DECODER, f"data.path={corpus}", "logger=none", *overrides
         )
     )
-    return run(cfg, JobContext(folder=folder, choices=CHOICES))
+    choices = {
+        **CHOICES,
+        "quant": cfg.quant.api,
+        "attention": cfg.attention.implementation,
+    }  # as Hydra records them
+    return run(cfg, JobContext(folder=folder, choices=choices))
 
 
 def test_a_job_times_prefill_and_decode_of_fp32_and_int8_side_by_side(
