@@ -22,9 +22,8 @@ from qatflash.pipeline import run
 from qatflash.quant.weight_only import BitsAndBytesRecipe, PackedRecipe
 from qatflash.report import write_report
 from qatflash.report.figures import quality_vs_latency
-from qatflash.timing.generation import full_sequence_logits, generate, kv_cache_bytes
+from qatflash.timing.generation import full_sequence_logits, generate, kv_cache_bytes, profile_decode
 from qatflash.timing.latency import time_in_rounds
-from qatflash.timing.profile import top_ops
 
 CHOICES = {"task": "causal_lm", "model": "llama_tiny", "data": "text"}
 QUICK_TIMING = ["benchmark.warmup=1", "benchmark.min_iters=2", "benchmark.min_duration_s=0"]
@@ -207,20 +206,9 @@ def test_a_slow_schemes_breakdown_names_its_kernel() -> None:
     model = _decoder()
     recipe = PackedRecipe(to_config_quant("wo_packed_int8"))
     quantized = recipe.convert(recipe.prepare(model))
-    prompt = torch.zeros(1, 8, dtype=torch.long)
-
-    def run_decode(start) -> None:
-        started = []
-
-        def timer(phase, step):
-            if phase == "decode" and not started:
-                started.append(start())
-            return step()
-
-        with torch.inference_mode():
-            generate(quantized, prompt, 4, "dynamic", timer)
-
-    ops = {op["op"]: op for op in top_ops(run_decode, torch.device("cpu"))}
+    ops = {
+        op["op"]: op for op in profile_decode(quantized, torch.zeros(1, 8, dtype=torch.long), 4, "dynamic")
+    }
     assert "aten::_weight_int8pack_mm" in ops
     # 4 decode steps x (7 block Linears x 2 layers + the LM head); prefill's 15 calls are not counted
     assert ops["aten::_weight_int8pack_mm"]["calls"] == 4 * 15

@@ -29,7 +29,7 @@ from qatflash.quant.artifact import serialized_bytes
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
 from qatflash.timing.backends import CompiledBackend, TimingBackend
-from qatflash.timing.generation import generate, generation_figures, generation_rounds
+from qatflash.timing.generation import generate, generation_figures, generation_rounds, profile_decode
 from qatflash.timing.latency import Contender, measure_side_by_side
 from qatflash.timing.memory import (
     address_space_bytes,
@@ -200,30 +200,18 @@ def _breakdown(
     generating: bool,
 ) -> list[dict[str, Any]]:
     """Top ops over `PROFILED_TOKENS` decode steps after an unprofiled prefill, or over block_iters forwards."""
+    if generating:
+        return profile_decode(
+            model, inputs["input_ids"], min(timing.new_tokens, PROFILED_TOKENS), timing.kv_cache
+        )
 
-    def run(start: Callable[[], None]) -> None:
+    def forwards(start: Callable[[], None]) -> None:
         with torch.inference_mode():
-            if generating:
-                started = []
+            start()
+            for _ in range(timing.block_iters):
+                model(**inputs)
 
-                def timer(phase: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
-                    if phase == "decode" and not started:
-                        started.append(start())
-                    return step()
-
-                generate(
-                    model,
-                    inputs["input_ids"],
-                    min(timing.new_tokens, PROFILED_TOKENS),
-                    timing.kv_cache,
-                    timer,
-                )
-            else:
-                start()
-                for _ in range(timing.block_iters):
-                    model(**inputs)
-
-    return top_ops(run, device)
+    return top_ops(forwards, device)
 
 
 def _cap_memory(max_gb: float | None, device: torch.device) -> None:

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache
 from qatflash.config import TimingConfig
 from qatflash.timing.host import HostWindow
 from qatflash.timing.latency import Contender, LatencyStats, SideBySide, over_budget
+from qatflash.timing.profile import top_ops
 
 K = TypeVar("K")
 
@@ -95,6 +96,26 @@ def generate(
         logits.append(timer("decode", lambda fed=fed: forward(fed)))
         tokens.append(logits[-1].argmax(-1, keepdim=True))
     return GenerationRun(torch.cat(tokens, dim=1), logits, cache)
+
+
+def profile_decode(
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int, kv_cache: str
+) -> list[dict[str, Any]]:
+    """torch.profiler's top operators over `new_tokens` decode steps of one generation; its prefill
+    runs before the profiler starts, so that a decode breakdown is not a prefill one."""
+    device = input_ids.device
+
+    def run(start: Callable[[], None]) -> None:
+        def timer(phase: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+            if phase == "decode" and not started:
+                started.append(start())
+            return step()
+
+        started: list[None] = []
+        with torch.inference_mode():
+            generate(model, input_ids, new_tokens, kv_cache, timer)
+
+    return top_ops(run, device)
 
 
 def full_sequence_logits(model: nn.Module, input_ids: torch.Tensor, run: GenerationRun) -> torch.Tensor:
