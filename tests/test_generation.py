@@ -258,13 +258,17 @@ def test_generation_is_refused_for_classification(make_bench_cfg, tmp_path: Path
         run_benchmark(cfg, JobContext(folder=tmp_path, choices={}))
 
 
-def test_packed_kernels_are_refused_on_cuda_and_bitsandbytes_without_a_backend(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_packed_kernels_are_refused_on_cuda() -> None:
     with pytest.raises(
         ConfigError, match=r"quant\.api=packed runs torch's CPU weight-only kernels; bench\.device=cuda"
     ):
         PackedRecipe.check_device("cuda")
+
+
+@pytest.mark.needs("bnb")
+def test_bitsandbytes_is_refused_without_a_backend_for_the_device_or_without_the_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import bitsandbytes
 
     monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})

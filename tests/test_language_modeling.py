@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LM_FAST, TINY_DECODER, LearnedDecoder
+from conftest import LM_FAST, TINY_DECODER, LearnedDecoder, needs_extra
 from transformers import AutoConfig
 
 from qatflash.config import DataConfig, to_config
@@ -216,7 +216,7 @@ def test_every_recipe_on_both_decoder_families(
 
 
 @pytest.mark.parametrize("learned_decoder", ["llama_tiny"], indirect=True)
-@pytest.mark.parametrize("recipe", list(WEIGHT_ONLY_BOUNDS))
+@pytest.mark.parametrize("recipe", [needs_extra(r) for r in WEIGHT_ONLY_BOUNDS])
 def test_every_weight_only_recipe_end_to_end(
     make_cfg, text_corpus: Path, learned_decoder: LearnedDecoder, tmp_path: Path, recipe: str
 ) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, needs_extra
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.ao import quantization as tq
 from torch.ao.nn import quantized as nnq
@@ -61,7 +61,7 @@ def _tiny_bert(vocab_size: int = 60) -> torch.nn.Module:
 INT8_ACCURACY_DROP = 8 / 256
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", [needs_extra(r) for r in RECIPES])
 def test_every_recipe_trains_converts_evaluates_and_reloads(
     make_cfg, learned_model, tmp_path: Path, recipe: str
 ) -> None:
