@@ -82,11 +82,14 @@ def train_app(cfg: DictConfig) -> float | tuple[float, ...] | None:
 
     results = _run_job(cfg, run)
     headline = (results.get("task") or {}).get("headline", "test/acc")
-    latency = (results["latency"] or [{}])[0]
+    latency = (results["latency"] or [{}])[0]  # the reference row: FP32 on the job's first backend
+    what = "decode p50 per token" if latency.get("scenario") == "generate" else "latency p50"
     log.info(
-        "%s=%.4f latency p50=%s ms -> %s",
+        "%s=%.4f %s %s=%s ms -> %s",
         headline,
         results["metrics"].get(headline, float("nan")),
+        "/".join((latency.get("variant", "-"), latency.get("backend", "-"))),
+        what,
         f"{latency['p50_ms']:.2f}" if latency else "n/a",
         HydraConfig.get().runtime.output_dir,
     )
