@@ -68,7 +68,7 @@ def test_kv_cache_bytes_are_keys_and_values_of_every_layer() -> None:
         none = generate(model, prompt, 5, "none")
     per_position = 2 * 3 * 2 * 2 * 16 * 4
     assert kv_cache_bytes(dynamic.cache) == per_position * (10 + 5)  # the last token is never fed back
-    assert kv_cache_bytes(static.cache) == per_position * (10 + 5 + 1)
+    assert kv_cache_bytes(static.cache) == per_position * (10 + 5)  # allocated up front, all used
     assert none.cache is None and kv_cache_bytes(none.cache) == 0
     assert torch.equal(dynamic.tokens, none.tokens) and torch.equal(static.tokens, none.tokens)
 
@@ -98,6 +98,33 @@ def test_rounds_stop_at_the_time_budget_after_two_rounds(monkeypatch: pytest.Mon
     # the budget ran out within round 1, but a paired ratio needs 2 rounds: 2 blocks of 2 each
     assert timed["a"].stats.iters == timed["b"].stats.iters == 4
     assert len(timed["a"].block_medians_ms) == 2
+
+
+def test_generation_rounds_stop_at_the_time_budget_and_use_the_cache_asked_for() -> None:
+    from qatflash.timing.generation import generation_rounds
+    from qatflash.timing.latency import Contender
+
+    cfg = TimingConfig(min_iters=1000, min_duration_s=0, max_duration_s=1e-9, new_tokens=3, kv_cache="none")
+    contenders = {
+        "a": Contender(_decoder(), torch.device("cpu")),
+        "b": Contender(_decoder(), torch.device("cpu")),
+    }
+    times = generation_rounds(contenders, cfg, torch.zeros(1, 6, dtype=torch.long))
+    for timed in times.values():
+        assert timed.prefill.stats.iters == 2 and timed.decode.stats.iters == 2 * 3
+        assert len(timed.decode.block_medians_ms) == 2
+        assert timed.kv_cache_bytes == 0  # the cache asked for: none
+
+
+def test_int4_group_sizes_the_kernel_does_not_take_are_refused() -> None:
+    from qatflash.config import QuantConfig, WeightOnlyConfig
+
+    cfg = QuantConfig(method="ptq_weight_only", api="packed", weight_only=WeightOnlyConfig("int4", 32))
+    cfg.weight_only = WeightOnlyConfig("int4", 16)
+    with pytest.raises(
+        ConfigError, match=r"group_size=16: quant\.api=packed's int4 kernel takes \[32, 64, 128, 256\]"
+    ):
+        PackedRecipe.check_config(cfg)
 
 
 def _lm_job(make_cfg, corpus: Path, folder: Path, *overrides: str) -> dict:
@@ -132,7 +159,8 @@ def test_a_job_times_prefill_and_decode_of_fp32_and_int8_side_by_side(
     assert set(rows) == {"fp32", "int8"}
     for row in rows.values():
         assert row["scenario"] == "generate" and row["seq_len"] == 24 and row["batch_size"] == 2
-        assert row["iters"] >= 2 * 4 and row["prefill_iters"] >= 2  # per token; per generation
+        # decode samples are per token (4 per generation), prefill's per generation
+        assert row["prefill_iters"] >= 2 and row["iters"] == 4 * row["prefill_iters"]
         assert row["tokens_per_s"] == pytest.approx(2 * 1000 / row["p50_ms"])  # generated tokens, both rows
         assert row["prefill_tokens_per_s"] == pytest.approx(2 * 24 * 1000 / row["prefill_p50_ms"])
         assert row["kv_cache_bytes"] == 2 * 2 * 2 * 1 * (24 + 4) * 32 * 4
@@ -188,7 +216,9 @@ def test_a_benchmark_point_times_a_quantized_decoder_beside_its_float_one(
     for float_row, quantized in (rows[:2], rows[2:]):
         assert quantized["weight_bytes"] < 0.6 * float_row["weight_bytes"]
         assert quantized["rounds_to_float"] >= 2 and quantized["prefill_rounds_to_float"] >= 2
-        assert quantized["kv_cache_bytes"] == float_row["kv_cache_bytes"] > 0
+        # the static cache: 2 x 2 layers x 1 KV head x (prompt + 4 new) x head dim 32 x 4 bytes
+        length = float_row["seq_len"] + 4
+        assert quantized["kv_cache_bytes"] == float_row["kv_cache_bytes"] == 2 * 2 * 1 * length * 32 * 4
         assert "peak_memory_bytes" in float_row and quantized["kv_cache"] == "static"
         slower = quantized["ratio_to_float"] > 1
         assert ("profile" in quantized) == slower and ("profile" in float_row) == slower
@@ -309,7 +339,8 @@ def test_on_cuda_each_step_is_timed_by_events_read_after_one_sync(monkeypatch: p
             return end.at - self.at
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda _=None: device.update(synced=True))
+    syncs: list[None] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda _=None: syncs.append(device.update(synced=True)))
     clock = _PhaseClock(torch.device("cuda"))
 
     def work(ms: float):
@@ -323,3 +354,4 @@ def test_on_cuda_each_step_is_timed_by_events_read_after_one_sync(monkeypatch: p
     for ms in (2.0, 3.0, 4.0):
         clock("decode", work(ms))
     assert clock.samples() == {"prefill": [30.0], "decode": [2.0, 3.0, 4.0]}
+    assert syncs == [None]  # once, after the generation: never between its steps

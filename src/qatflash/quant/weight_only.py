@@ -104,12 +104,20 @@ class WeightOnlyRecipe(Recipe):
     weight_dtypes: ClassVar[tuple[str, ...]]
     # weight_dtype -> the multiple of output features its kernel packs at a time
     output_multiple: ClassVar[dict[str, int]] = {}
+    # weight_dtype -> the group sizes its kernel takes (absent: any divisor of the inputs)
+    group_sizes: ClassVar[dict[str, tuple[int, ...]]] = {}
 
     @classmethod
     def check_config(cls, cfg: QuantConfig) -> None:
         super().check_config(cfg)
         require(cfg.weight_only is not None, f"quant.api={cfg.api} needs a quant.weight_only section")
         assert cfg.weight_only is not None
+        allowed = cls.group_sizes.get(cfg.weight_only.weight_dtype)
+        require(
+            allowed is None or cfg.weight_only.group_size in allowed,
+            f"quant.weight_only.group_size={cfg.weight_only.group_size}: quant.api={cfg.api}'s "
+            f"{cfg.weight_only.weight_dtype} kernel takes {list(allowed or ())}",
+        )
         require(
             cfg.weight_only.weight_dtype in cls.weight_dtypes,
             f"quant.weight_only.weight_dtype={cfg.weight_only.weight_dtype}: quant.api={cfg.api} stores "
@@ -181,6 +189,7 @@ class PackedRecipe(WeightOnlyRecipe):
 
     weight_dtypes = ("int8", "int4")
     output_multiple: ClassVar[dict[str, int]] = {"int4": 16}  # _convert_weight_to_int4pack_for_cpu
+    group_sizes: ClassVar[dict[str, tuple[int, ...]]] = {"int4": (32, 64, 128, 256)}
 
     @classmethod
     def check_device(cls, device: str) -> None:

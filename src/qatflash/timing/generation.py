@@ -76,7 +76,8 @@ def generate(
 ) -> GenerationRun:
     """Prefill `input_ids`, then `new_tokens` greedy decode steps; `timer(phase, step)` runs each
     step (phase "prefill" or "decode") and may time it. Run under inference mode by the caller."""
-    cache = new_cache(model, kv_cache, input_ids.shape[1] + new_tokens + 1)
+    # prefill writes the prompt, each decode step one token: the last chosen token is never fed
+    cache = new_cache(model, kv_cache, input_ids.shape[1] + new_tokens)
     use_cache = cache is not None
     sequence = input_ids
     # Only the last position's logits, as transformers' own generate asks for: a prompt's full
