@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import pytest
@@ -660,3 +662,33 @@ def test_float_output_linears_compute_exactly_the_simulated_quantization(make_cf
     # boundary. Measured on an AVX2 CPU: 0.007x (PTQ) and 0.006x (QAT) the effect; dropping the
     # biases fails it.
     assert (shipped - simulated).abs().mean() <= 0.03 * quantization_effect
+
+
+class _Logits(torch.nn.Module):
+    """A model whose logits are `value`, plus a jitter that alternates between calls (a kernel
+    whose results move between runs, as x86 INT8 did on an AMX CPU after a DDP fit)."""
+
+    def __init__(self, value: float, jitter: float = 0.0) -> None:
+        super().__init__()
+        self.value, self.jitter, self.calls = value, jitter, 0
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        self.calls += 1
+        return SimpleNamespace(logits=torch.full((1, 2), self.value + self.jitter * (self.calls % 2)))
+
+
+def test_a_reloaded_artifact_must_match_within_the_models_own_rerun_spread(tmp_path: Path) -> None:
+    from qatflash.quant.ship import check_reload
+
+    example = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    # deterministic kernels: exact equality, so the smallest difference is refused
+    assert check_reload(_Logits(1.0), _Logits(1.0), example, tmp_path / "a.pt") == 0.0
+    with pytest.raises(
+        RuntimeError, match=r"differ by 9.5\d*e-07, beyond the model's own run-to-run spread 0"
+    ):
+        check_reload(_Logits(1.0), _Logits(1.0 + 1e-6), example, tmp_path / "a.pt")
+    # kernels that move by 2e-6 between runs: a reload within that passes, a lost scale does not
+    spread = check_reload(_Logits(1.0, 2e-6), _Logits(1.0 + 2e-6), example, tmp_path / "a.pt")
+    assert spread == pytest.approx(2e-6, rel=0.05)  # 2e-6 as float32 represents it near 1.0
+    with pytest.raises(RuntimeError, match="does not reproduce the model's logits"):
+        check_reload(_Logits(1.0, 2e-6), _Logits(0.5), example, tmp_path / "a.pt")
