@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 
 from qatflash.config import TimingConfig
 from qatflash.timing.host import HostWindow
-from qatflash.timing.latency import Contender, LatencyStats, SideBySide, over_budget
+from qatflash.timing.latency import Contender, LatencyStats, SideBySide, over_budget, timing_mode
 from qatflash.timing.profile import top_ops
 
 K = TypeVar("K")
@@ -188,34 +188,23 @@ def generation_rounds(
     `min_duration_s` of them, or `max_duration_s` has passed (after at least 2 rounds)."""
     batch = input_ids.shape[0]
     inputs = {key: input_ids.to(c.device) for key, c in contenders.items()}
-    modes = {key: c.model.training for key, c in contenders.items()}
-    previous_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        for c in contenders.values():
-            c.model.eval()
-        with torch.inference_mode():
-            for key, c in contenders.items():
-                _timed_generation(c, inputs[key], cfg)
-            samples = {key: {"prefill": [], "decode": []} for key in contenders}
-            blocks = {key: {"prefill": [], "decode": []} for key in contenders}
-            cache_bytes = dict.fromkeys(contenders, 0)
-            order, window, started = list(contenders), HostWindow(), time.perf_counter()
-            while not _enough(samples, cfg) and not over_budget(
-                cfg, time.perf_counter() - started, len(blocks[order[0]]["prefill"])
-            ):
-                for key in order:
-                    timed, cache_bytes[key] = _timed_generation(contenders[key], inputs[key], cfg)
-                    for phase, values in timed.items():
-                        samples[key][phase].extend(values)
-                        blocks[key][phase].append(statistics.median(values))
-                order = order[1:] + order[:1]
-            host = window.load()
-    finally:
-        torch.set_num_threads(previous_threads)
+    with timing_mode(contenders, cfg):
         for key, c in contenders.items():
-            c.model.train(modes[key])
+            _timed_generation(c, inputs[key], cfg)
+        samples = {key: {"prefill": [], "decode": []} for key in contenders}
+        blocks = {key: {"prefill": [], "decode": []} for key in contenders}
+        cache_bytes = dict.fromkeys(contenders, 0)
+        order, window, started = list(contenders), HostWindow(), time.perf_counter()
+        while not _enough(samples, cfg) and not over_budget(
+            cfg, time.perf_counter() - started, len(blocks[order[0]]["prefill"])
+        ):
+            for key in order:
+                timed, cache_bytes[key] = _timed_generation(contenders[key], inputs[key], cfg)
+                for phase, values in timed.items():
+                    samples[key][phase].extend(values)
+                    blocks[key][phase].append(statistics.median(values))
+            order = order[1:] + order[:1]
+        host = window.load()
     seq_len = input_ids.shape[1]
     return {
         key: GenerationTimes(

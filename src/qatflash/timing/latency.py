@@ -12,10 +12,11 @@ and their ratio is paired round by round.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -157,6 +158,14 @@ def measure_side_by_side(
     ids by default), timed in interleaved rounds."""
     inputs = make_inputs(cfg.batch_size, seq_len, vocab_size)
     steps = {key: (_forward(c, inputs), c.device) for key, c in contenders.items()}
+    with timing_mode(contenders, cfg):
+        return time_in_rounds(steps, cfg, seq_len)
+
+
+@contextlib.contextmanager
+def timing_mode(contenders: Mapping[K, Contender], cfg: TimingConfig) -> Iterator[None]:
+    """The contenders in eval mode under inference mode, at `cfg.threads`; the thread count and
+    each model's training mode are restored afterwards, whatever happens."""
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -165,7 +174,7 @@ def measure_side_by_side(
         for c in contenders.values():
             c.model.eval()
         with torch.inference_mode():
-            return time_in_rounds(steps, cfg, seq_len)
+            yield
     finally:
         torch.set_num_threads(previous_threads)
         for key, c in contenders.items():
