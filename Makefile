@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install install-dev run test test-processes lint slow
+.PHONY: install install-dev run test test-processes test-slurm lint slow
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: lint
 ## The multi-process tests: parallel launchers, DDP workers, killed and resumed jobs (CI runs them too).
 test-processes: install-dev
 	$(BIN)/pytest -m processes
+
+## Sweeps and DDP jobs on a SLURM cluster: start the one-node one first (scripts/slurm-local.sh start).
+test-slurm: install-dev
+	$(BIN)/pytest -m slurm
 
 ## The long end-to-end runs (default experiment accuracy, MiniLM on SST-2).
 slow: install-dev

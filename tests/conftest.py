@@ -53,6 +53,15 @@ def _modules(*names: str) -> Callable[[], bool]:
     return lambda: all(importlib.util.find_spec(name) is not None for name in names)
 
 
+def _cluster_answers() -> bool:
+    """A SLURM controller answers and has a node up (`sinfo`), as scripts/slurm-local.sh leaves it."""
+    try:
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return nodes.returncode == 0 and any(s in nodes.stdout for s in ("idle", "mixed", "allocated"))
+
+
 # What `@pytest.mark.needs(name)` may name: how to tell it is here, and what it is.
 OPTIONAL: dict[str, tuple[Callable[[], bool], str]] = {
     "onnx": (_modules("onnxruntime", "onnx", "onnxscript"), "the onnx extra (onnxruntime, onnx, onnxscript)"),
@@ -61,6 +70,7 @@ OPTIONAL: dict[str, tuple[Callable[[], bool], str]] = {
     "bnb": (_modules("bitsandbytes"), "the bnb extra (bitsandbytes)"),
     "sst2": (SST2.is_dir, f"the SST-2 TSVs at {SST2}"),
     "cuda": (torch.cuda.is_available, "a CUDA GPU"),
+    "slurm": (_cluster_answers, "a SLURM cluster answering sinfo (scripts/slurm-local.sh start)"),
 }
 REQUIRE_VARIABLE = "QATFLASH_REQUIRE"
 
@@ -76,17 +86,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Skip a test whose optional dependency is missing, or fail it if QATFLASH_REQUIRE names that one."""
-    for mark in item.iter_markers("needs"):
-        for name in mark.args:
-            available, what = OPTIONAL[name]
-            if available():
-                continue
-            if name in _required():
-                pytest.fail(
-                    f"needs {what}, which is missing, and {REQUIRE_VARIABLE} requires it", pytrace=False
-                )
-            pytest.skip(f"needs {what}")
+    """Skip a test whose optional dependency is missing, or fail it if QATFLASH_REQUIRE names that one.
+    A `slurm` test needs the cluster as if it said `needs("slurm")`."""
+    needed = [name for mark in item.iter_markers("needs") for name in mark.args]
+    for name in [*needed, *(["slurm"] if item.get_closest_marker("slurm") else [])]:
+        available, what = OPTIONAL[name]
+        if available():
+            continue
+        if name in _required():
+            pytest.fail(f"needs {what}, which is missing, and {REQUIRE_VARIABLE} requires it", pytrace=False)
+        pytest.skip(f"needs {what}")
 
 
 def compose_config(app: str, overrides: list[str]) -> DictConfig:

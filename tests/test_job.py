@@ -1,20 +1,25 @@
 """The job envelope: point folders named by what a sweep varies, earlier folders taken up, one writer
-under a multi-process launch, and a quiet, light start."""
+under a multi-process launch, a quiet, light start, and what a job does under SLURM."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST, compose_config, run_cli
 from omegaconf import OmegaConf
 
 from qatflash.config import to_config
 from qatflash.job import JobContext, point_dir
+from qatflash.job import environment as environment_facts
 from qatflash.pipeline import run
 from qatflash.results import read_results
+from qatflash.slurm import Interrupted, follow_cpus_per_task, sigterm_interrupts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUIET = ["benchmark=none", "logger=none", "trainer.max_epochs=1", "data.batch_size=2"]
@@ -113,3 +118,68 @@ def test_a_refused_run_prints_its_one_line_and_nothing_else(tmp_path: Path, refu
     proc = run_cli(*refused, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith("qatflash: error: ")
+
+
+# --- Jobs under SLURM (what the cluster tests of tests/test_slurm.py rely on) --------------------
+
+
+def test_sigterm_interrupts_a_job_at_once_and_the_handler_before_comes_back() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_interrupts(), pytest.raises(Interrupted) as raised:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled as os.kill returns, in this frame
+    assert raised.value.code == 128 + signal.SIGTERM  # a shell's exit status for a SIGTERM death
+    assert "interrupted by SIGTERM" in str(raised.value)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _slurm_task(monkeypatch: pytest.MonkeyPatch, cpus: str) -> None:
+    """The variables srun gives a one-task job step (no cluster is needed to read them)."""
+    for name, value in {
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NAME": "qatflash",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_CPUS_PER_TASK": cpus,
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_under_slurm_lightning_requeues_nothing_and_threads_follow_the_task(make_cfg, monkeypatch) -> None:
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from qatflash.pipeline import _trainer, preflight
+    from qatflash.tasks import TASKS
+
+    threads = torch.get_num_threads()
+    _slurm_task(monkeypatch, cpus="1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    config = to_config(make_cfg(*FAST))
+    checked = preflight(config, TASKS.load("classification")(config))
+    trainer = _trainer(config, JobContext(folder=Path("unused"), choices={}), checked)
+    environment = trainer._accelerator_connector.cluster_environment
+    # Lightning's SLURM environment for ranks, without the auto-requeue that writes and resumes
+    # hpc_ckpt files past qatflash's checks.
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+    try:
+        assert environment_facts()["slurm"]["cpus_per_task"] == "1"
+        follow_cpus_per_task()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(threads)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(threads))  # the user's own choice wins
+        follow_cpus_per_task()
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_run_folder_with_lightning_hpc_checkpoints_is_refused(run_app, tmp_path: Path) -> None:
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    code, stderr = run_app(*FAST, "logger=none", "benchmark=none", f"hydra.run.dir={tmp_path}")
+    assert code == 2
+    (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
+    assert "['hpc_ckpt_1.ckpt']" in line and "resumes only from checkpoints/last.ckpt" in line
+    assert read_results(tmp_path)["status"] == "failed" and read_results(tmp_path)["metrics"] == {}

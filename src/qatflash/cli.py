@@ -45,6 +45,7 @@ def _run_job(cfg: DictConfig, job: Callable[[Any, Any], dict[str, Any]]) -> dict
     """
     from qatflash.job import job_context
     from qatflash.results import RunRecord, read_results
+    from qatflash.slurm import sigterm_interrupts
 
     context = job_context(cfg)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -62,7 +63,8 @@ def _run_job(cfg: DictConfig, job: Callable[[Any, Any], dict[str, Any]]) -> dict
                 context.folder, context.choices, {"overrides": context.overrides}, context.config_hash
             ):
                 raise
-        return job(config, context)
+        with sigterm_interrupts():
+            return job(config, context)
     except ConfigError as error:
         if sweeping:
             log.error("point refused: %s (%s)", error, context.folder)
@@ -78,9 +80,12 @@ def _run_job(cfg: DictConfig, job: Callable[[Any, Any], dict[str, Any]]) -> dict
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def train_app(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    from qatflash.job import process_rank
     from qatflash.pipeline import run
 
     results = _run_job(cfg, run)
+    if process_rank() != 0:  # a task of a multi-task DDP job: rank 0 records, reports and returns
+        return None
     headline = (results.get("task") or {}).get("headline", "test/acc")
     latency = (results["latency"] or [{}])[0]  # the reference row: FP32 on the job's first backend
     what = "decode p50 per token" if latency.get("scenario") == "generate" else "latency p50"

@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qatflash import slurm
 from qatflash.errors import ConfigError
 from qatflash.results import RESULTS_FILE, RunRecord, read_results
 
@@ -143,7 +144,7 @@ def job_context(cfg: DictConfig) -> JobContext:
         resolved_config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
         sweep_dir=Path(hc.sweep.dir) if sweeping else None,
     )
-    if job.sweep_dir is not None and read_results(job.folder) is None:
+    if job.sweep_dir is not None and process_rank() == 0 and read_results(job.folder) is None:
         earlier = _earlier_folder(job)
         if earlier is not None:
             _move_into(earlier, job.folder)
@@ -251,6 +252,7 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
     env.update({name: _version(name) for name in _VERSIONED})
     env.update(cpu=_cpu_model(), threads=torch.get_num_threads(), cuda=torch.version.cuda)
+    env["slurm"] = slurm.job_facts()
     if device is not None:
         env["device"] = device.type
         env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu"]
@@ -285,6 +287,7 @@ def open_job(job: JobContext, logger: LoggerConfig, seed: int, params: dict[str,
     import lightning as L
 
     rank_zero = process_rank() == 0
+    slurm.follow_cpus_per_task()  # before `environment` records the threads
     record = RunRecord(job.folder, job.choices, params, job.config_hash, write=rank_zero)
     record.data["reference_hash"] = job.hash_without(*REFERENCE_KEYS)
     record.data["seed_group_hash"] = job.hash_without("seed")

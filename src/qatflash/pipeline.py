@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from qatflash import slurm
 from qatflash.attention import TrainingCall, check_attention, check_padding_support, forced_kernel
 from qatflash.callbacks import FitStart
 from qatflash.config import PRECISIONS, Config
@@ -113,6 +114,7 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
     params = job_params(cfg, job.overrides)
     with open_job(job, cfg.logger, cfg.seed, params) as opened:
         checked = preflight(cfg, task)
+        slurm.refuse_hpc_checkpoints(job.folder)
         opened.record.update("env", environment(checked.device))
         trainer = _trainer(cfg, job, checked)
         data = load_data(cfg, checked, trainer)
@@ -123,6 +125,9 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         tracker = opened.track(name, "train", _tracked_config(cfg, job, params))
         trainer.logger = tracker.logger
         fitted = fit(cfg, job, opened.record.previous, checked, trainer, data, built)
+        if not trainer.is_global_zero:  # one task of a multi-task (srun) DDP fit
+            log.info("rank %d of %d: fit done; rank 0 goes on alone", trainer.global_rank, trainer.world_size)
+            return opened.record.data
         shipped = ship_stage(cfg, checked, data, built, fitted, job)
         evaluated = evaluate(cfg, checked, trainer, data, fitted, shipped, job)
         started = time.perf_counter()
@@ -203,7 +208,7 @@ def _trainer(cfg: Config, job: JobContext, checked: Checked) -> L.Trainer:
         logger=False,
         default_root_dir=str(job.folder),
         callbacks=callbacks,
-        plugins=[SafeCheckpointIO()],
+        plugins=[SafeCheckpointIO(), *slurm.lightning_plugins()],
     )
 
 
@@ -259,7 +264,7 @@ def fit(
     else:
         metrics, record["resumed_from"] = _train(cfg, job, previous, trainer, module, data)
         record["timing"]["train_tokens_per_s"] = module.train_tokens_per_s
-        if cache is not None:
+        if cache is not None and trainer.is_global_zero:
             cache.save(module.model, metrics)
     return Fitted(module.model, twin, metrics, record, round(time.perf_counter() - started, 3))
 
@@ -281,6 +286,10 @@ def _train(
     if not metrics:  # resumed from the final epoch's checkpoint: nothing left to train
         trainer.validate(module, datamodule=data.module, verbose=False)
         metrics = _val_metrics(trainer)
+    if torch.distributed.is_initialized():
+        # A fit across tasks (srun) ends with its process group: rank 0 goes on alone, and what it
+        # tests and logs next must not wait for peers that have left.
+        torch.distributed.destroy_process_group()
     if resume is None:
         return metrics, None
     start = next(c for c in trainer.callbacks if isinstance(c, FitStart))
@@ -372,7 +381,9 @@ def _single_process(trainer: L.Trainer, cfg: Config) -> L.Trainer:
     if trainer.world_size == 1:
         return trainer
     single = {**asdict(cfg.trainer), "devices": 1, "num_nodes": 1, "strategy": "auto"}
-    return L.Trainer(**single, logger=False, default_root_dir=trainer.default_root_dir)
+    return L.Trainer(
+        **single, logger=False, default_root_dir=trainer.default_root_dir, plugins=slurm.lightning_plugins()
+    )
 
 
 def _cpu_trainer(cfg: Config) -> L.Trainer:
@@ -385,6 +396,7 @@ def _cpu_trainer(cfg: Config) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_test_batches=cfg.trainer.limit_test_batches,
+        plugins=slurm.lightning_plugins(),
     )
 
 
