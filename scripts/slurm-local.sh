@@ -107,7 +107,8 @@ CONF
   cat >"$SLURM_CONF" <<CONF
 # Written by scripts/slurm-local.sh: one node, this machine ($cpus CPUs, $memory MiB after ${HEADROOM_MIB} MiB headroom).
 ClusterName=$CLUSTER
-SlurmctldHost=$host
+# The daemons talk over loopback: no name lookup of this host is needed.
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
@@ -131,7 +132,7 @@ SlurmdLogFile=$STATE/log/slurmd.log
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/linux
-NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 }
