@@ -24,8 +24,10 @@ PACKAGES=(slurm-wlm slurmdbd munge mariadb-server)
 SLURM_CONF=/etc/slurm/slurm.conf
 DBD_CONF=/etc/slurm/slurmdbd.conf
 MYSQL_SOCKET=/run/mysqld/mysqld.sock
-# Daemons in the order they start; stop takes them in reverse.
-PIDFILES=(/run/munge/munged.pid /run/mysqld/mysqld.pid /run/slurmdbd.pid /run/slurmctld.pid /run/slurmd.pid)
+# The daemons this script starts, by pid files of its own, in the order they start (stop takes
+# them in reverse): stop never touches a daemon it did not start.
+RUN=/run/qatflash-slurm
+PIDFILES=("$RUN/munged.pid" "$RUN/mariadbd.pid" "$RUN/slurmdbd.pid" "$RUN/slurmctld.pid" "$RUN/slurmd.pid")
 
 say() { echo "slurm-local: $*" >&2; }
 
@@ -65,7 +67,8 @@ start_munge() {
   chown munge:munge /etc/munge/munge.key
   chmod 400 /etc/munge/munge.key
   # --force: munged otherwise refuses to start as root beside a folder it does not own.
-  munged --force --log-file="$STATE/log/munged.log" 2>/dev/null
+  munged --force --log-file="$STATE/log/munged.log" --pid-file="$RUN/munged.pid" 2>/dev/null ||
+    { say "munged did not start; log: $STATE/log/munged.log"; exit 1; }
   wait_for 20 munged munge -n
 }
 
@@ -75,7 +78,7 @@ start_mariadb() {
     mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
   fi
   mariadbd --user=mysql --datadir=/var/lib/mysql --socket=$MYSQL_SOCKET --bind-address=127.0.0.1 \
-    --pid-file=/run/mysqld/mysqld.pid >>"$STATE/log/mariadb.log" 2>&1 &
+    --pid-file="$RUN/mariadbd.pid" >>"$STATE/log/mariadb.log" 2>&1 &
   wait_for 60 MariaDB mariadb-admin --socket=$MYSQL_SOCKET ping
   # A fresh database each start: job ids restart at 1 with the controller's state, and old records
   # under the same ids would answer sacct's queries.
@@ -96,7 +99,7 @@ write_configs() {
 AuthType=auth/munge
 DbdHost=localhost
 SlurmUser=root
-PidFile=/run/slurmdbd.pid
+PidFile=$RUN/slurmdbd.pid
 LogFile=$STATE/log/slurmdbd.log
 StorageType=accounting_storage/mysql
 StorageHost=localhost
@@ -125,8 +128,8 @@ JobRequeue=1
 KillWait=30
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/slurmd
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmctldPidFile=$RUN/slurmctld.pid
+SlurmdPidFile=$RUN/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 AccountingStorageType=accounting_storage/slurmdbd
@@ -146,7 +149,9 @@ start() {
   stop
   install_missing
   rm -rf "$STATE"
-  mkdir -p "$STATE/log" "$STATE/ctld" "$STATE/slurmd"
+  mkdir -p "$STATE/log" "$STATE/ctld" "$STATE/slurmd" "$RUN"
+  chmod 755 "$RUN"  # mariadbd writes its pid file as the mysql user
+  chown mysql "$RUN" 2>/dev/null || true
   write_configs
   start_munge
   start_mariadb
@@ -169,8 +174,12 @@ alive_pid() {
 
 stop() {
   local pid file
-  # Jobs still running when the cluster goes: their step daemons and processes go with it.
-  pkill -KILL -x slurmstepd 2>/dev/null || true
+  # Jobs still running go first, cancelled the ordinary way (SIGTERM, SIGKILL after KillWait), so
+  # that none of their processes outlives the daemons that would have stopped it.
+  if alive_pid "$RUN/slurmctld.pid" >/dev/null && alive_pid "$RUN/slurmd.pid" >/dev/null; then
+    squeue -h -o %A | xargs -r scancel
+    for _ in $(seq 200); do [[ -z $(squeue -h -o %A) ]] && break; sleep 0.2; done
+  fi
   for ((i = ${#PIDFILES[@]} - 1; i >= 0; i--)); do
     file=${PIDFILES[i]}
     if pid=$(alive_pid "$file"); then

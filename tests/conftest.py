@@ -54,12 +54,15 @@ def _modules(*names: str) -> Callable[[], bool]:
 
 
 def _cluster_answers() -> bool:
-    """A SLURM controller answers and has a node up (`sinfo`), as scripts/slurm-local.sh leaves it."""
+    """A SLURM controller answers and has a node in service (`sinfo`: not down, drained or failed),
+    as scripts/slurm-local.sh leaves it; busy or still completing a job counts as in service."""
     try:
-        nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return nodes.returncode == 0 and any(s in nodes.stdout for s in ("idle", "mixed", "allocated"))
+    states = nodes.stdout.split()
+    out_of_service = ("down", "drain", "fail", "unknown", "not_responding")
+    return nodes.returncode == 0 and any(not s.startswith(out_of_service) for s in states)
 
 
 # What `@pytest.mark.needs(name)` may name: how to tell it is here, and what it is.

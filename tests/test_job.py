@@ -15,6 +15,7 @@ from conftest import FAST, compose_config, run_cli
 from omegaconf import OmegaConf
 
 from qatflash.config import to_config
+from qatflash.errors import ConfigError
 from qatflash.job import JobContext, point_dir
 from qatflash.job import environment as environment_facts
 from qatflash.pipeline import run
@@ -132,6 +133,24 @@ def test_sigterm_interrupts_a_job_at_once_and_the_handler_before_comes_back() ->
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_second_sigterm_and_one_in_a_forked_worker_do_not_interrupt_again() -> None:
+    with sigterm_interrupts():
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # srun's forwarded copy, while the first one unwinds: ignored
+    with sigterm_interrupts():
+        pid = os.fork()  # a DataLoader worker inherits the handler; the job is its owner's to stop
+        if pid == 0:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                code = 0
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def _slurm_task(monkeypatch: pytest.MonkeyPatch, cpus: str) -> None:
     """The variables srun gives a one-task job step (no cluster is needed to read them)."""
     for name, value in {
@@ -155,7 +174,7 @@ def test_under_slurm_lightning_requeues_nothing_and_threads_follow_the_task(make
     from qatflash.tasks import TASKS
 
     threads = torch.get_num_threads()
-    _slurm_task(monkeypatch, cpus="1")
+    _slurm_task(monkeypatch, cpus=str(threads + 1))  # not torch's own count, so following it shows
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     config = to_config(make_cfg(*FAST))
     checked = preflight(config, TASKS.load("classification")(config))
@@ -165,9 +184,9 @@ def test_under_slurm_lightning_requeues_nothing_and_threads_follow_the_task(make
     # hpc_ckpt files past qatflash's checks.
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
     try:
-        assert environment_facts()["slurm"]["cpus_per_task"] == "1"
+        assert environment_facts()["slurm"]["cpus_per_task"] == str(threads + 1)
         follow_cpus_per_task()
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == threads + 1
         torch.set_num_threads(threads)
         monkeypatch.setenv("OMP_NUM_THREADS", str(threads))  # the user's own choice wins
         follow_cpus_per_task()
@@ -183,3 +202,15 @@ def test_a_run_folder_with_lightning_hpc_checkpoints_is_refused(run_app, tmp_pat
     (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
     assert "['hpc_ckpt_1.ckpt']" in line and "resumes only from checkpoints/last.ckpt" in line
     assert read_results(tmp_path)["status"] == "failed" and read_results(tmp_path)["metrics"] == {}
+
+
+def test_a_ddp_fit_whose_slurm_tasks_do_not_match_its_devices_is_refused(make_cfg, monkeypatch) -> None:
+    from qatflash.pipeline import preflight
+    from qatflash.tasks import TASKS
+
+    _slurm_task(monkeypatch, cpus="1")  # one task per node, as hydra.launcher.tasks_per_node's default
+    config = to_config(make_cfg(*FAST, "trainer=slurm_ddp", "trainer.accelerator=cpu"))
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 .* has 1 task\(s\) per node on 1 node"):
+        preflight(config, TASKS.load("classification")(config))
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    preflight(config, TASKS.load("classification")(config))  # two tasks for two devices: accepted

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,11 @@ def _start(app: Callable[[], Any]) -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Lightning, on any machine with SLURM's client installed, about a job not started by srun: a
+    # job outside SLURM is not meant to be (under SLURM, submitit starts every task with srun).
+    warnings.filterwarnings(
+        "ignore", message="The `srun` command is available on your system but is not used"
+    )
     exclusions = folder_name_exclusions(sys.argv[1:])
     if exclusions is not None:
         sys.argv.append(exclusions)

@@ -27,7 +27,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,13 +59,26 @@ class Interrupted(SystemExit):
         super().__init__(128 + signum)
         self.signum = signum
 
+    def __reduce__(self) -> tuple[type[Interrupted], tuple[int]]:
+        return type(self), (self.signum,)  # through a pickle (joblib's workers) with its exit code
+
     def __str__(self) -> str:
         name = signal.Signals(self.signum).name
         return f"interrupted by {name} (cancelled, requeued, preempted or stopped); a re-run resumes it"
 
 
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
+def _interrupt_once(owner: int) -> Callable[[int, object], None]:
+    """The SIGTERM handler of process `owner`: raise `Interrupted` once. A second SIGTERM (srun
+    forwards the signal SLURM also sends the task) is ignored while the first unwinds and writes
+    the record; a forked DataLoader worker that inherited the handler leaves the job to its owner."""
+
+    def handle(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    return handle
 
 
 @contextlib.contextmanager
@@ -75,11 +88,11 @@ def sigterm_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGTERM, _raise_interrupted)
+    before = signal.signal(signal.SIGTERM, _interrupt_once(os.getpid()))
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 def job_facts() -> dict[str, str] | None:
@@ -112,6 +125,21 @@ def lightning_plugins() -> list[L.pytorch.plugins.environments.ClusterEnvironmen
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def check_tasks(strategy: str, devices: object, num_nodes: int) -> None:
+    """A DDP fit across SLURM tasks needs one task per device on each node and the job's node
+    count: otherwise the ranks wait for peers SLURM never started, until the time limit."""
+    if strategy != "ddp" or "SLURM_NTASKS_PER_NODE" not in os.environ:
+        return
+    tasks = os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0]  # "2(x3)": 2 tasks on each of 3 nodes
+    nodes = os.environ.get("SLURM_NNODES", "1")
+    if str(devices) != tasks or str(num_nodes) != nodes:
+        raise ConfigError(
+            f"trainer.devices={devices} and trainer.num_nodes={num_nodes}, but this SLURM job has "
+            f"{tasks} task(s) per node on {nodes} node(s); set hydra.launcher.tasks_per_node={devices} "
+            f"and hydra.launcher.nodes={num_nodes}, or the trainer to match"
+        )
 
 
 def refuse_hpc_checkpoints(folder: Path) -> None:

@@ -6,16 +6,18 @@ the same options, that waits for every point of a sweep. Hydra loads launchers o
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import config as submitit_config
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import OmegaConf
 
+from qatflash.errors import first_line
 from qatflash.results import RESULTS_FILE, read_results, write_json_atomic
 from qatflash.slurm import submitit_id
 
@@ -51,6 +53,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        for i, overrides in enumerate(job_overrides):
+            log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
         points = [
             (list(overrides), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}")
             for i, overrides in enumerate(job_overrides)
@@ -64,13 +70,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
 
 def _outcome(job: Any, overrides: list[str], sweep_dir: Path) -> JobReturn:
-    """The point's JobReturn; a job that ended without one gives a failed return naming its state."""
-    import submitit
-
+    """The point's JobReturn; a job that ended without one (killed, cancelled, or crashed outside
+    Hydra's job runner) gives a failed return naming its state and submitit's reason."""
     try:
         return job.results()[0]
-    except submitit.core.utils.UncompletedJobError:
-        failure = RuntimeError(f"SLURM job {job.job_id} ended {job.state} without a result")
+    except Exception as error:  # whatever keeps the result from us is this point's failure, not the sweep's
+        reason = first_line(error, with_type=False)
+        failure = RuntimeError(f"SLURM job {job.job_id} ended {job.state} without a result: {reason}")
         log.error("point failed: %s (%s)", failure, " ".join(overrides))
         _mark_unfinished_records(sweep_dir, job.job_id, str(failure))
         return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=failure)
