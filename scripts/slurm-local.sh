@@ -20,7 +20,6 @@ CLUSTER=qatflash
 PARTITION=local
 HEADROOM_MIB=1024
 DB=slurm_acct_db
-PACKAGES=(slurm-wlm slurmdbd munge mariadb-server)
 SLURM_CONF=/etc/slurm/slurm.conf
 DBD_CONF=/etc/slurm/slurmdbd.conf
 MYSQL_SOCKET=/run/mysqld/mysqld.sock
@@ -54,7 +53,7 @@ install_missing() {
   if ((${#missing[@]})); then
     say "installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 }
 

@@ -287,8 +287,7 @@ def test_ddp_across_two_slurm_tasks_writes_one_record_and_one_run(tmp_path: Path
         "hydra.launcher.tasks_per_node=2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (name,) = _records(sweep)
-    record = _records(sweep)[name]
+    (record,) = _records(sweep).values()
     assert record["status"] == "ok"
     assert (record["env"]["slurm"]["ntasks"], record["env"]["slurm"]["procid"]) == ("2", "0")
     # Each of the two ranks took half of the 1,024 sentences: 16 batches of 32 per epoch, not 32,

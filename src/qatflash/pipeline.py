@@ -165,9 +165,8 @@ def _tracked_config(cfg: Config, job: JobContext, params: dict[str, Any]) -> dic
 
 def preflight(cfg: Config, task: Task) -> Checked:
     """Every refusal that needs no data: device, SLURM tasks against the trainer's devices, lengths
-    against the model's positions, attention
-    as training will call it, the timing backends' extras, the quantization engine. Nothing is
-    loaded and no tracker has started."""
+    against the model's positions, attention as training will call it, the timing backends'
+    extras, the quantization engine. Nothing is loaded and no tracker has started."""
     device = resolve_device(cfg.trainer.accelerator)
     slurm.check_tasks(cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes)
     declared = declared_config(cfg.model)

@@ -1,5 +1,5 @@
-"""Jobs on a SLURM cluster: who owns the signals, how many threads a task gets, and a launcher that
-waits for every point of a sweep.
+"""Jobs on a SLURM cluster: who owns the signals, how many threads a task gets, what the record
+says of the job, and what a DDP fit across tasks must match.
 
 Signals, decided once here:
 

@@ -55,18 +55,14 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-        for i, overrides in enumerate(job_overrides):
-            log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
-        points = [
-            (list(overrides), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}")
-            for i, overrides in enumerate(job_overrides)
-        ]
         state = Singleton.get_state()
-        jobs = executor.map_array(self, *zip(*[(*p, state) for p in points], strict=True))
+        calls = []  # the arguments of `self.__call__` in each job
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            calls.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state))
+        jobs = executor.map_array(self, *zip(*calls, strict=True))
         log.info("submitted %d point(s) to SLURM: jobs %s", len(jobs), ", ".join(j.job_id for j in jobs))
-        return [
-            _outcome(job, overrides, sweep_dir) for job, (overrides, *_) in zip(jobs, points, strict=True)
-        ]
+        return [_outcome(job, list(o), sweep_dir) for job, o in zip(jobs, job_overrides, strict=True)]
 
 
 def _outcome(job: Any, overrides: list[str], sweep_dir: Path) -> JobReturn:
