@@ -216,16 +216,18 @@ def process_rank() -> int:
     return 0
 
 
-def resolve_device(accelerator: str) -> torch.device:
+def resolve_device(key: str, value: str) -> torch.device:
+    """The device a job's models run on, from the config key that names it (`trainer.accelerator`:
+    cpu, gpu, cuda, mps or auto; `bench.device`: cpu or cuda). CUDA comes with its index (the
+    current device): torch calls that set per-device state (a memory cap) refuse a bare "cuda",
+    and every model and input of the job is placed on exactly this device."""
     import torch
 
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+    if value in ("gpu", "cuda") or (value == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ConfigError(
-                f"trainer.accelerator={accelerator} but no CUDA device is visible; use cpu or auto"
-            )
-        return torch.device("cuda")
-    return torch.device(accelerator if accelerator == "mps" else "cpu")
+            raise ConfigError(f"{key}={value} but no CUDA device is visible; use cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(value if value == "mps" else "cpu")
 
 
 def _version(package: str) -> str | None:

@@ -15,7 +15,7 @@ import copy
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -46,6 +46,7 @@ from qatflash.models import (
     check_positions,
     declared_config,
     max_positions,
+    timed_length_key,
     training_call,
 )
 from qatflash.quant import make_recipe
@@ -163,11 +164,12 @@ def _tracked_config(cfg: Config, job: JobContext, params: dict[str, Any]) -> dic
     return {**job.choices, **params, "experiment": cfg.experiment_name, "config": job.resolved_config}
 
 
-def preflight(cfg: Config, task: Task) -> Checked:
+def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
     """Every refusal that needs no data: device, SLURM tasks against the trainer's devices, lengths
     against the model's positions, attention as training will call it, the timing backends'
-    extras, the quantization engine. Nothing is loaded and no tracker has started."""
-    device = resolve_device(cfg.trainer.accelerator)
+    extras, the quantization engine. Nothing is loaded and no tracker has started. Without
+    `probe_kernel` a forced SDPA kernel is not tried on the device (a dry run's CUDA is faked)."""
+    device = resolve_device("trainer.accelerator", cfg.trainer.accelerator)
     slurm.check_tasks(cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes)
     declared = declared_config(cfg.model)
     training = training_call(declared)
@@ -175,12 +177,15 @@ def preflight(cfg: Config, task: Task) -> Checked:
         "data.max_length": cfg.data.max_length,
         "data.eval_length": cfg.data.eval_length,
         # a generation's last decode step sits new_tokens past the prompt
-        "benchmark.seq_len": (cfg.benchmark.seq_len or cfg.data.max_length) + cfg.benchmark.new_tokens,
+        timed_length_key("benchmark.seq_len", cfg.benchmark.new_tokens): (
+            cfg.benchmark.seq_len or cfg.data.max_length
+        )
+        + cfg.benchmark.new_tokens,
     }
     for name, length in lengths.items():
         if length is not None:
             check_positions(declared, name, length)
-    check_attention(cfg.attention, str(cfg.trainer.precision), device, training)
+    check_attention(cfg.attention, str(cfg.trainer.precision), device, training, probe_kernel)
     backends = (
         {name: TIMING_BACKENDS.create(name) for name in cfg.benchmark.backends}
         if cfg.benchmark.enabled
@@ -422,15 +427,11 @@ def time_models(
     """Every backend's models timed side by side in rounds; one latency row each. A forward runs
     inside the task's LightningModule (the forward testing ran); a generation
     (`benchmark.new_tokens` > 0) calls the model itself, which takes the KV cache. Both under any
-    forced SDPA kernel."""
+    forced SDPA kernel; the timing places each model on its contender's device (testing left it
+    wherever Lightning's teardown put it)."""
     generating = cfg.benchmark.new_tokens > 0
     timed = {
-        key: Contender(
-            c.model if generating else checked.task.lightning_module(c.model, data.module).to(c.device),
-            c.device,
-            c.autocast_dtype,
-            c.precision,
-        )
+        key: c if generating else replace(c, model=checked.task.lightning_module(c.model, data.module))
         for backend in evaluated.backends
         for key, c in backend.timed.items()
     }

@@ -23,7 +23,9 @@ from transformers import PretrainedConfig
 
 from qatflash.bench.saved_run import open_run
 from qatflash.config import AttentionConfig, BenchConfig, ModelConfig, QuantConfig, TaskConfig, TimingConfig
+from qatflash.job import resolve_device
 from qatflash.models import build_model, declared_config, max_positions
+from qatflash.placement import place
 from qatflash.quant import make_recipe
 from qatflash.quant.artifact import serialized_bytes
 from qatflash.tasks import TASKS
@@ -97,11 +99,11 @@ def _subjects(
     task = TASKS.load(job.task.name)
     hf_config = declared_config(job.model)
     model = build_model(job.model, job.attention, hf_config, task.auto_model)
-    model = model.to(device=device, dtype=getattr(torch, job.sweep.dtype)).eval()
+    model = place(model.to(dtype=getattr(torch, job.sweep.dtype)), device).eval()
     subjects = {FLOAT: model}
     if job.quant.method != "none":
         recipe = make_recipe(job.quant)
-        subjects[QUANTIZED] = recipe.convert(recipe.prepare(copy.deepcopy(model))).to(device)
+        subjects[QUANTIZED] = place(recipe.convert(recipe.prepare(copy.deepcopy(model))), device)
     return subjects, hf_config, backend
 
 
@@ -110,7 +112,7 @@ def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
     side by side; in this process, which is a fresh one of the point's own when `isolated`. One row
     per model; a quantized row carries its ratio to the float one, paired round by round, and where
     it is slower a profiler breakdown of both."""
-    device = torch.device(job.sweep.device)
+    device = resolve_device("bench.device", job.sweep.device)
     # Only a fresh process may switch its allocator, and before the model exists.
     exact = isolated and device.type == "cpu" and exact_host_allocator()
     if job.timing.threads is not None:
@@ -133,7 +135,7 @@ def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
                 steps[variant]()  # compile at this shape; compilation's own memory is not the model's
             else:  # load lazily initialised kernels and libraries, at a size that costs no memory
                 model(**{k: v[:1, :8] for k, v in inputs.items()})
-        _cap_memory(job.sweep.max_memory_gb, device)
+        cap_memory(job.sweep.max_memory_gb, device)
         memory = {variant: peak_memory(step, device, exact) for variant, step in steps.items()}
     if exact:
         steady_host_allocator()
@@ -214,7 +216,9 @@ def _breakdown(
     return top_ops(forwards, device)
 
 
-def _cap_memory(max_gb: float | None, device: torch.device) -> None:
+def cap_memory(max_gb: float | None, device: torch.device) -> None:
+    """Hold this process to `max_gb` on `device` (`bench.max_memory_gb`): CUDA's allocator refuses
+    beyond its share of the device's memory; on the CPU, the address space stops growing there."""
     if max_gb is None:
         return
     limit = int(max_gb * 2**30)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qatflash.errors import ConfigError
+from qatflash.placement import place
 from qatflash.quant.ship import Shipped
 from qatflash.timing.latency import Contender
 
@@ -26,7 +27,7 @@ _CPU = torch.device("cpu")
 
 def _float_cpu_copy(model: nn.Module) -> nn.Module:
     """A float32 copy of `model` on the CPU, leaving the job's own (perhaps CUDA, bf16) untouched."""
-    return copy.deepcopy(model).float().cpu()
+    return place(copy.deepcopy(model).float(), _CPU)
 
 
 @dataclass(frozen=True)

@@ -173,8 +173,7 @@ def _timed_generation(
     contender: Contender, input_ids: torch.Tensor, cfg: TimingConfig
 ) -> tuple[dict[str, list[float]], int]:
     clock = _PhaseClock(contender.device)
-    dtype = contender.autocast_dtype
-    with torch.autocast(contender.device.type, dtype=dtype, enabled=dtype is not None):
+    with contender.autocast():
         run = generate(contender.model, input_ids, cfg.new_tokens, cfg.kv_cache, clock)
     return clock.samples(), kv_cache_bytes(run.cache)
 

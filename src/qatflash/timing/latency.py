@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 
 from qatflash.config import TimingConfig
+from qatflash.placement import place
 from qatflash.timing.host import HostLoad, HostWindow
 
 K = TypeVar("K")
@@ -107,12 +108,20 @@ def _time_cuda(
 @dataclass(frozen=True)
 class Contender:
     """One model timed side by side with others: where it runs, in which autocast dtype, and the
-    precision its latency row reports (a training precision such as 32-true, or int8)."""
+    precision its latency row reports (a training precision such as 32-true, or int8). `device`
+    is the authority: the model is placed there (`qatflash.placement`) and its inputs moved there
+    before it is timed, wherever an earlier stage left it."""
 
     model: torch.nn.Module
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     precision: str | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """Autocast to `autocast_dtype` on the contender's device, or nothing when it runs as it is."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
 @dataclass(frozen=True)
@@ -164,15 +173,15 @@ def measure_side_by_side(
 
 @contextlib.contextmanager
 def timing_mode(contenders: Mapping[K, Contender], cfg: TimingConfig) -> Iterator[None]:
-    """The contenders in eval mode under inference mode, at `cfg.threads`; the thread count and
-    each model's training mode are restored afterwards, whatever happens."""
+    """The contenders placed on their devices, in eval mode under inference mode, at `cfg.threads`;
+    the thread count and each model's training mode are restored afterwards, whatever happens."""
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     modes = {key: c.model.training for key, c in contenders.items()}
     try:
         for c in contenders.values():
-            c.model.eval()
+            place(c.model, c.device).eval()
         with torch.inference_mode():
             yield
     finally:
@@ -220,10 +229,9 @@ def time_in_rounds(
 
 def _forward(contender: Contender, inputs: dict[str, torch.Tensor]) -> Callable[[], object]:
     inputs = {name: tensor.to(contender.device) for name, tensor in inputs.items()}
-    dtype = contender.autocast_dtype
 
     def step() -> object:
-        with torch.autocast(contender.device.type, dtype=dtype, enabled=dtype is not None):
+        with contender.autocast():
             return contender.model(**inputs)
 
     return step
