@@ -132,6 +132,16 @@ def test_sdpa_flash_kernel_runs_on_cuda_in_bf16() -> None:
         assert model(**batch).logits.isfinite().all()
 
 
+@pytest.mark.needs("cuda")
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
+def test_half_precision_kernels_forced_in_fp32_are_refused_on_cuda(backend: str) -> None:
+    """Only a GPU shows it: CUDA's flash and cuDNN kernels exist for fp16/bf16 alone."""
+    with pytest.raises(
+        ConfigError, match=rf"sdpa_backend={backend} has no kernel on cuda for torch\.float32"
+    ):
+        check_attention(AttentionConfig(sdpa_backend=backend), "32-true", torch.device("cuda", 0))
+
+
 def test_forced_kernel_without_mask_support_is_refused_only_for_padded_batches(monkeypatch) -> None:
     """CUDA's flash kernel takes no mask: fine for one-length inputs, refused up front for padded ones."""
     from qatflash import attention

@@ -271,7 +271,7 @@ def to_config_quant(name: str):
         ),
         (
             ["bench.seq_lens=[250]", "benchmark.new_tokens=8"],
-            r"bench.seq_lens holds \[258\], beyond the model's position limit 256",
+            r"bench.seq_lens \+ benchmark.new_tokens holds \[258\], beyond the model's position limit 256",
         ),
     ],
 )

@@ -43,12 +43,17 @@ class TrainingCall:
 
 
 def check_attention(
-    cfg: AttentionConfig, precision: str, device: torch.device, training: TrainingCall | None = None
+    cfg: AttentionConfig,
+    precision: str,
+    device: torch.device,
+    training: TrainingCall | None = None,
+    probe_kernel: bool = True,
 ) -> None:
     """Refuse, in one line each, an implementation or forced kernel this run cannot use.
 
     `training` describes the training forwards a job will run; None for a job that only infers
-    (`qatflash-bench`).
+    (`qatflash-bench`). A forced kernel is tried on the device itself (`probe_kernel`): the one
+    check here that needs the device, left out by a dry run whose CUDA is faked.
     """
     name = cfg.implementation
     if cfg.requires_module and importlib.util.find_spec(cfg.requires_module) is None:
@@ -67,7 +72,7 @@ def check_attention(
             f"attention={name} needs fp16/bf16, but trainer.precision={precision}; "
             f"use one of {list(HALF_PRECISIONS)}"
         )
-    if cfg.sdpa_backend is not None:
+    if cfg.sdpa_backend is not None and probe_kernel:
         _check_forced_kernel(cfg.sdpa_backend, _probe_tensor(precision, device), training, mask=None)
 
 

@@ -222,6 +222,12 @@ def check_positions(hf_config: PretrainedConfig, name: str, lengths: int | list[
     too_long = [n for n in lengths if n > limit]
     if too_long:
         raise ConfigError(
-            f"{name} holds {too_long}, beyond the model's position limit {limit}; "
-            "use a model with larger max_position_embeddings (e.g. model=bert_long)"
+            f"{name} holds {too_long}, beyond the model's position limit {limit}; use lengths "
+            "<= the limit or a model with larger max_position_embeddings (e.g. model=bert_long for BERT)"
         )
+
+
+def timed_length_key(key: str, new_tokens: int) -> str:
+    """How a refusal names a timed length: a generation's last decode step sits `new_tokens` past
+    the prompt, so its length is the prompt's plus those (`benchmark.new_tokens`)."""
+    return f"{key} + benchmark.new_tokens" if new_tokens else key

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import torch
 from transformers import PretrainedConfig
 
 from qatflash.attention import check_attention, check_model_supports
@@ -20,19 +19,18 @@ from qatflash.bench.points import QUANTIZED, PointJob, run_point
 from qatflash.bench.saved_run import open_run
 from qatflash.config import DTYPE_PRECISIONS, BenchAppConfig
 from qatflash.errors import ConfigError
-from qatflash.job import JobContext, environment, open_job
-from qatflash.models import check_positions, declared_config, model_class
+from qatflash.job import JobContext, environment, open_job, resolve_device
+from qatflash.models import check_positions, declared_config, model_class, timed_length_key
 from qatflash.quant import make_recipe
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
 
 
-def check_bench(cfg: BenchAppConfig) -> PretrainedConfig:
-    """Refuse what cannot run here, before any point; returns the model's HF config."""
-    device = torch.device(cfg.bench.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("bench.device=cuda but no CUDA device is visible; use bench.device=cpu")
-    check_attention(cfg.attention, DTYPE_PRECISIONS[cfg.bench.dtype], device)
+def check_bench(cfg: BenchAppConfig, probe_kernel: bool = True) -> PretrainedConfig:
+    """Refuse what cannot run here, before any point; returns the model's HF config. Without
+    `probe_kernel` a forced SDPA kernel is not tried on the device (a dry run's CUDA is faked)."""
+    device = resolve_device("bench.device", cfg.bench.device)
+    check_attention(cfg.attention, DTYPE_PRECISIONS[cfg.bench.dtype], device, probe_kernel=probe_kernel)
     if cfg.bench.artifact is not None:
         run = open_run(cfg.bench.artifact)
         if device.type != "cpu" or cfg.bench.dtype != "float32" or "onnxruntime" in cfg.benchmark.backends:
@@ -52,7 +50,12 @@ def check_bench(cfg: BenchAppConfig) -> PretrainedConfig:
     _check_quant(cfg)
     check_model_supports(cfg.attention, model_class(hf_config, task.auto_model))
     # a generation's last decode step sits new_tokens past the prompt
-    check_positions(hf_config, "bench.seq_lens", [s + cfg.benchmark.new_tokens for s in cfg.bench.seq_lens])
+    new_tokens = cfg.benchmark.new_tokens
+    check_positions(
+        hf_config,
+        timed_length_key("bench.seq_lens", new_tokens),
+        [s + new_tokens for s in cfg.bench.seq_lens],
+    )
     return hf_config
 
 
@@ -98,7 +101,7 @@ def run_benchmark(cfg: BenchAppConfig, job: JobContext) -> dict[str, Any]:
     with open_job(job, cfg.logger, cfg.seed, params) as opened:
         hf_config = check_bench(cfg)
         record = opened.record
-        record.update("env", environment(torch.device(sweep.device)))
+        record.update("env", environment(resolve_device("bench.device", sweep.device)))
         record.update("model", {"model_type": hf_config.model_type, "layers": hf_config.num_hidden_layers})
         tracked = {**job.choices, **params, "experiment": cfg.experiment_name, "config": job.resolved_config}
         tracker = opened.track(job.run_name(sweep.dtype), "bench", tracked)
