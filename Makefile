@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install install-dev run test test-processes test-slurm lint slow
+.PHONY: install install-dev run test test-e2e test-processes test-slurm lint slow
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,13 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## Lint, then the default test run (slow and multi-process tests excluded).
+## Lint, then the default test run: one case per API (slow, e2e, multi-process and SLURM tests excluded).
 test: lint
 	$(BIN)/pytest
+
+## The every-case end-to-end parametrizations (every recipe, both decoder families) (CI runs them too).
+test-e2e: install-dev
+	$(BIN)/pytest -m e2e
 
 ## The multi-process tests: parallel launchers, DDP workers, killed and resumed jobs (CI runs them too).
 test-processes: install-dev

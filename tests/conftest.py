@@ -11,7 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +19,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from qatflash.cli import config_dir
-from qatflash.config import SyntheticConfig, register_schema, to_config
+from qatflash.config import SyntheticConfig, to_config
 from qatflash.data.synthetic import synthetic_splits
 from qatflash.models import build_model
+from qatflash.preflight import compose_config
 
 # No test may reach a hub: loading code stays real, exercised on local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,16 +98,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if name in _required():
             pytest.fail(f"needs {what}, which is missing, and {REQUIRE_VARIABLE} requires it", pytrace=False)
         pytest.skip(f"needs {what}")
-
-
-def compose_config(app: str, overrides: list[str]) -> DictConfig:
-    """The DictConfig that `qatflash` (app=config) or `qatflash-bench` (app=bench) would run, hydra's node kept out."""
-    register_schema()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(app, overrides=overrides)
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -211,6 +200,25 @@ def learned_model(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path) -> L
     return LearnedModel(*train_and_save([f"data.cache_dir={hf_cache}", *LEARN], root, "test/acc"))
 
 
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory, hf_cache: Path) -> Path:
+    """Fast tiny_bert jobs, FP32 and dynamic PTQ (timed; PTQ with its INT8 artifact), run once per
+    session through the CLI into `quant=<recipe>/` of one folder: the report reads them as a sweep's
+    points (paired by their config hashes), the benchmark times the PTQ run's artifact. Tests that
+    change a run copy it first."""
+    from qatflash.cli import main
+
+    root = tmp_path_factory.mktemp("trained_runs")
+    for quant in ("fp32", "ptq_dynamic"):
+        argv, sys.argv = sys.argv, ["qatflash", f"data.cache_dir={hf_cache}", *FAST, "logger=none"]
+        sys.argv += [f"quant={quant}", f"hydra.run.dir='{root / f'quant={quant}'}'"]
+        try:
+            main()
+        finally:
+            sys.argv = argv
+    return root
+
+
 @pytest.fixture
 def run_app(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -279,9 +287,12 @@ _VERBS = ["sees", "chases", "likes", "finds"]
 _ADJECTIVES = ["big", "small", "red", "old"]
 
 
-def needs_extra(recipe: str) -> Any:
-    """A recipe name as a test parameter, marked with the optional extra its API needs (bitsandbytes')."""
-    return pytest.param(recipe, marks=pytest.mark.needs("bnb")) if recipe.startswith("wo_bnb") else recipe
+def recipe_case(recipe: str, runs_in_make_test: Collection[str]) -> Any:
+    """A recipe name as a test parameter, marked with the optional extra its API needs (bitsandbytes')
+    and, unless it is one of `runs_in_make_test` (one representative per quantization API), `e2e`:
+    the every-recipe cases run in `make test-e2e`, which CI runs as its own step."""
+    marks = [pytest.mark.needs("bnb")] if recipe.startswith("wo_bnb") else []
+    return pytest.param(recipe, marks=[*marks, *([] if recipe in runs_in_make_test else [pytest.mark.e2e])])
 
 
 def write_corpus(folder: Path, lines: dict[str, int], seed: int = 0) -> Path:

@@ -117,6 +117,7 @@ def test_unknown_group_option_lists_the_choices(make_cfg) -> None:
         make_cfg("attention=fastest")
 
 
+@pytest.mark.e2e
 def test_configs_ship_inside_the_wheel(tmp_path: Path) -> None:
     """A built wheel carries conf/ as qatflash/conf, and the installed package composes from it."""
     repo = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LM_FAST, TINY_DECODER, LearnedDecoder, needs_extra
+from conftest import LM_FAST, TINY_DECODER, LearnedDecoder, recipe_case
 from transformers import AutoConfig
 
 from qatflash.config import DataConfig, to_config
@@ -90,6 +90,7 @@ def test_tokenized_and_packed_splits_are_cached(make_cfg, text_corpus: Path) -> 
     assert {split: Path(f).stat().st_mtime_ns for split, f in files.items()} == written
 
 
+@pytest.mark.e2e
 def test_trained_bpe_is_the_same_in_another_process(text_corpus: Path) -> None:
     """tokenizers' trainer must not break ties by hash order: another process (another hash seed)
     must learn the same vocabulary, or runs and dataset caches would disagree."""
@@ -206,7 +207,7 @@ WEIGHT_ONLY_BOUNDS = {
 }
 
 
-@pytest.mark.parametrize("recipe", list(RECIPE_BOUNDS))
+@pytest.mark.parametrize("recipe", [recipe_case(r, ("qat_x86",)) for r in RECIPE_BOUNDS])
 def test_every_recipe_on_both_decoder_families(
     make_cfg, text_corpus: Path, learned_decoder: LearnedDecoder, tmp_path: Path, recipe: str
 ) -> None:
@@ -216,7 +217,10 @@ def test_every_recipe_on_both_decoder_families(
 
 
 @pytest.mark.parametrize("learned_decoder", ["llama_tiny"], indirect=True)
-@pytest.mark.parametrize("recipe", [needs_extra(r) for r in WEIGHT_ONLY_BOUNDS])
+@pytest.mark.parametrize(
+    "recipe",
+    [recipe_case(r, ("wo_packed_int4", "wo_torchao_int8", "wo_bnb_nf4")) for r in WEIGHT_ONLY_BOUNDS],
+)
 def test_every_weight_only_recipe_end_to_end(
     make_cfg, text_corpus: Path, learned_decoder: LearnedDecoder, tmp_path: Path, recipe: str
 ) -> None:

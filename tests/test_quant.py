@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, needs_extra
+from conftest import FAST, recipe_case
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.ao import quantization as tq
 from torch.ao.nn import quantized as nnq
@@ -63,7 +63,11 @@ def _tiny_bert(vocab_size: int = 60) -> torch.nn.Module:
 INT8_ACCURACY_DROP = 8 / 256
 
 
-@pytest.mark.parametrize("recipe", [needs_extra(r) for r in RECIPES])
+# One recipe per quantization API runs in `make test`; the others in `make test-e2e` (CI).
+ONE_PER_API = ("qat_x86", "qat_torchao_int8", "qat_pt2e_x86", "wo_packed_int4", "wo_bnb_nf4")
+
+
+@pytest.mark.parametrize("recipe", [recipe_case(r, ONE_PER_API) for r in RECIPES])
 def test_every_recipe_trains_converts_evaluates_and_reloads(
     make_cfg, learned_model, tmp_path: Path, recipe: str
 ) -> None:
@@ -92,7 +96,7 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(
 
 
 @pytest.mark.needs("onnx")
-@pytest.mark.parametrize("recipe", ["ptq_dynamic", "qat_x86"])
+@pytest.mark.parametrize("recipe", ["ptq_dynamic", pytest.param("qat_x86", marks=pytest.mark.e2e)])
 def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(
     make_cfg, learned_model, tmp_path: Path, recipe: str
 ) -> None:
@@ -191,12 +195,13 @@ QDQ_TOLERANCE = {
 @pytest.mark.parametrize(
     ("recipe_name", "exported"),
     [
+        ("qat_x86", "qdq"),
         *(
-            (name, "qdq")
-            for name in ("qat_x86", "qat_per_tensor", "qat_x86_a8w7_float_out", "ptq_static", "qat_pt2e_x86")
+            pytest.param(name, "qdq", marks=pytest.mark.e2e)
+            for name in ("qat_per_tensor", "qat_x86_a8w7_float_out", "ptq_static", "qat_pt2e_x86")
         ),
-        ("qat_x86", "broken_fp32_in_place"),
-        ("qat_x86", "broken_activation_scales_lost"),
+        pytest.param("qat_x86", "broken_fp32_in_place", marks=pytest.mark.e2e),
+        pytest.param("qat_x86", "broken_activation_scales_lost", marks=pytest.mark.e2e),
     ],
 )
 def test_qdq_form_runs_the_recipes_own_quantization_in_onnxruntime(
@@ -464,8 +469,11 @@ def test_pt2e_graph_matches_the_float_model_on_padded_batches_of_any_shape(make_
 
 @pytest.mark.parametrize(
     ("recipe_name", "rng_state"),
-    [("qat_x86", True), ("qat_torchao_int8", True), ("qat_x86", False)],
-    ids=["qat_x86", "qat_torchao_int8", "broken_qat_x86_without_rng_state"],
+    [
+        pytest.param("qat_x86", True, id="qat_x86"),
+        pytest.param("qat_torchao_int8", True, id="qat_torchao_int8", marks=pytest.mark.e2e),
+        pytest.param("qat_x86", False, id="broken_qat_x86_without_rng_state"),
+    ],
 )
 def test_resuming_mid_qat_reproduces_the_int8_model(
     make_cfg, tmp_path: Path, recipe_name: str, rng_state: bool

@@ -96,6 +96,7 @@ def test_checking_a_name_imports_nothing_until_it_is_looked_up(tmp_path: Path, m
     monkeypatch.delitem(sys.modules, "lazy_plugin")
 
 
+@pytest.mark.e2e
 def test_choosing_an_api_imports_only_its_module(tmp_path: Path) -> None:
     """quant=ptq_dynamic (eager) loads neither the torchao nor the pt2e recipe module. (transformers
     itself imports torchao wherever it is installed; qatflash quiets what that prints.)"""

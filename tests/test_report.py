@@ -3,56 +3,43 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FAST, LM_FAST, TINY_DECODER
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from conftest import LM_FAST, TINY_DECODER
+from omegaconf import OmegaConf
 from wandb_files import records
 
 from qatflash.bench.app import run_benchmark
-from qatflash.cli import config_dir, report_main
-from qatflash.config import register_schema, to_config
+from qatflash.cli import report_main
+from qatflash.config import to_config
 from qatflash.job import JobContext
 from qatflash.pipeline import run
+from qatflash.preflight import compose_config
 from qatflash.report import write_report
 from qatflash.report.figures import pareto_latency, pareto_mask, shipped_latency
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sweep(tmp_path_factory: pytest.TempPathFactory, trained_runs: Path) -> Path:
     """Two training points, two benchmark jobs, a truncated results.json and a killed (running) one."""
-    register_schema()
     root = tmp_path_factory.mktemp("sweep")
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        for quant in ("fp32", "ptq_dynamic"):
-            cfg = compose("config", overrides=[*FAST, "logger=none", f"quant={quant}"])
-            with open_dict(cfg):
-                cfg.pop("hydra", None)
-            choices = {"quant": quant, "attention": "sdpa"}
-            resolved = OmegaConf.to_container(cfg, resolve=True)  # what the hashes that pair points read
-            run(to_config(cfg), JobContext(root / f"quant={quant}", choices, resolved_config=resolved))
-        for attention in ("sdpa", "sdpa_flash"):  # the same implementation, the second forced onto one kernel
-            cfg = compose(
-                "bench",
-                overrides=[
-                    "model=tiny_bert",
-                    f"attention={attention}",
-                    "logger=none",
-                    "benchmark.min_iters=2",
-                    "benchmark.warmup=0",
-                    "benchmark.min_duration_s=0",
-                    "bench.seq_lens=[32,128]",
-                    "bench.isolate=false",
-                ],
-            )
-            with open_dict(cfg):
-                cfg.pop("hydra", None)
-            run_benchmark(
-                to_config(cfg), JobContext(folder=root / attention, choices={"attention": attention})
-            )
+    shutil.copytree(trained_runs, root, dirs_exist_ok=True)
+    for attention in ("sdpa", "sdpa_flash"):  # the same implementation, the second forced onto one kernel
+        overrides = [
+            "model=tiny_bert",
+            f"attention={attention}",
+            "logger=none",
+            "benchmark.min_iters=2",
+            "benchmark.warmup=0",
+            "benchmark.min_duration_s=0",
+            "bench.seq_lens=[32,128]",
+            "bench.isolate=false",
+        ]
+        config = to_config(compose_config("bench", overrides))
+        run_benchmark(config, JobContext(folder=root / attention, choices={"attention": attention}))
     (root / "truncated").mkdir()
     (root / "truncated" / "results.json").write_text('{"schema": 1, "status": "ok", "metr')
     (root / "killed").mkdir()

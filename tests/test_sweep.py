@@ -129,6 +129,7 @@ def test_parallel_launchers_run_a_four_point_sweep(tmp_path: Path, launcher: str
 
 
 @pytest.mark.needs("optuna")
+@pytest.mark.e2e
 def test_optuna_sweeper_maximises_the_objective(run_app, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     code, stderr = run_app(
