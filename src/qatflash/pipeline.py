@@ -173,14 +173,12 @@ def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
     slurm.check_tasks(cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes)
     declared = declared_config(cfg.model)
     training = training_call(declared)
+    # a generation's last decode step sits new_tokens past the prompt
+    timed = (cfg.benchmark.seq_len or cfg.data.max_length) + cfg.benchmark.new_tokens
     lengths = {
         "data.max_length": cfg.data.max_length,
         "data.eval_length": cfg.data.eval_length,
-        # a generation's last decode step sits new_tokens past the prompt
-        timed_length_key("benchmark.seq_len", cfg.benchmark.new_tokens): (
-            cfg.benchmark.seq_len or cfg.data.max_length
-        )
-        + cfg.benchmark.new_tokens,
+        timed_length_key("benchmark.seq_len", cfg.benchmark.new_tokens): timed,
     }
     for name, length in lengths.items():
         if length is not None:
