@@ -15,8 +15,6 @@
 #         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64'
 #   python3 -m pip download --no-deps $plat -d .whl -c constraints.txt hydra-core omegaconf datasets \
 #     dill multiprocess torchao submitit hydra-joblib-launcher hydra-submitit-launcher
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl -c constraints.txt \
-#     hydra-core omegaconf submitit hydra-joblib-launcher hydra-submitit-launcher   # pure-Python ones
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # the registry has only its source
 #   python3 -m pip download --no-deps $plat -d /tmp/bnb bitsandbytes==0.50.2    # 43 MB; keep CUDA 13 + CPU:
 #   (cd /tmp/bnb && unzip -q bitsandbytes-*.whl -d x && rm -f x/bitsandbytes/libbitsandbytes_cuda1[0-2]*.so \
