@@ -21,7 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 from unittest import mock
+
+if TYPE_CHECKING:
+    from qatflash.preflight import Point
 
 REPO = Path(__file__).resolve().parents[1]
 # What a run of all steps should stay within on one H100/H200, so a 15-minute loan has room to rerun.
@@ -235,17 +239,24 @@ def dry_run(step: Step) -> Outcome:
             step, "ok" if ok else "failed", time.perf_counter() - started, f"{len(selected)} tests"
         )
     from qatflash.errors import first_line
-    from qatflash.preflight import check, needs_cuda, points
+    from qatflash.preflight import points
 
     jobs = points(step.app, list(step.args))
     for point in jobs:
         try:
-            with fake_cuda() if needs_cuda(point) else contextlib.nullcontext():
-                check(point)
+            preflight(point)
         except Exception as error:  # a refusal, or an error a GPU would have raised
             detail = f"{' '.join(point.overrides)}: {first_line(error)}"
             return Outcome(step, "failed", time.perf_counter() - started, detail)
     return Outcome(step, "ok", time.perf_counter() - started, f"{len(jobs)} point(s) preflighted")
+
+
+def preflight(point: Point) -> None:
+    """The point's config-level checks (qatflash.preflight), under a fake CUDA where it runs on one."""
+    from qatflash.preflight import check, needs_cuda
+
+    with fake_cuda() if needs_cuda(point) else contextlib.nullcontext():
+        check(point)
 
 
 @dataclass

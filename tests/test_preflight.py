@@ -6,7 +6,6 @@ boundary where a command needs it; and the GPU check's dry run, as CI runs it.""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import re
@@ -21,7 +20,7 @@ import torch
 from conftest import REPO
 
 from qatflash.errors import ConfigError
-from qatflash.preflight import APPS, Point, check, needs_cuda, points
+from qatflash.preflight import APPS, Point, check, points
 
 
 def _load_gpu_check() -> types.ModuleType:
@@ -70,8 +69,7 @@ def _missing_here(point: Point) -> str | None:
     """Run the point's checks, under a fake CUDA if it runs on one. A refusal naming a package that
     is really missing here (flash-attn: CUDA only) is this machine's, not the command's: returned."""
     try:
-        with gpu_check.fake_cuda() if needs_cuda(point) else contextlib.nullcontext():
-            check(point)
+        gpu_check.preflight(point)
     except ConfigError as error:
         missing = _NOT_INSTALLED.search(str(error))
         if missing is None or importlib.util.find_spec(missing.group(1)) is not None:

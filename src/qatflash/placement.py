@@ -1,4 +1,5 @@
-"""Where a model runs: the one authority that puts a timed, tested or generating model on its device.
+"""Where a model runs: the one authority that puts a timed or generating model on its device
+(testing is Lightning's: its trainer places the module it tests).
 
 Two facts make a plain `model.to(device)` wrong, both seen on an H200:
 - Lightning moves a model to its accelerator for a fit or a test and back to the CPU at teardown,
@@ -8,8 +9,8 @@ Two facts make a plain `model.to(device)` wrong, both seen on an H200:
 - `nn.Module.to` moves parameters and buffers, and only those. Quantization libraries hang more
   tensors on the objects it moves: bitsandbytes keeps LLM.int8's int8 matrix (`CB`, the weight's
   own data) and row scales (`SCB`) as attributes of the weight and, after a first forward, on the
-  module's matmul state; NF4 keeps its block scales in the weight's `quant_state`; transformers'
-  rotary embeddings keep `original_inv_freq` beside their buffer. `.to` moves a weight's data in
+  module's matmul state; NF4 keeps its block scales in the weight's `quant_state`. `.to` moves a
+  weight's data in
   place and leaves such attributes where they were, and the first CUDA matmul then fails
   ("Expected a cuda device, but got: cpu" from bitsandbytes' int8 matmul).
 
@@ -57,11 +58,11 @@ def misplaced(model: nn.Module, device: torch.device) -> list[str]:
     """The names of the tensors `model` holds that are not on `device` (parameters, buffers and
     attached tensors alike), each with the device it is on."""
     owned = [
-        *(("", name, t) for name, t in model.named_parameters(remove_duplicate=True)),
-        *(("", name, t) for name, t in model.named_buffers(remove_duplicate=True)),
-        *((owner, name, t) for owner, _, name, t in attached_tensors(model)),
+        *model.named_parameters(),
+        *model.named_buffers(),
+        *((name, t) for _, _, name, t in attached_tensors(model)),
     ]
-    return [f"{name} ({t.device})" for _, name, t in owned if t is not None and t.device != device]
+    return [f"{name} ({t.device})" for name, t in owned if t.device != device]
 
 
 def attached_tensors(model: nn.Module) -> Iterator[tuple[object, str, str, torch.Tensor]]:
@@ -103,8 +104,9 @@ def _views_of_owned_data(model: nn.Module) -> dict[tuple[int, str], tuple[nn.Mod
     `CB` is its weight's int8 data): (id(owner), attribute) -> (module, parameter or buffer name)."""
     owners = {}
     for module in model.modules():
-        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is not None and (pointer := _data_pointer(tensor)) is not None:
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for key, tensor in own:
+            if (pointer := _data_pointer(tensor)) is not None:
                 owners.setdefault((pointer, tuple(tensor.shape)), (module, key))
     views = {}
     for owner, attribute, _, tensor in attached_tensors(model):
