@@ -261,32 +261,6 @@ def test_qdq_form_runs_the_recipes_own_quantization_in_onnxruntime(
         )
 
 
-@pytest.mark.parametrize(
-    ("targets", "expected"),
-    [
-        (
-            "all_linears",
-            {
-                "pooler.dense",
-                "bert.encoder.layer.0.attention.self.query",
-                "bert.encoder.layer.1.output.dense",
-            },
-        ),
-        ("encoder", {"bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.intermediate.dense"}),
-        ("ffn", {"bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"}),
-    ],
-)
-def test_target_presets_select_modules_by_name(make_cfg, targets: str, expected: set[str]) -> None:
-    config = to_config(make_cfg("quant=qat_x86", f"quant/targets={targets}"))
-    chosen = set(linear_targets(_tiny_bert(), config.quant.targets))
-    assert {e.replace("pooler", "bert.pooler") for e in expected} <= chosen
-    assert "classifier" not in chosen
-    if targets == "ffn":
-        assert not any("attention" in name for name in chosen)
-    if targets == "encoder":
-        assert "bert.pooler.dense" not in chosen
-
-
 def test_only_targeted_linears_are_quantized_and_keyword_forwards_still_work(make_cfg) -> None:
     config = to_config(make_cfg("quant=qat_x86", "quant/targets=ffn", "quant.embeddings=float"))
     recipe = make_recipe(config.quant)
@@ -441,14 +415,6 @@ def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_
 def test_api_combinations_that_cannot_run_are_refused(make_cfg, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         to_config(make_cfg(*overrides))
-
-
-def test_inner_blocks_preset_leaves_out_the_first_and_last_block(make_cfg) -> None:
-    hf_config = AutoConfig.for_model("bert", num_labels=2, **{**TINY, "num_hidden_layers": 4})
-    model = build_model_from_config(hf_config, AttentionConfig(implementation="sdpa"))
-    config = to_config(make_cfg("quant=qat_x86", "quant/targets=inner_blocks"))
-    blocks = {name.split(".")[3] for name in linear_targets(model, config.quant.targets)}
-    assert blocks == {"1", "2"}
 
 
 def test_pt2e_graph_matches_the_float_model_on_padded_batches_of_any_shape(make_cfg) -> None:

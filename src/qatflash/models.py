@@ -8,13 +8,16 @@ download and its vocabulary fits its data.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -192,6 +195,15 @@ def build_model_from_config(
 ) -> PreTrainedModel:
     """Random weights in the model's shape: a from-scratch model, or a skeleton to load a state_dict into."""
     return auto.from_config(hf_config, attn_implementation=attention.implementation)
+
+
+def model_on_meta(
+    hf_config: PretrainedConfig, auto: AutoModel = AutoModelForSequenceClassification
+) -> nn.Module:
+    """The model's modules with weights on the meta device (no memory, no data): what checks of its
+    structure (which modules a recipe targets) run on before anything is loaded."""
+    with torch.device("meta"):
+        return auto.from_config(copy.deepcopy(hf_config), attn_implementation="eager")
 
 
 def max_positions(hf_config: PretrainedConfig) -> int | None:

@@ -46,6 +46,7 @@ from qatflash.models import (
     check_positions,
     declared_config,
     max_positions,
+    model_on_meta,
     timed_length_key,
     training_call,
 )
@@ -194,6 +195,8 @@ def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
     recipe = make_recipe(cfg.quant) if cfg.quant.method != "none" else None
     if recipe is not None:
         recipe.check_device("cpu")  # a job's quantized model runs on the CPU
+        # Patterns that match nothing, or match a module type no recipe quantizes, are refused now.
+        recipe.select_targets(model_on_meta(declared, task.auto_model))
     if cfg.benchmark.enabled:
         task.check_timing(cfg.benchmark, recipe)
     qat = None
@@ -230,14 +233,10 @@ def load_data(cfg: Config, checked: Checked, trainer: L.Trainer) -> Data:
 
 
 def build(cfg: Config, checked: Checked, data: Data, job: JobContext) -> Built:
-    """The model in the task's head, its lengths checked against its positions, its targets selected."""
+    """The model in the task's head (its targets were checked in preflight, on its declared shape)."""
     hf_config = checked.task.model_config(data.module)
     model = build_model(cfg.model, cfg.attention, hf_config, checked.task.auto_model)
     hf_config.to_json_file(job.folder / MODEL_CONFIG_FILE)  # rebuilds the artifact's skeleton later
-    if checked.recipe is not None:
-        checked.recipe.select_targets(
-            model
-        )  # patterns that match nothing are refused now, not after training
     return Built(hf_config, model)
 
 

@@ -25,7 +25,7 @@ from qatflash.quant.attention_matmuls import add_attention_fake_quant, set_aside
 from qatflash.quant.float_output import Int8LinearFloatOutput
 from qatflash.quant.qdq import to_qdq
 from qatflash.quant.recipe import Recipe
-from qatflash.quant.targeting import embedding_targets, replace_module
+from qatflash.quant.targeting import replace_module
 
 # The quantized engines whose packed Linear weights have fbgemm's float-output INT8 kernel.
 FLOAT_OUTPUT_ENGINES = ("x86", "fbgemm")
@@ -105,10 +105,10 @@ class EagerRecipe(Recipe):
             wrapper.qconfig = self.qconfig
             wrapper.module.qconfig = self.linear_qconfig
             replace_module(model, name, wrapper)
-        if self.cfg.method == "qat" and self.cfg.embeddings == "int8":
+        if self.cfg.method == "qat":
             # Train against the per-row int8 table that conversion will ship: left to conversion
             # alone, the unseen rounding cost MiniLM 0.6 points of SST-2 between fake-quant and INT8.
-            for name in embedding_targets(model):
+            for name in self.tables:
                 model.get_submodule(name).qconfig = _EMBEDDING_QAT
         with warnings.catch_warnings():
             # torch.ao warns about every untargeted submodule that has no qconfig: that is the point.
@@ -151,8 +151,8 @@ class EagerRecipe(Recipe):
                         wrapper = model.get_submodule(name)
                         replace_module(model, name, Int8LinearFloatOutput.from_wrapper(wrapper))
                 tq.convert(model, mapping=_INT8_MODULES, inplace=True)
-            if self.cfg.embeddings == "int8" and self.cfg.method != "qat":  # QAT's table is converted above
-                tables = {name: tq.float_qparams_weight_only_qconfig for name in embedding_targets(model)}
+            if self.tables and self.cfg.method != "qat":  # QAT's table is converted above
+                tables = {name: tq.float_qparams_weight_only_qconfig for name in self.tables}
                 tq.quantize_dynamic(model, tables, mapping={nn.Embedding: nnq.Embedding}, inplace=True)
         return model
 

@@ -20,7 +20,7 @@ from torch import nn
 from qatflash.config import QUANT_ENGINES, QuantConfig
 from qatflash.errors import require
 from qatflash.quant.artifact import load_state, save_state
-from qatflash.quant.targeting import linear_targets
+from qatflash.quant.targeting import embedding_targets, linear_targets
 
 
 class Recipe(ABC):
@@ -57,11 +57,26 @@ class Recipe(ABC):
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg
         self.targets: list[str] = []
+        self.tables: list[str] = []
 
     def select_targets(self, model: nn.Module) -> list[str]:
-        """The Linear layers this recipe quantizes in `model` (ConfigError when the patterns match none)."""
+        """The Linear layers this recipe quantizes in `model`, GPT-2-style Conv1D projections among
+        them turned into nn.Linear in place (ConfigError when the patterns match none, or match a
+        module type no recipe quantizes); and the embedding tables it quantizes (`tables`)."""
         self.targets = linear_targets(model, self.cfg.targets)
+        self.tables = embedding_targets(model) if self.cfg.embeddings == "int8" else []
         return self.targets
+
+    def check_converted(self, model: nn.Module) -> None:
+        """Refuse a converted model in which fewer (or more) modules run quantized than were selected:
+        a recipe that silently leaves a target float must not be recorded as quantizing it."""
+        selected = len(self.targets) + len(self.tables)
+        found = self.count_quantized(model)
+        if found != selected:
+            raise RuntimeError(
+                f"quant.api={self.cfg.api} converted {found} modules to quantized ones, but selected "
+                f"{selected} ({len(self.targets)} Linear targets, {len(self.tables)} embedding tables)"
+            )
 
     @abstractmethod
     def prepare(self, model: nn.Module) -> nn.Module:

@@ -19,6 +19,7 @@ from torch import nn
 from qatflash.quant.artifact import serialized_bytes
 from qatflash.quant.callback import QuantizationAwareTraining
 from qatflash.quant.recipe import Recipe
+from qatflash.quant.targeting import coverage
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ def saved(
     """`shipped` with its INT8 artifact written to `folder`, proven to reload to identical logits, and sized."""
     recipe, int8 = shipped.recipe, shipped.int8
     assert recipe is not None and int8 is not None, "only quantized jobs save an INT8 artifact"
+    recipe.check_converted(int8)
     path = folder / recipe.artifact_name
     int8_bytes = recipe.save(int8, path)
     reloaded = recipe.load(path, skeleton)
@@ -106,6 +108,7 @@ def saved(
         "int8_bytes": int8_bytes,
         "fp32_bytes": fp32_bytes,
         "quantized_modules": recipe.count_quantized(int8),
+        "coverage": coverage(shipped.fp32, recipe.cfg.targets, [*recipe.targets, *recipe.tables]),
         "int8_rerun_spread": spread,
     }
     metrics = {**shipped.metrics, "model/size_ratio": int8_bytes / fp32_bytes}

@@ -25,7 +25,6 @@ from torchao.utils import TorchAOBaseTensor
 from qatflash.config import QuantConfig
 from qatflash.errors import ConfigError, require
 from qatflash.quant.recipe import Recipe
-from qatflash.quant.targeting import embedding_targets
 
 _GRANULARITIES = {"per_token": ao.PerToken, "per_tensor": ao.PerTensor, "per_channel": lambda: ao.PerAxis(0)}
 
@@ -146,8 +145,8 @@ class TorchaoRecipe(Recipe):
         ao.quantize_(
             model, build("quant.torchao.convert", self.section.convert or {}), filter_fn=self._is_target
         )
-        if self.cfg.embeddings == "int8":
-            tables = set(embedding_targets(model))
+        if self.tables:
+            tables = set(self.tables)
             weight_only = ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
             ao.quantize_(model, weight_only, filter_fn=lambda module, name: name in tables)
         return model
