@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 
 from qatflash.config import to_config
 from qatflash.errors import ConfigError
-from qatflash.job import JobContext, point_dir
+from qatflash.job import JobContext, _earlier_folder, point_dir
 from qatflash.job import environment as environment_facts
 from qatflash.pipeline import run
-from qatflash.results import read_results
-from qatflash.slurm import Interrupted, follow_cpus_per_task, sigterm_interrupts
+from qatflash.results import read_results, write_json_atomic
+from qatflash.slurm import Interrupted, check_tasks, follow_cpus_per_task, sigterm_interrupts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUIET = ["benchmark=none", "logger=none", "trainer.max_epochs=1", "data.batch_size=2"]
@@ -56,9 +56,10 @@ def test_points_are_named_by_the_keys_the_sweep_varies(run_app, tmp_path: Path) 
         "quant=fp32",
         "quant=ptq_dynamic",
     ]
-    # A folder of the earlier naming (every override but the paths and the logger) is taken up, not run again.
+    # A folder of the earlier naming (every override but the paths and the logger, as Hydra's sweeper
+    # spells them: data.header=False) is taken up, not run again.
     named = [*constants, "quant=fp32"]
-    overrides = sorted(o for o in named if not o.startswith(("data.path=", "logger=")))
+    overrides = sorted(_as_swept(o) for o in named if not o.startswith(("data.path=", "logger=")))
     earlier = sweep / point_dir(",".join(overrides))
     (sweep / "quant=fp32").rename(earlier)
     recorded = read_results(earlier)
@@ -66,6 +67,26 @@ def test_points_are_named_by_the_keys_the_sweep_varies(run_app, tmp_path: Path) 
     assert code == 0, stderr[-3000:]
     assert read_results(sweep / "quant=fp32") == recorded  # skipped: the same ok record, moved
     assert read_results(earlier) is None
+
+
+def _as_swept(override: str) -> str:
+    """`override` as Hydra's basic sweeper hands it to a point (`key=false` becomes `key=False`):
+    the spelling the earlier folder names were made of."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (parsed,) = OverridesParser.create().parse_overrides([override])
+    return f"{parsed.get_key_element()}={parsed.get_value_element_as_str()}"
+
+
+def test_a_folder_of_the_earlier_naming_is_taken_up_whatever_its_config_hash(tmp_path: Path) -> None:
+    """A point recorded under the earlier naming by an earlier qatflash may hold another config hash
+    (keys added since): its name alone identifies it. The hash scan finds only same-hash records."""
+    swept = ["data.header=False", "quant=fp32", f"data.path={tmp_path}", "logger=none"]
+    earlier = tmp_path / "data.header=False,quant=fp32"  # sorted, less the path and the logger
+    write_json_atomic(earlier / "results.json", {"status": "ok", "config_hash": "before-the-new-keys"})
+    job = JobContext(tmp_path / "quant=fp32", {}, overrides=swept, sweep_dir=tmp_path)
+    assert job.config_hash != "before-the-new-keys"
+    assert _earlier_folder(job) == earlier
 
 
 def test_under_a_multi_process_launch_only_rank_zero_writes(make_cfg, tmp_path: Path, monkeypatch) -> None:
@@ -214,3 +235,32 @@ def test_a_ddp_fit_whose_slurm_tasks_do_not_match_its_devices_is_refused(make_cf
         preflight(config, TASKS.load("classification")(config))
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
     preflight(config, TASKS.load("classification")(config))  # two tasks for two devices: accepted
+
+
+def test_ddp_slurm_tasks_are_checked_per_node_and_across_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM writes tasks per node as "2(x3)" when three nodes run two each, and a fit on fewer
+    nodes than the job has waits for ranks that never join, as one with too few devices does."""
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2(x3)")
+    monkeypatch.setenv("SLURM_NNODES", "3")
+    check_tasks("ddp", devices=2, num_nodes=3)  # two devices on each of the three nodes: accepted
+    for devices, num_nodes in ((2, 1), (3, 3)):
+        with pytest.raises(
+            ConfigError,
+            match=rf"trainer.devices={devices} and trainer.num_nodes={num_nodes}, but this SLURM job has "
+            r"2 task\(s\) per node on 3 node\(s\)",
+        ):
+            check_tasks("ddp", devices=devices, num_nodes=num_nodes)
+
+
+def test_data_files_declared_splits_left_null_hash_as_before_they_were_declared() -> None:
+    """data.files now declares its three splits (null: found by name): a job recorded before, with
+    only the splits it named (wikitext2) or no mapping at all, keeps its config hash."""
+
+    def hashed(files: dict[str, str | None] | None) -> str:
+        return JobContext(Path("."), {}, resolved_config={"data": {"files": files}}).config_hash
+
+    assert hashed({"train": "valid.txt", "validation": None, "test": "test.txt"}) == hashed(
+        {"train": "valid.txt", "test": "test.txt"}
+    )
+    assert hashed(dict.fromkeys(("train", "validation", "test"))) == hashed(None) == hashed({})
+    assert hashed({"train": "valid.txt", "validation": None, "test": None}) != hashed(None)

@@ -59,7 +59,18 @@ def test_packed_blocks_are_consecutive_and_drop_the_remainder() -> None:
     assert packed_blocks(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+def _windows_by_hand(ids: list[int], boundary: int, length: int, pad: int) -> list[list[int]]:
+    """Windows of `length` over `[boundary] + ids`, one starting every `length - 1` tokens (each
+    scores `length - 1` new ones), the last padded: the default stride, whatever the training length."""
+    stream = [boundary, *ids]
+    return [
+        (stream[start : start + length] + [pad] * length)[:length] for start in range(0, len(ids), length - 1)
+    ]
+
+
 def test_evaluation_scores_the_same_tokens_whatever_the_lengths(make_cfg, text_corpus: Path) -> None:
+    """Scored tokens alone would not tell 26 windows of 64 from 104 that overlap by 49: the windows
+    are compared too, input for input, so that the training length cannot change the evaluation."""
     scored, shapes = [], []
     for length, eval_length in ((16, None), (48, None), (16, 64)):
         cfg = _cfg(
@@ -74,6 +85,10 @@ def test_evaluation_scores_the_same_tokens_whatever_the_lengths(make_cfg, text_c
             (tuple(data.splits["train"][:]["input_ids"].shape[1:]), tuple(test["input_ids"].shape[1:]))
         )
         assert len(scored[-1]) == data.test_tokens
+        windows, tokenizer = test["input_ids"].tolist(), data.tokenizer
+        window = eval_length or length
+        assert len(windows) == math.ceil(data.test_tokens / (window - 1))
+        assert windows == _windows_by_hand(scored[-1], tokenizer.bos_token_id, window, tokenizer.pad_token_id)
     assert scored[0] == scored[1] == scored[2]
     assert shapes == [((16,), (16,)), ((48,), (48,)), ((16,), (64,))]
 
@@ -114,6 +129,18 @@ def test_unigram_baseline_by_hand() -> None:
     train, test = words(["a a b\n"]), words(["a c\n"])
     # counts a=2, b=1: N=3, V=2+1; p(a) = 3/6, p(c) = 1/6 (unseen): perplexity sqrt(12).
     assert unigram_word_perplexity(train, test) == pytest.approx(math.sqrt(12))
+
+
+def test_the_unigram_baseline_is_counted_on_the_training_split(make_cfg, tmp_path: Path) -> None:
+    """The baseline a data module records is the training words' unigram model scored on the test
+    words (the hand count above), not the test words' own model, which knows every test word."""
+    for split, text in (("train", "a a b\n"), ("validation", "a b\n"), ("test", "a c\n")):
+        (tmp_path / f"{split}.txt").write_text(text)
+    # blocks of 2 tokens: the 4-token training split must hold one
+    data = CausalLMTask(_cfg(make_cfg, tmp_path, "data.max_length=2")).data_module()
+    data.setup()
+    # Counted on the test split instead: a=1, c=1, N=2, V=3, p = 2/5 each, perplexity 2.5.
+    assert data.test_words == 2 and data.unigram_word_ppl == pytest.approx(math.sqrt(12))
 
 
 def test_perplexity_is_the_token_summed_nll_over_the_whole_split(make_cfg, text_corpus: Path) -> None:

@@ -136,9 +136,13 @@ class DataConfig:
     hub_splits: dict[str, str] = field(
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
-    # causal_lm: split -> file inside `path` (e.g. {train: valid.txt, test: test.txt}); `path` may
-    # also be one file, which is then the training text.
-    files: dict[str, str] | None = None
+    # causal_lm: split -> file inside `path` (e.g. {train: valid.txt, test: test.txt}); a split left
+    # null is found by its name (validation also as valid, val or dev). `path` may also be one file,
+    # which is then the training text. The three keys are declared so that the command line can
+    # set them (data.files.validation=valid.txt, or data.files={...}) without Hydra's `+`.
+    files: dict[str, str | None] = field(
+        default_factory=lambda: dict.fromkeys(("train", "validation", "test"))
+    )
     # causal_lm: splits carved from the end of the training text, as fractions of its lines
     # (e.g. {validation: 0.1}): a split named here must not come from a file too.
     holdout: dict[str, float] = field(default_factory=dict)
@@ -188,7 +192,9 @@ class DataConfig:
             _one_of("data.holdout split", split, ("validation", "test"))
             _require(0 < fraction < 1, f"data.holdout.{split}={fraction} must be in (0, 1)")
         _require(sum(self.holdout.values()) < 1, f"data.holdout={dict(self.holdout)} leaves no training text")
-        clash = sorted(set(self.holdout) & set(self.files or {}))
+        for split in self.files:
+            _one_of("data.files split", split, ("train", "validation", "test"))
+        clash = sorted(set(self.holdout) & {split for split, name in self.files.items() if name})
         _require(not clash, f"data.holdout and data.files both give the split(s) {clash}; choose one")
         _positive_or_null("data.eval_length", self.eval_length)
         _positive_or_null("data.eval_stride", self.eval_stride)
@@ -273,11 +279,11 @@ class ObserverConfig:
 
 @dataclass
 class TargetsConfig:
-    """Which nn.Linear modules are quantized: glob patterns over module names (fnmatch)."""
+    """Which weight-matrix modules are quantized: glob patterns over module names (fnmatch)."""
 
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    # Also leave out the first and the last transformer block (numbered `layer.N` / `layers.N`).
+    # Also leave out the first and the last transformer block (numbered `layer.N`, `layers.N` or `h.N`).
     skip_edge_blocks: bool = False
 
 

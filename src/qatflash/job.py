@@ -57,6 +57,10 @@ _ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("benchmark", "max_duration_s"): None,
     ("quant", "weight_only"): None,
 }
+# Mappings whose keys were declared after sweeps were recorded, each null where it was absent
+# before (data.files' splits: null is "found by name"): their null entries are left out of the
+# hash, and a mapping of nothing but nulls is the null it was.
+_NULL_ENTRIES_ADDED = (("data", "files"),)
 # Overrides that never name a point's folder: paths would nest folders; the experiment and the
 # logger name the sweep, not a point.
 _PATH_KEYS = ("data.path", "data.cache_dir", "model.name_or_path")
@@ -115,14 +119,24 @@ class JobContext:
 def _without_added_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """`config` less each key of `_ADDED_KEYS` that holds the value reproducing the earlier behaviour."""
     config = copy.deepcopy(config)
+    for path in _NULL_ENTRIES_ADDED:
+        section, key = _parent(config, path)
+        if isinstance(section, dict) and isinstance(section.get(key), dict):
+            section[key] = {k: v for k, v in section[key].items() if v is not None} or None
     for path, earlier in _ADDED_KEYS.items():
-        *parents, key = path
-        section = config
-        for parent in parents:
-            section = section.get(parent) if isinstance(section, dict) else None
+        section, key = _parent(config, path)
         if isinstance(section, dict) and section.get(key, object()) == earlier:
             del section[key]
     return config
+
+
+def _parent(config: dict[str, Any], path: tuple[str, ...]) -> tuple[Any, str]:
+    """The section holding `path`'s last key (None where a parent is missing), and that key."""
+    *parents, key = path
+    section: Any = config
+    for parent in parents:
+        section = section.get(parent) if isinstance(section, dict) else None
+    return section, key
 
 
 def job_context(cfg: DictConfig) -> JobContext:

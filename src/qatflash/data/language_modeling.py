@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from qatflash.config import DataConfig
 from qatflash.data.corpus import load_corpus, unigram_word_perplexity, words
 from qatflash.data.datamodule import EpochSeededSampler, TokenizedData, TokenizerFactory
+from qatflash.errors import ConfigError
 
 # Labels the loss skips: context positions and the padding of a split's last window.
 IGNORE = -100
@@ -100,6 +101,12 @@ class LanguageModelingData(TokenizedData):
         vocabulary = self.vocabulary_digest()
         tokens = DatasetDict({split: self._tokenize(ds, vocabulary) for split, ds in raw.items()})
         train = self._grouped(tokens["train"], "pack", partial(_pack, length=self.cfg.max_length))
+        if len(train) == 0:
+            held = sum(len(ids) for ids in tokens["train"]["input_ids"])
+            raise ConfigError(
+                f"data.max_length={self.cfg.max_length}: the training split holds {held} tokens, fewer "
+                "than one training block; use a smaller data.max_length or more training text"
+            )
         if self.cfg.train_subset is not None and self.cfg.train_subset < len(train):
             train = train.shuffle(seed=self.seed).select(range(self.cfg.train_subset))
         windows = partial(

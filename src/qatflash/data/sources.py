@@ -16,6 +16,12 @@ from qatflash.data.synthetic import synthetic_splits
 from qatflash.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
+# The file names (stems) each split is found under in a folder: its own, then the names corpora use.
+SPLIT_FILE_NAMES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
 # File suffix -> (datasets builder, extra builder arguments).
 _FORMATS = {
     ".tsv": ("csv", {"sep": "\t", "quoting": 3}),
@@ -60,19 +66,28 @@ def _local_splits(cfg: DataConfig) -> DatasetDict:
 def split_files(
     cfg: DataConfig, folder: Path, splits: tuple[str, ...], formats: dict[str, Any]
 ) -> dict[str, str]:
-    """The file of each split in `folder`: the one `data.files` names, else `<split>.<format>`."""
+    """The file of each split in `folder`: the one `data.files` names, else the one named after the
+    split (SPLIT_FILE_NAMES: valid.txt, val.txt or dev.txt hold validation too), refused if several are."""
     files = {}
     for split in splits:
-        if cfg.files and split in cfg.files:
+        if cfg.files.get(split):
             found = [folder / cfg.files[split]]
             if not found[0].is_file():
                 raise ConfigError(f"data.files.{split}={cfg.files[split]} is not a file in {folder}")
         else:
-            found = sorted(p for p in folder.iterdir() if p.stem == split and p.suffix in formats)
-        if not found:
-            raise ConfigError(
-                f"data.path={cfg.path} has no '{split}' file; expected {split}{{{','.join(formats)}}}"
-            )
+            names = SPLIT_FILE_NAMES[split]
+            found = sorted(p for p in folder.iterdir() if p.stem in names and p.suffix in formats)
+            expected = "|".join(names) + "{" + ",".join(formats) + "}"
+            if not found:
+                raise ConfigError(
+                    f"data.path={cfg.path} has no '{split}' file; expected {expected}, "
+                    f"or name it: data.files.{split}=<file>"
+                )
+            if len(found) > 1:
+                raise ConfigError(
+                    f"data.path={cfg.path} has several '{split}' files {[p.name for p in found]}; "
+                    f"choose one: data.files.{split}=<file>"
+                )
         if found[0].stat().st_size == 0:
             raise ConfigError(f"data.path={cfg.path}: {found[0].name} is empty")
         files[split] = str(found[0])
