@@ -13,7 +13,15 @@ import torch
 
 from qatflash.config import TimingConfig
 from qatflash.job import JobContext
-from qatflash.report.stats import IDENTICAL, Interval, mcnemar, paired_delta, t_interval, verdict
+from qatflash.report.stats import (
+    IDENTICAL,
+    Interval,
+    mcnemar,
+    paired_delta,
+    relative_perplexity,
+    t_interval,
+    verdict,
+)
 from qatflash.timing.host import HostWindow
 from qatflash.timing.latency import LatencyStats, SideBySide, time_in_rounds
 from qatflash.timing.pairing import Conditions, paired_ratios
@@ -29,6 +37,15 @@ def test_t_interval_over_three_seeds_by_hand() -> None:
     assert (spread.interval.low, spread.interval.high) == pytest.approx((-0.484138, 4.484138), abs=1e-6)
     one = t_interval([0.85])
     assert one.n == 1 and np.isnan(one.interval.low) and np.isnan(one.t)
+
+
+def test_t_interval_of_an_accuracy_is_cut_at_100_percent() -> None:
+    # mean 0.99, standard error 0.01 / sqrt(3), t(0.975, 2) = 4.302653: 0.99 ± 0.024841, past 1 above
+    spread = t_interval([1.0, 0.99, 0.98], within=(0.0, 1.0))
+    assert spread.interval.estimate == pytest.approx(0.99) and spread.clipped
+    assert (spread.interval.low, spread.interval.high) == pytest.approx((0.965159, 1.0), abs=1e-6)
+    inside = t_interval([0.90, 0.91, 0.92], within=(0.0, 1.0))
+    assert not inside.clipped and inside.interval == t_interval([0.90, 0.91, 0.92]).interval
 
 
 def test_mcnemar_exact_by_hand_and_with_identical_predictions() -> None:
@@ -70,6 +87,34 @@ def test_paired_bootstrap_is_paired_and_reproducible() -> None:
 )
 def test_verdict_in_its_order_at_a_one_point_margin(low: float, high: float, expected: str) -> None:
     assert verdict(Interval((low + high) / 2, low, high), margin_points=1.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (-0.03, -0.001, "better"),
+        (0.0131, 0.0145, "non-inferior"),  # README's ptq_dynamic perplexity: +1.38 % [+1.31, +1.45]
+        (-0.01, 0.015, "non-inferior"),
+        (0.025, 0.035, "worse"),  # 3 % higher perplexity, beyond the 2 % margin
+        (0.01, 0.03, "inconclusive"),
+        (0.005, 0.019, "non-inferior"),  # significantly worse, yet within the margin
+    ],
+)
+def test_verdict_of_a_perplexity_change_reads_lower_as_better(low: float, high: float, expected: str) -> None:
+    delta = Interval((low + high) / 2, low, high)
+    assert verdict(delta, margin_points=2.0, higher_is_better=False) == expected
+
+
+def test_relative_perplexity_pairs_the_windows() -> None:
+    """Every window of the model scores 0.95 % of perplexity worse than the reference's, on windows
+    whose own perplexity ranges from 7.4 to 55: paired, each resample holds the same change, so
+    the interval is that point; unpaired, it would carry the spread between windows (−79 % to
+    +392 %)."""
+    tokens = np.array([10, 20, 15, 30, 25, 12, 18, 22], dtype=float)
+    reference = np.array([2.0, 3.5, 2.5, 4.0, 3.0, 2.25, 3.75, 2.75]) * tokens
+    model = reference + np.log(1.0095) * tokens
+    change = relative_perplexity(model, reference, tokens)
+    assert (change.estimate, change.low, change.high) == pytest.approx((0.0095,) * 3, abs=1e-12)
 
 
 def test_the_fp32_reference_is_the_config_less_quant_and_benchmark(make_cfg) -> None:

@@ -37,6 +37,8 @@ _TRAIN_COLUMNS = {
     "shipped_prefill_ratio_to_fp32": "shipped / FP32 prefill (paired)",
     "shipped_host_busy": "host busy",
     "metrics.model/size_ratio": "INT8/FP32 size",
+    "coverage.quantized_weight_share": "quantized weight share",
+    "coverage.modules": "quantized / modules, by type",
     "error": "error",
 }
 _BENCH_COLUMNS = {
@@ -69,6 +71,7 @@ _DECIMALS = {
     "headline_value": 4,
     "headline_delta": 4,
     "metrics.model/size_ratio": 3,
+    "coverage.quantized_weight_share": 3,
     "latency.fp32.torch.p50_ms": 1,
     "shipped_p50_ms": 1,
     "shipped_ratio_to_fp32": 2,
@@ -104,7 +107,7 @@ def write_report(sweeps: list[Path], out: Path, margins: Margins | None = None) 
     table = _table(collected)
     seeds, groups = _quality(table, margins)
     if not seeds.empty:
-        table = _with_intervals(table, seeds)
+        table = _with_intervals(table, seeds, groups)
     files = [out / "results.csv"]
     table.to_csv(files[0], index=False)
     for name, frame in (("quality_per_seed.csv", seeds), ("quality.csv", groups)):
@@ -139,19 +142,36 @@ def _quality(table: pd.DataFrame, margins: Margins) -> tuple[pd.DataFrame, pd.Da
     return seeds, over_seeds(seeds, margins)
 
 
-def _with_intervals(table: pd.DataFrame, seeds: pd.DataFrame) -> pd.DataFrame:
-    """The shipped model's headline interval on each training row (the Pareto plot's error bars):
-    accuracy's for test/acc, perplexity's for test/ppl."""
+def _with_intervals(table: pd.DataFrame, seeds: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
+    """The shipped model's headline intervals on each training row, the Pareto plot's error bars:
+    over the point's test examples (`headline_low`, `headline_high`) and, from quality.csv, over
+    the seeds of its point (`seeds_low`, `seeds_high`; none for one seed), so that the plot shows
+    the tables' figures. Accuracy's for test/acc, perplexity's for test/ppl."""
     if "params.quant_method" not in table:
         return table
-    shipped = seeds[seeds["model"] == seeds["point"].map(_shipped_model(table))].set_index("point")
-    low, high = pd.Series(np.nan, index=table.index), pd.Series(np.nan, index=table.index)
+    shipped = seeds[seeds["model"] == seeds["point"].map(_shipped_model(table))]
+    bounds = {"headline": shipped.set_index("point")}
+    if not groups.empty:
+        keys = ["seed_group_hash", "model"]
+        bounds["seeds"] = shipped[["point", *keys]].merge(groups, on=keys, how="left").set_index("point")
+    return table.assign(
+        **{
+            f"{name}_{bound}": _headline_bound(table, figures, bound)
+            for name, figures in bounds.items()
+            for bound in ("low", "high")
+        }
+    )
+
+
+def _headline_bound(table: pd.DataFrame, figures: pd.DataFrame, bound: str) -> pd.Series:
+    """Per row of `table`, the `bound` ("low", "high") of its headline figure in `figures` (one row
+    per point)."""
+    out = pd.Series(np.nan, index=table.index)
     for headline, figure in (("test/acc", "accuracy"), ("test/ppl", "ppl")):
-        if f"{figure}_low" in shipped:
+        if f"{figure}_{bound}" in figures:
             rows = table["headline"] == headline
-            low = low.where(~rows, table["point"].map(shipped[f"{figure}_low"]))
-            high = high.where(~rows, table["point"].map(shipped[f"{figure}_high"]))
-    return table.assign(headline_low=low, headline_high=high)
+            out = out.where(~rows, table["point"].map(figures[f"{figure}_{bound}"]))
+    return out
 
 
 def _shipped_model(table: pd.DataFrame) -> pd.Series:
@@ -169,7 +189,8 @@ def _quality_summaries(
     out = {}
     margin = f"{margins.accuracy:g}-point accuracy / {margins.ppl:g} % perplexity margin"
     if not groups.empty:
-        out[f"Quality over seeds (95 % intervals; verdict at a {margin})"] = _readable(groups)
+        title = f"Quality over seeds (95 % intervals, accuracy's clipped to [0, 100]; verdict at a {margin})"
+        out[title] = _readable(groups.drop(columns=["seed_group_hash"]))
     if not seeds.empty:
         readable = seeds.assign(point=[_short(p, sweeps) for p in seeds["point"]])
         title = "Quality per seed (paired bootstrap CI; McNemar's exact test, or Wilcoxon over windows)"

@@ -97,6 +97,7 @@ def _flatten(data: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
         for key, value in (data.get(section) or {}).items():
             if isinstance(value, int | float | str | bool) or value is None:
                 base[f"{section}.{key}"] = value
+    base.update(_coverage((data.get("model") or {}).get("coverage")))
     rows = data.get("latency") or []
     if "seq_lens" in (data.get("params") or {}):  # qatflash-bench: every (seq, batch, backend) is a point
         return [{**base, **{f"bench.{k}": v for k, v in row.items()}} for row in rows] or [base]
@@ -104,3 +105,17 @@ def _flatten(data: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
         prefix = f"latency.{row['variant']}.{row['backend']}"
         base.update({f"{prefix}.{k}": row[k] for k in _LATENCY_FIGURES if k in row})
     return [base]
+
+
+def _coverage(coverage: dict[str, Any] | None) -> dict[str, Any]:
+    """A quantized job's coverage as two columns: quantized of all weight-matrix modules per type
+    ("Conv1D 12/12, Embedding 1/2") and the share of weight elements quantized."""
+    if not coverage:
+        return {}
+    by_type = coverage["by_type"]
+    return {
+        "coverage.modules": ", ".join(
+            f"{kind} {row['quantized_modules']}/{row['modules']}" for kind, row in by_type.items()
+        ),
+        "coverage.quantized_weight_share": coverage["quantized_weight_share"],
+    }

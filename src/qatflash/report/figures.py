@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
@@ -28,6 +29,9 @@ _SHIPPED = [
     for backend in ("torch", "torch_compile", "onnxruntime")
 ]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+SEED_ALPHA = 0.3  # single seeds, drawn faint behind their mean
+# Not in a point's label: the quant is its colour (or leads the label), and seeds are one point.
+_NOT_IN_LABEL = ("choices.quant", "params.seed")
 
 
 def shipped_latency(table: pd.DataFrame, figure: str = "p50_ms") -> pd.Series:
@@ -97,11 +101,14 @@ def varying_coordinates(points: pd.DataFrame) -> list[str]:
 
 
 def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
-    """Each job's headline figure (test accuracy, or perplexity) against its shipped model's latency,
-    with the Pareto frontier ringed; for generation, decode per token, and prefill in a second panel.
-    Vertical bars: the figure's 95 % bootstrap interval over the test examples; horizontal bars: the
-    paired latency ratio's p10-p90 over rounds. Colour is the quantization recipe, and each other
-    coordinate that varies is in the point's label, with a marker per combination of them."""
+    """Each point's headline figure (test accuracy, or perplexity) against its shipped model's
+    latency, with the Pareto frontier ringed; for generation, decode per token, and prefill in a
+    second panel. A point run with several seeds is one marker, the seeds' mean, because a reader
+    compares recipes, not seeds; its seeds are drawn faint behind it. Vertical bars: for several
+    seeds the t-interval over them (quality.csv's), for one the 95 % bootstrap interval over the
+    test examples; horizontal bars: the paired latency ratio's p10-p90 over rounds (over seeds,
+    the lowest p10 to the highest p90). Colour is the quantization recipe, and each other
+    coordinate that varies (but the seed) is in the point's label, with a marker per combination."""
     if "headline_value" not in table:
         return None
     points = table[table["status"] == "ok"]
@@ -125,15 +132,16 @@ def _quality_points(points: pd.DataFrame, phase: str) -> tuple[pd.DataFrame, str
 
 
 def _quality_panel(ax: Any, points: pd.DataFrame, xlabel: str) -> None:
-    varying = [c for c in varying_coordinates(points) if c != "choices.quant"]
+    varying = [c for c in varying_coordinates(points) if c not in _NOT_IN_LABEL]
     labels = (
         points[varying].fillna("-").astype(str).agg(", ".join, axis=1)
         if varying
         else pd.Series("", index=points.index)
     )
-    _draw_points(ax, points, labels, "paired" in xlabel)
-    better = points["headline_value"].where(points["higher_is_better"], -points["headline_value"])
-    front = points[pareto_mask(points["latency"], better)].sort_values("latency")
+    means = _seed_means(points.assign(label=labels))
+    _draw_points(ax, points.assign(label=labels), means, "paired" in xlabel)
+    better = means["headline_value"].where(means["higher_is_better"], -means["headline_value"])
+    front = means[pareto_mask(means["latency"], better)].sort_values("latency")
     ax.step(front["latency"], front["headline_value"], where="post", color="black", lw=1, ls="--")
     ax.scatter(
         front["latency"],
@@ -144,30 +152,75 @@ def _quality_panel(ax: Any, points: pd.DataFrame, xlabel: str) -> None:
         label="Pareto frontier",
     )
     metric = " / ".join(sorted(points["headline"].astype(str).unique()))
-    legend_title = ", ".join(c.split(".", 1)[1] for c in varying) or None
+    legend_title = ", ".join(c.split(".", 1)[1] for c in varying)
+    legend_title = f"quant ({legend_title})" if legend_title else "quant"
+    if (means["seeds"] > 1).any():
+        legend_title += "; mean of n seeds, faint: each seed"
     ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs {xlabel.split(' /')[0].split(' p50')[0]}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best", title=f"quant ({legend_title})" if legend_title else "quant")
+    ax.legend(fontsize=7, loc="best", title=legend_title, title_fontsize=7)
 
 
-def _draw_points(ax: Any, points: pd.DataFrame, labels: pd.Series, paired: bool) -> None:
-    """One error-bar series per (quant, other varying coordinates): colour by quant, marker by the rest."""
-    colours = dict(
-        zip(sorted(points["choices.quant"].astype(str).unique()), itertools.cycle(plt.cm.tab10.colors))
-    )
-    markers = dict(zip(sorted(labels.unique()), itertools.cycle(_MARKERS)))
-    for (quant, label), group in points.groupby([points["choices.quant"].astype(str), labels]):
+def _seed_groups(points: pd.DataFrame) -> pd.Series:
+    """Which points are seeds of one point: results.json's `seed_group_hash` (the config less the
+    seed); a point without one (recorded before it) stands alone."""
+    groups = points.get("seed_group_hash", pd.Series(None, index=points.index, dtype=object))
+    return groups.fillna(points["point"])
+
+
+def _seed_means(points: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed group: the mean latency and headline figure of its seeds, and their bars
+    (for several seeds the figure's t-interval over them, `seeds_low`/`seeds_high`; for one its
+    own interval over the test examples)."""
+    rows = []
+    for _, group in points.groupby(_seed_groups(points), sort=False):
+        first, several = group.iloc[0], len(group) > 1
+        rows.append(
+            {
+                "choices.quant": str(first["choices.quant"]),
+                "label": first["label"],
+                "seeds": len(group),
+                "higher_is_better": first["higher_is_better"],
+                "latency": group["latency"].mean(),
+                "x_low": group["x_low"].min(),
+                "x_high": group["x_high"].max(),
+                "headline_value": group["headline_value"].mean(),
+                "y_low": first.get("seeds_low" if several else "headline_low", np.nan),
+                "y_high": first.get("seeds_high" if several else "headline_high", np.nan),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _draw_points(ax: Any, points: pd.DataFrame, means: pd.DataFrame, paired: bool) -> None:
+    """One error-bar series per (quant, other varying coordinates), at its seeds' mean: colour by
+    quant, marker by the rest; the seeds of a point faint behind it, unlabelled."""
+    colours = dict(zip(sorted(means["choices.quant"].unique()), itertools.cycle(plt.cm.tab10.colors)))
+    markers = dict(zip(sorted(means["label"].unique()), itertools.cycle(_MARKERS)))
+    for (quant, label), group in means.groupby(["choices.quant", "label"]):
+        seeds = group["seeds"].max()
         ax.errorbar(
             group["latency"],
             group["headline_value"],
             xerr=_bars(group["latency"], group["x_low"], group["x_high"]) if paired else None,
-            yerr=_bars(group["headline_value"], group.get("headline_low"), group.get("headline_high")),
+            yerr=_bars(group["headline_value"], group["y_low"], group["y_high"]),
             color=colours[quant],
             marker=markers[label],
             markersize=7,
             linestyle="none",
             capsize=3,
-            label=f"{quant}" + (f" ({label})" if label else ""),
+            label=f"{quant}" + (f" ({label})" if label else "") + (f", {seeds} seeds" if seeds > 1 else ""),
+        )
+    seeded = points[_seed_groups(points).duplicated(keep=False)]
+    for (quant, label), group in seeded.groupby([seeded["choices.quant"].astype(str), "label"]):
+        ax.scatter(
+            group["latency"],
+            group["headline_value"],
+            color=colours[quant],
+            marker=markers[label],
+            s=25,
+            alpha=SEED_ALPHA,
+            zorder=1,
         )
 
 
@@ -265,21 +318,35 @@ def generation_scaling(table: pd.DataFrame) -> Figure | None:
 
 
 def model_sizes(table: pd.DataFrame) -> Figure | None:
+    """INT8 artifact against FP32 size, one pair of bars per point. The seeds of a point ship one
+    architecture, so they are one pair (their mean, "n seeds" in the label) rather than n pairs a
+    reader cannot tell apart; the label names the quant and every other coordinate that varies."""
     if "model.int8_bytes" not in table:
         return None
     points = table[(table["status"] == "ok")].dropna(subset=["model.int8_bytes"])
     if points.empty:
         return None
-    labels = points["choices.quant"].astype(str) + " / " + points["choices.attention"].astype(str)
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(points) + 1.5))
-    y = range(len(points))
-    ax.barh([i + 0.2 for i in y], points["model.fp32_bytes"] / 1e6, height=0.4, label="FP32")
-    ax.barh([i - 0.2 for i in y], points["model.int8_bytes"] / 1e6, height=0.4, label="INT8 artifact")
+    groups = points.groupby(_seed_groups(points), sort=False)
+    sizes = groups[["model.fp32_bytes", "model.int8_bytes"]].mean() / 1e6
+    varying = varying_coordinates(points)
+    labels = [_size_label(seeds, varying) for _, seeds in groups]  # in the order of `sizes`
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(sizes) + 1.5))
+    y = range(len(sizes))
+    ax.barh([i + 0.2 for i in y], sizes["model.fp32_bytes"], height=0.4, label="FP32")
+    ax.barh([i - 0.2 for i in y], sizes["model.int8_bytes"], height=0.4, label="INT8 artifact")
     ax.set_yticks(list(y), labels)
     ax.set(xlabel="size on disk (MB)", title="INT8 vs FP32 model size")
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _size_label(seeds: pd.DataFrame, varying: list[str]) -> str:
+    """A point's bar label: its quant, its other varying coordinates but the seed, its seed count."""
+    first = seeds.iloc[0]
+    others = [f"{c.split('.', 1)[1]}={first[c]}" for c in varying if c not in _NOT_IN_LABEL]
+    seeds_note = [f"{len(seeds)} seeds"] if len(seeds) > 1 else []
+    return ", ".join([str(first["choices.quant"]), *others, *seeds_note])
 
 
 def perplexity_vs_size(table: pd.DataFrame) -> Figure | None:

@@ -11,8 +11,8 @@ to the reference's FP32 model with its CI, a paired test and a verdict (`qatflas
   relative change in percent, the Wilcoxon signed-rank test over windows.
 
 Points that differ only in `seed` (`seed_group_hash`) are then summarised as mean ± t-interval over
-the seeds, and the verdict of a group reads the t-interval of its deltas. Each figure has its own
-non-inferiority margin, in its own unit (`Margins`).
+the seeds (an accuracy's cut to [0, 1]), and the verdict of a group reads the t-interval of its
+deltas. Each figure has its own non-inferiority margin, in its own unit (`Margins`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pandas as pd
 
 from qatflash.report.stats import (
     Interval,
+    SeedSpread,
     accuracy,
     mcnemar,
     paired_delta,
@@ -39,6 +40,9 @@ from qatflash.results import EXAMPLES_FILE, read_examples
 
 REFERENCE_MODEL = "fp32"
 OTHER_WINDOWS = "no interval: the reference was tested on other examples"
+# The range each figure cannot leave, to which its t-interval over seeds is cut (perplexity has
+# none that seeds come near).
+RANGES = {"accuracy": (0.0, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,8 @@ def _compared_perplexity(
 
 def over_seeds(seeds: pd.DataFrame, margins: Margins) -> pd.DataFrame:
     """Points alike but for the seed, per tested model: n, the t factor, the mean quality figure
-    (accuracy or perplexity) ± its t-interval, mean delta ± its t-interval and the verdict that
-    interval supports."""
+    (accuracy or perplexity) ± its t-interval (cut to the figure's range, `RANGES`) and what that
+    interval is, mean delta ± its t-interval and the verdict that interval supports."""
     rows = []
     for figure in ("accuracy", "ppl"):
         measured = seeds.dropna(subset=[figure]) if figure in seeds else seeds.iloc[:0]
@@ -205,15 +209,17 @@ def over_seeds(seeds: pd.DataFrame, margins: Margins) -> pd.DataFrame:
 
 
 def _over_seeds_row(group: pd.DataFrame, figure: str, margins: Margins) -> dict[str, Any]:
-    spread = t_interval(group[figure].to_numpy())
+    spread = t_interval(group[figure].to_numpy(), within=RANGES.get(figure))
     row: dict[str, Any] = {
         "quant": group["quant"].iloc[0],
         "model": group["model"].iloc[0],
+        "seed_group_hash": group["seed_group_hash"].iloc[0],
         "seeds": spread.n,
         "t": spread.t,
         figure: spread.interval.estimate,
         f"{figure}_low": spread.interval.low,
         f"{figure}_high": spread.interval.high,
+        f"{figure}_interval": _spread_kind(spread),
     }
     compared = group.dropna(subset=["delta"]) if "delta" in group else group.iloc[:0]
     if len(compared):
@@ -229,6 +235,13 @@ def _over_seeds_row(group: pd.DataFrame, figure: str, margins: Margins) -> dict[
             significant=delta.significant,
         )
     return row
+
+
+def _spread_kind(spread: SeedSpread) -> str:
+    """What a figure's interval over seeds is, so that a bound at 0 or 100 % reads as the range's."""
+    if spread.n < 2:
+        return "none (1 seed)"
+    return f"t over {spread.n} seeds" + (", clipped to the possible range" if spread.clipped else "")
 
 
 def _delta_interval(compared: pd.DataFrame) -> tuple[Interval, str]:

@@ -1,6 +1,7 @@
 """The statistics behind every quality figure of the report, each defined once and computed with scipy.
 
-- Seed spread: the mean of a figure over seeds ± a Student t-interval (`t_interval`).
+- Seed spread: the mean of a figure over seeds ± a Student t-interval, cut to the range the figure
+  cannot leave (`t_interval`).
 - Test-set uncertainty of a difference: the paired bootstrap CI of the accuracy delta over the test
   examples (`paired_delta`: percentile method, 10,000 resamples, a fixed seed).
 - McNemar's exact test of two models' disagreements (`mcnemar`).
@@ -47,10 +48,17 @@ class SeedSpread:
     interval: Interval
     n: int
     t: float  # the t factor: half-width = t × standard error of the mean
+    clipped: bool = False  # a bound is the figure's range, not the t-interval's
 
 
-def t_interval(values: list[float] | np.ndarray) -> SeedSpread:
-    """Mean over `n` seeds ± t(0.975, n − 1) × the standard error; NaN bounds for one seed."""
+def t_interval(values: list[float] | np.ndarray, within: tuple[float, float] | None = None) -> SeedSpread:
+    """Mean over `n` seeds ± t(0.975, n − 1) × the standard error; NaN bounds for one seed.
+
+    `within` is the range the figure cannot leave (an accuracy's [0, 1]). The t-interval is
+    symmetric, so seeds near a bound put part of it past the bound (99.33 ± 1.01 % reads
+    [98.33, 100.34]); it is then cut to the range. That keeps its coverage: the true mean lies
+    in the range, so what is cut off could never cover it. A bounded transform (logit) would not
+    do better with three seeds and fails outright when a seed scores 100 %."""
     values = np.asarray(values, dtype=float)
     n = len(values)
     mean = float(values.mean())
@@ -61,7 +69,11 @@ def t_interval(values: list[float] | np.ndarray) -> SeedSpread:
     if sem == 0:  # every seed gave the same figure: the interval is that point
         return SeedSpread(Interval(mean, mean, mean), n, t)
     low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
-    return SeedSpread(Interval(mean, float(low), float(high)), n, t)
+    if within is None:
+        return SeedSpread(Interval(mean, float(low), float(high)), n, t)
+    floor, ceiling = within
+    clipped = low < floor or high > ceiling
+    return SeedSpread(Interval(mean, max(float(low), floor), min(float(high), ceiling)), n, t, clipped)
 
 
 def _bootstrap(samples: tuple[np.ndarray, ...], statistic: Any, paired: bool) -> Interval:
