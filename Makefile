@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install install-dev run test test-e2e test-processes test-slurm lint slow
+.PHONY: install install-dev run test test-e2e test-processes test-slurm lint slow mutants
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,7 @@ test-slurm: install-dev
 ## The long end-to-end runs (default experiment accuracy, MiniLM on SST-2).
 slow: install-dev
 	$(BIN)/pytest -m slow
+
+## Replay the recorded breaks (tests/mutations/*.patch): each must make its named test fail. MUTANTS=M04 picks some.
+mutants: install-dev
+	$(BIN)/python tests/mutations/run.py $(MUTANTS)

@@ -19,7 +19,12 @@ from qatflash.config import TimingConfig, to_config
 from qatflash.errors import ConfigError
 from qatflash.job import JobContext
 from qatflash.pipeline import run
-from qatflash.quant.weight_only import BitsAndBytesRecipe, PackedRecipe
+from qatflash.quant.weight_only import (
+    BitsAndBytesRecipe,
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    PackedRecipe,
+)
 from qatflash.report import write_report
 from qatflash.report.figures import quality_vs_latency
 from qatflash.timing.generation import full_sequence_logits, generate, kv_cache_bytes, profile_decode
@@ -125,6 +130,33 @@ def test_int4_group_sizes_the_kernel_does_not_take_are_refused() -> None:
         ConfigError, match=r"group_size=16: quant\.api=packed's int4 kernel takes \[32, 64, 128, 256\]"
     ):
         PackedRecipe.check_config(cfg)
+
+
+def test_packed_int4_ships_the_configured_group_size() -> None:
+    """One scale and zero per 32 input channels of every output row, as configured (the LM head's
+    97 outputs are no multiple of the kernel's 16, so it stays float)."""
+    cfg = to_config_quant("wo_packed_int4")
+    assert cfg.weight_only.group_size == 32
+    cfg.targets.exclude.append("lm_head")
+    recipe = PackedRecipe(cfg)
+    quantized = recipe.convert(recipe.prepare(_decoder()))
+    modules = [m for m in quantized.modules() if isinstance(m, Int4WeightOnlyLinear)]
+    assert len(modules) == 14  # 7 block Linears x 2 layers
+    for module in modules:
+        assert module.group_size == 32
+        assert module.scales_and_zeros.shape == (module.in_features // 32, module.out_features, 2)
+
+
+def test_packed_int8_scales_each_output_channel_by_its_own_largest_weight() -> None:
+    linear = torch.nn.Linear(16, 6)
+    with torch.no_grad():
+        linear.weight.mul_(torch.arange(1, 7).unsqueeze(1))  # rows of different ranges
+    module = Int8WeightOnlyLinear(linear)
+    expected = linear.weight.detach().abs().amax(dim=1) / 127
+    assert module.scales.shape == (6,)
+    torch.testing.assert_close(module.scales, expected)
+    dequantized = module.weight_int8.float() * module.scales[:, None]
+    assert bool(((dequantized - linear.weight).abs() <= module.scales[:, None] / 2 + 1e-7).all())
 
 
 def _lm_job(make_cfg, corpus: Path, folder: Path, *overrides: str) -> dict:

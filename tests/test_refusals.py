@@ -387,3 +387,16 @@ def test_a_bench_artifact_run_without_an_int8_artifact_is_refused(run_app, tmp_p
     assert exit_code == REFUSED
     (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
     assert "holds no INT8 artifact (quant=fp32 runs save none" in line
+
+
+def test_a_forced_kernel_is_refused_for_a_decoder_whose_attention_drops_out(
+    run_app, text_corpus: Path, tmp_path: Path
+) -> None:
+    """Llama keeps its attention dropout under `attention_dropout`, not BERT's key: unread, the CPU
+    flash kernel was let through and training died in its first step with "No available kernel"."""
+    decoder = ["task=causal_lm", "data=text", f"data.path={text_corpus}", f"data.cache_dir={tmp_path}"]
+    forced = ["model=llama_tiny", "model.arch.attention_dropout=0.1", "attention.sdpa_backend=flash"]
+    exit_code, stderr = run_app(*decoder, *forced, "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
+    assert exit_code == REFUSED, stderr[-2000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
+    assert "training would pass this model's attention_dropout=0.1; set it to 0" in line

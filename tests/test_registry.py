@@ -96,6 +96,24 @@ def test_checking_a_name_imports_nothing_until_it_is_looked_up(tmp_path: Path, m
     monkeypatch.delitem(sys.modules, "lazy_plugin")
 
 
+def test_an_installed_package_adds_a_name_through_its_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package that declares `[qatflash.tasks] macro_f1 = toy_plugins:MacroF1Task` makes `task=macro_f1`
+    a name, listed and loaded like a built-in one; here a distribution's metadata on sys.path, as pip
+    leaves it."""
+    from qatflash.tasks import TASKS
+
+    dist_info = tmp_path / "toy_plugins-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugins\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[qatflash.tasks]\nmacro_f1 = toy_plugins:MacroF1Task\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(TASKS, "_loaded", {})  # what this test loads stays out of the suite's registry
+    assert "macro_f1" in TASKS.names()
+    assert TASKS.load("macro_f1") is toy_plugins.MacroF1Task
+
+
 @pytest.mark.e2e
 def test_choosing_an_api_imports_only_its_module(tmp_path: Path) -> None:
     """quant=ptq_dynamic (eager) loads neither the torchao nor the pt2e recipe module. (transformers
