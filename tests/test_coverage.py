@@ -78,6 +78,13 @@ def test_every_api_quantizes_conv1d_and_linear_projections_alike(
     by_type = coverage(model, quant.targets, recipe.targets)["by_type"]
     assert by_type["Conv1D"]["quantized_modules"] == by_type["Conv1D"]["modules"] == LAYERS * len(CONV1D)
     assert by_type["Linear"]["quantized_modules"] == by_type["Linear"]["modules"] == LAYERS * len(LINEAR) + 1
+    # quant.embeddings=float: both tables matched by all_linears' "*" and left float, counted as such
+    assert by_type["Embedding"] == {
+        **by_type["Embedding"],
+        "modules": 2,
+        "quantized_modules": 0,
+        "matched_float": 2,
+    }
     with torch.no_grad():
         expected, got = model(input_ids=ids).logits, int8(input_ids=ids).logits
     # Quantization moves logits by a few percent of their spread; a transposed or lost weight by all of it.
