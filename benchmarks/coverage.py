@@ -56,7 +56,7 @@ def measure(model_name: str, recipe_name: str, folder: Path) -> str:
         recipe.check_converted(int8)
     except ConfigError as refusal:
         return f"| {model_name} | `{recipe_name}` | refused: {refusal} | | |"
-    covered = coverage(model, cfg.quant.targets, [*recipe.targets, *recipe.tables])
+    covered = coverage(model, cfg.quant.targets, recipe.selected)
     kinds = ", ".join(
         f"{kind} {row['quantized_modules']}/{row['modules']}" for kind, row in covered["by_type"].items()
     )

@@ -61,6 +61,10 @@ SDPA_KERNELS = {
 }
 
 
+# The splits every data source gives, by these names.
+SPLITS = ("train", "validation", "test")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 5e-5
@@ -140,9 +144,7 @@ class DataConfig:
     # null is found by its name (validation also as valid, val or dev). `path` may also be one file,
     # which is then the training text. The three keys are declared so that the command line can
     # set them (data.files.validation=valid.txt, or data.files={...}) without Hydra's `+`.
-    files: dict[str, str | None] = field(
-        default_factory=lambda: dict.fromkeys(("train", "validation", "test"))
-    )
+    files: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(SPLITS))
     # causal_lm: splits carved from the end of the training text, as fractions of its lines
     # (e.g. {validation: 0.1}): a split named here must not come from a file too.
     holdout: dict[str, float] = field(default_factory=dict)
@@ -193,7 +195,7 @@ class DataConfig:
             _require(0 < fraction < 1, f"data.holdout.{split}={fraction} must be in (0, 1)")
         _require(sum(self.holdout.values()) < 1, f"data.holdout={dict(self.holdout)} leaves no training text")
         for split in self.files:
-            _one_of("data.files split", split, ("train", "validation", "test"))
+            _one_of("data.files split", split, SPLITS)
         clash = sorted(set(self.holdout) & {split for split, name in self.files.items() if name})
         _require(not clash, f"data.holdout and data.files both give the split(s) {clash}; choose one")
         _positive_or_null("data.eval_length", self.eval_length)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from datasets import DatasetDict
 
-from qatflash.config import DataConfig
-from qatflash.data.sources import SPLITS, hub_splits, load_files, split_files
+from qatflash.config import SPLITS, DataConfig
+from qatflash.data.sources import hub_splits, load_files, split_files
 from qatflash.errors import ConfigError
 
 # File suffix -> (datasets builder, extra builder arguments).

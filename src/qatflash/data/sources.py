@@ -11,11 +11,10 @@ from typing import Any
 
 from datasets import ClassLabel, DatasetDict, load_dataset
 
-from qatflash.config import DataConfig
+from qatflash.config import SPLITS, DataConfig
 from qatflash.data.synthetic import synthetic_splits
 from qatflash.errors import ConfigError
 
-SPLITS = ("train", "validation", "test")
 # The file names (stems) each split is found under in a folder: its own, then the names corpora use.
 SPLIT_FILE_NAMES = {
     "train": ("train",),

@@ -67,16 +67,22 @@ class Recipe(ABC):
         self.tables = embedding_targets(model) if self.cfg.embeddings == "int8" else []
         return self.targets
 
-    def check_converted(self, model: nn.Module) -> None:
-        """Refuse a converted model in which fewer (or more) modules run quantized than were selected:
-        a recipe that silently leaves a target float must not be recorded as quantizing it."""
-        selected = len(self.targets) + len(self.tables)
+    @property
+    def selected(self) -> list[str]:
+        """Every module this recipe quantizes: its Linear targets and embedding tables."""
+        return [*self.targets, *self.tables]
+
+    def check_converted(self, model: nn.Module) -> int:
+        """The number of modules that run quantized in a converted model, refused unless it is the
+        number selected: a recipe that silently leaves a target float must not be recorded as
+        quantizing it."""
         found = self.count_quantized(model)
-        if found != selected:
+        if found != len(self.selected):
             raise RuntimeError(
                 f"quant.api={self.cfg.api} converted {found} modules to quantized ones, but selected "
-                f"{selected} ({len(self.targets)} Linear targets, {len(self.tables)} embedding tables)"
+                f"{len(self.selected)} ({len(self.targets)} Linear targets, {len(self.tables)} embedding tables)"
             )
+        return found
 
     @abstractmethod
     def prepare(self, model: nn.Module) -> nn.Module:

@@ -97,7 +97,7 @@ def saved(
     """`shipped` with its INT8 artifact written to `folder`, proven to reload to identical logits, and sized."""
     recipe, int8 = shipped.recipe, shipped.int8
     assert recipe is not None and int8 is not None, "only quantized jobs save an INT8 artifact"
-    recipe.check_converted(int8)
+    quantized = recipe.check_converted(int8)  # before anything is written
     path = folder / recipe.artifact_name
     int8_bytes = recipe.save(int8, path)
     reloaded = recipe.load(path, skeleton)
@@ -107,8 +107,8 @@ def saved(
         "int8_artifact": path.name,
         "int8_bytes": int8_bytes,
         "fp32_bytes": fp32_bytes,
-        "quantized_modules": recipe.count_quantized(int8),
-        "coverage": coverage(shipped.fp32, recipe.cfg.targets, [*recipe.targets, *recipe.tables]),
+        "quantized_modules": quantized,
+        "coverage": coverage(shipped.fp32, recipe.cfg.targets, recipe.selected),
         "int8_rerun_spread": spread,
     }
     metrics = {**shipped.metrics, "model/size_ratio": int8_bytes / fp32_bytes}
