@@ -4,7 +4,7 @@ Loads the pretrained MiniLM the `models` extra ships, feeds random ids of shape 
 with a full attention mask (what the timing harness times), and prints the median of `repeats`
 timeit runs of `number` forwards each. On CUDA each run ends with one synchronisation, so the wall
 clock covers the device's work (the harness uses CUDA events instead). Compare with
-`latency/fp32/p50_ms` of a run in the same session:
+`latency/float/torch/p50_ms` of a run in the same session:
 
     python benchmarks/independent_timing.py --seq-len 128
     qatflash model=minilm benchmark.seq_len=128 benchmark.min_duration_s=3 trainer.max_steps=1 logger=none

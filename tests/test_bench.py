@@ -137,8 +137,8 @@ def test_a_training_runs_int8_artifact_is_timed_without_retraining(
         ConfigError, match=r"bench.artifact=.* is not a run folder with a readable results.json"
     ):
         _bench(make_bench_cfg, tmp_path / "refused", f"bench.artifact={tmp_path / 'bench'}/nothing")
-    (run_dir / "int8_model.pt").unlink()
-    with pytest.raises(ConfigError, match=r"bench.artifact=.* holds no INT8 artifact"):
+    (run_dir / "quantized_model.pt").unlink()
+    with pytest.raises(ConfigError, match=r"bench.artifact=.* holds no quantized artifact"):
         _bench(make_bench_cfg, tmp_path / "refused", f"bench.artifact={run_dir}")
 
 

@@ -27,7 +27,7 @@ def test_single_run_logs_to_offline_wandb(tmp_path: Path) -> None:
     (wandb_file,) = run_files(tmp_path)
     logged = summary(wandb_file)
     assert logged["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
-    assert logged["latency/fp32/torch/p50_ms"] == pytest.approx(results["latency"][0]["p50_ms"])
+    assert logged["latency/float/torch/p50_ms"] == pytest.approx(results["latency"][0]["p50_ms"])
     info = run_info(wandb_file)
     assert info["name"] == "tiny_bert-synthetic-fp32-sdpa-L64-s0"
     assert (info["group"], info["job_type"], info["exit_code"]) == ("default", "train", 0)
@@ -88,7 +88,7 @@ def test_ddp_trains_in_spawned_workers_inside_one_job(tmp_path: Path) -> None:
     trained = load_tensors(run / "checkpoints" / "last.ckpt", "checkpoint")
     # 256 sentences, batch 32, two workers: each takes 4 of the 8 batches per epoch, as planned.
     assert trained["global_step"] == results["params"]["optimizer_steps"] == 4
-    converted = load_tensors(run / results["model"]["int8_artifact"], "INT8 artifact")
+    converted = load_tensors(run / results["model"]["artifact"], "INT8 artifact")
     assert torch.equal(converted["classifier.weight"], trained["state_dict"]["model.classifier.weight"])
     scale = "bert.encoder.layer.0.output.dense.module.weight_fake_quant.scale"
     packed = converted["bert.encoder.layer.0.output.dense.module._packed_params._packed_params"][0]

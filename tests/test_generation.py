@@ -188,7 +188,7 @@ def test_a_job_times_prefill_and_decode_of_fp32_and_int8_side_by_side(
     )
     assert results["status"] == "ok", results["error"]
     rows = {row["variant"]: row for row in results["latency"]}
-    assert set(rows) == {"fp32", "int8"}
+    assert set(rows) == {"float", "quantized"}
     for row in rows.values():
         assert row["scenario"] == "generate" and row["seq_len"] == 24 and row["batch_size"] == 2
         # decode samples are per token (4 per generation), prefill's per generation
@@ -196,9 +196,9 @@ def test_a_job_times_prefill_and_decode_of_fp32_and_int8_side_by_side(
         assert row["tokens_per_s"] == pytest.approx(2 * 1000 / row["p50_ms"])  # generated tokens, both rows
         assert row["prefill_tokens_per_s"] == pytest.approx(2 * 24 * 1000 / row["prefill_p50_ms"])
         assert row["kv_cache_bytes"] == 2 * 2 * 2 * 1 * (24 + 4) * 32 * 4
-    int8 = rows["int8"]
-    assert int8["ratio_reference"] == int8["prefill_ratio_reference"] == "fp32/torch"
-    assert int8["ratio_to_fp32"] > 0 and int8["prefill_ratio_to_fp32"] > 0
+    int8 = rows["quantized"]
+    assert int8["ratio_reference"] == int8["prefill_ratio_reference"] == "float/torch"
+    assert int8["ratio_to_float"] > 0 and int8["prefill_ratio_to_float"] > 0
     assert results["model"]["quantized_modules"] == 2 * 7 + 1  # every block Linear and the LM head
 
     # The report reads it as perplexity against decode per token, with prefill in a second panel.
@@ -208,7 +208,7 @@ def test_a_job_times_prefill_and_decode_of_fp32_and_int8_side_by_side(
         "decode latency per token",
         "prefill latency",
     ]
-    assert "shipped / FP32 prefill (paired)" in (report.folder / "report.md").read_text()
+    assert "shipped / float prefill (paired)" in (report.folder / "report.md").read_text()
 
 
 def _bench(make_bench_cfg, folder: Path, *overrides: str) -> dict:

@@ -296,7 +296,7 @@ def _recipe_end_to_end(
     )
     assert results["status"] == "ok", results["error"]
     metrics, model = results["metrics"], results["model"]
-    reference = metrics.get("test/ppl_fp32", metrics.get("test/ppl_fakequant"))
+    reference = metrics.get("test/ppl_float", metrics.get("test/ppl_fakequant"))
     tolerance, size_bound = bounds
     assert metrics["test/ppl"] <= reference * (1 + tolerance)
     head_kept_float = "quant.targets.exclude=[lm_head]" in overrides
@@ -311,7 +311,7 @@ def _recipe_end_to_end(
     data.setup()
     hf_config = AutoConfig.from_pretrained(tmp_path / MODEL_CONFIG_FILE)
     reloaded = make_recipe(cfg.quant).load(
-        tmp_path / model["int8_artifact"],
+        tmp_path / model["artifact"],
         lambda: build_model_from_config(hf_config, cfg.attention, task.auto_model),
     )
     import lightning as L

@@ -30,7 +30,7 @@ def test_fast_job_writes_complete_results(make_cfg, tmp_path: Path) -> None:
     results = _run(make_cfg, tmp_path)
     on_disk = read_results(tmp_path)
     assert on_disk == results
-    assert (on_disk["schema"], on_disk["status"], on_disk["error"], on_disk["attempt"]) == (1, "ok", None, 1)
+    assert (on_disk["schema"], on_disk["status"], on_disk["error"], on_disk["attempt"]) == (2, "ok", None, 1)
     assert on_disk["choices"] == CHOICES
     assert {"max_length", "batch_size", "precision", "seed"} <= set(on_disk["params"])
     # 256 training sentences in batches of 32, one epoch.
@@ -103,16 +103,16 @@ def test_fp32_and_ptq_points_of_a_sweep_share_one_finetune(make_cfg, learned_mod
 
     trained = point("fp32")
     reused = point("ptq", "quant=ptq_dynamic")
-    assert "fp32_reused_from" not in trained["model"]
-    assert Path(reused["model"]["fp32_reused_from"]).parent == tmp_path / ".fp32_models"
+    assert "float_reused_from" not in trained["model"]
+    assert Path(reused["model"]["float_reused_from"]).parent == tmp_path / ".fp32_models"
     # The same weights: the PTQ point's FP32 model scores what the FP32 point scored, to the last
     # bit of its test loss (the pretrained model before the fine-tune scores differently).
     assert trained["metrics"]["test/acc"] >= 0.9, "a model at chance scores the same whatever its weights"
-    assert reused["metrics"]["test/acc_fp32"] == trained["metrics"]["test/acc"]
-    assert reused["metrics"]["test/loss_fp32"] == trained["metrics"]["test/loss"]
-    assert "fp32_reused_from" not in point("other_seed", "quant=ptq_dynamic", "seed=1")["model"]
-    assert "fp32_reused_from" not in point("own", "quant=ptq_dynamic", "reuse_fp32=false")["model"]
-    assert "fp32_reused_from" not in point("single_run", "quant=ptq_dynamic", sweep=None)["model"]
+    assert reused["metrics"]["test/acc_float"] == trained["metrics"]["test/acc"]
+    assert reused["metrics"]["test/loss_float"] == trained["metrics"]["test/loss"]
+    assert "float_reused_from" not in point("other_seed", "quant=ptq_dynamic", "seed=1")["model"]
+    assert "float_reused_from" not in point("own", "quant=ptq_dynamic", "reuse_fp32=false")["model"]
+    assert "float_reused_from" not in point("single_run", "quant=ptq_dynamic", sweep=None)["model"]
 
 
 @pytest.mark.needs("cuda")
@@ -125,10 +125,10 @@ def test_gpu_trained_models_ship_int8_on_the_cpu(
     says where it was timed."""
     results = _run(make_cfg, tmp_path, *learned_model.overrides, "trainer=gpu", f"quant={recipe}")
     assert results["status"] == "ok" and results["env"]["device"] == "cuda"
-    reference = results["metrics"]["test/acc_fakequant" if recipe.startswith("qat") else "test/acc_fp32"]
-    assert reference >= 0.9 and results["metrics"]["test/acc_int8"] >= reference - 8 / 256
+    reference = results["metrics"]["test/acc_fakequant" if recipe.startswith("qat") else "test/acc_float"]
+    assert reference >= 0.9 and results["metrics"]["test/acc_quantized"] >= reference - 8 / 256
     devices = {row["variant"]: (row["device"], row["timer"]) for row in results["latency"]}
-    assert devices == {"fp32": ("cuda", "cuda_event"), "int8": ("cpu", "perf_counter")}
+    assert devices == {"float": ("cuda", "cuda_event"), "quantized": ("cpu", "perf_counter")}
 
 
 def test_the_learned_test_model_predicts_the_synthetic_task(make_cfg, learned_model, tmp_path: Path) -> None:

@@ -76,23 +76,23 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(
     results = run(config, JobContext(folder=tmp_path, choices={"quant": recipe}))
     assert results["status"] == "ok"
     metrics, model = results["metrics"], results["model"]
-    reference = metrics["test/acc_fakequant" if config.quant.method == "qat" else "test/acc_fp32"]
+    reference = metrics["test/acc_fakequant" if config.quant.method == "qat" else "test/acc_float"]
     assert reference >= 0.9, "the model converted to INT8 predicts no better than chance: nothing to compare"
-    assert metrics["test/acc_int8"] >= reference - INT8_ACCURACY_DROP
+    assert metrics["test/acc_quantized"] >= reference - INT8_ACCURACY_DROP
     # all_linears: 2 blocks x (q, k, v, attention out, intermediate, output) + pooler; ffn: 2 x 2.
     # Plus the token-embedding table.
     linears = len(linear_targets(_tiny_bert(), config.quant.targets))
     assert linears == (4 if recipe.endswith("_ffn") else 13)
     assert model["quantized_modules"] == linears + (config.quant.embeddings == "int8")
     if config.quant.api != "pt2e":  # a .pt2 archive also holds the program: larger than tiny_bert's weights
-        assert model["int8_bytes"] < model["fp32_bytes"]
-    int8_backend = "torch_compile" if config.quant.api == "pt2e" else "torch"  # pt2e INT8 runs compiled
+        assert model["quantized_bytes"] < model["float_bytes"]
+    backend = "torch_compile" if config.quant.api == "pt2e" else "torch"  # pt2e INT8 runs compiled
     rows = {(row["variant"], row["backend"]): row for row in results["latency"]}
-    # pt2e's compiled INT8 is paired with FP32 compiled too, its like (tests/test_stats.py: pairing).
-    assert set(rows) == {("fp32", "torch"), ("int8", int8_backend), ("fp32", int8_backend)}
-    # INT8 is paired with FP32 round by round (tests/test_bench.py checks the pairing); FP32 is the reference.
-    assert "ratio_to_fp32" in rows["int8", int8_backend] and "ratio_to_fp32" not in rows["fp32", "torch"]
-    assert rows["int8", int8_backend]["ratio_reference"] == f"fp32/{int8_backend}"
+    # pt2e's compiled INT8 is paired with float compiled too, its like (tests/test_stats.py: pairing).
+    assert set(rows) == {("float", "torch"), ("quantized", backend), ("float", backend)}
+    # Quantized is paired with float round by round (tests/test_bench.py checks the pairing); float is the reference.
+    assert "ratio_to_float" in rows["quantized", backend] and "ratio_to_float" not in rows["float", "torch"]
+    assert rows["quantized", backend]["ratio_reference"] == f"float/{backend}"
 
 
 @pytest.mark.needs("onnx")
@@ -110,28 +110,34 @@ def test_onnxruntime_rows_beside_torch_with_accuracy_and_size(
     results = run(config, JobContext(folder=tmp_path, choices={"quant": recipe}))
     rows = {(row["variant"], row["backend"]): row for row in results["latency"]}
     # ORT's dynamic INT8 of the FP32 export is every run's baseline; QAT adds its own INT8 as QDQ.
-    ort_variants = ("fp32", "int8", "int8_qdq") if recipe == "qat_x86" else ("fp32", "int8")
-    assert set(rows) == {("fp32", "torch"), ("int8", "torch")} | {(v, "onnxruntime") for v in ort_variants}
+    ort_variants = ("float", "int8", "qdq") if recipe == "qat_x86" else ("float", "int8")
+    assert set(rows) == {("float", "torch"), ("quantized", "torch")} | {
+        (v, "onnxruntime") for v in ort_variants
+    }
     # ONNX Runtime runs the export in float32, on as many threads as torch, whatever the training precision.
-    assert rows["fp32", "onnxruntime"]["precision"] == "32-true"
-    assert rows["int8", "onnxruntime"]["threads"] == rows["fp32", "torch"]["threads"]
+    assert rows["float", "onnxruntime"]["precision"] == "32-true"
+    assert rows["int8", "onnxruntime"]["threads"] == rows["float", "torch"]["threads"]
     metrics, model = results["metrics"], results["model"]
-    assert model["onnx_int8_bytes"] < model["onnx_fp32_bytes"]
+    assert model["onnx_int8_bytes"] < model["onnx_float_bytes"]
     coverage = model["onnx_int8_weight_matmuls"]
     assert coverage["int8"] == coverage["weight_matmuls"] == 14 and coverage["float"] == 0
     if recipe == "ptq_dynamic":
-        assert metrics["test/acc_fp32"] >= 0.9, "the model predicts no better than chance: nothing to compare"
+        assert metrics["test/acc_float"] >= 0.9, (
+            "the model predicts no better than chance: nothing to compare"
+        )
         # The FP32 export predicts what the torch model predicts; ORT's INT8 stays near it.
-        assert metrics["test/acc_ort_fp32"] == metrics["test/acc_fp32"]
-        assert metrics["test/acc_ort_int8"] >= metrics["test/acc_fp32"] - INT8_ACCURACY_DROP
-        assert "per call" in model["onnx_int8_qdq_skipped"] and "onnx_int8_qdq_bytes" not in model
+        assert metrics["test/acc_ort_float"] == metrics["test/acc_float"]
+        assert metrics["test/acc_ort_int8"] >= metrics["test/acc_float"] - INT8_ACCURACY_DROP
+        assert "per call" in model["onnx_qdq_skipped"] and "onnx_qdq_bytes" not in model
     else:
-        assert metrics["test/acc_int8"] >= 0.9, "the model predicts no better than chance: nothing to compare"
+        assert metrics["test/acc_quantized"] >= 0.9, (
+            "the model predicts no better than chance: nothing to compare"
+        )
         # The QDQ graph carries the QAT model's own scales: it predicts what the torch.ao INT8 model does.
-        assert abs(metrics["test/acc_ort_int8_qdq"] - metrics["test/acc_int8"]) <= 2 / 256
+        assert abs(metrics["test/acc_ort_qdq"] - metrics["test/acc_quantized"]) <= 2 / 256
         # QAT's FP32 twin is the model before fine-tuning, kept for size and latency: never scored.
-        assert "test/acc_ort_fp32" not in metrics and "test/acc_ort_int8" not in metrics
-        assert model["onnx_int8_qdq_bytes"] < model["onnx_fp32_bytes"]
+        assert "test/acc_ort_float" not in metrics and "test/acc_ort_int8" not in metrics
+        assert model["onnx_qdq_bytes"] < model["onnx_float_bytes"]
 
 
 @pytest.mark.needs("onnx")
@@ -385,7 +391,7 @@ def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_
         "no validation pass moves them": all(same(start, end) for start, end in validations),
     }
     assert facts == {fact: fact not in broken_facts for fact in facts}
-    assert qat.int8_model is not None
+    assert qat.quantized_model is not None
 
 
 @pytest.mark.parametrize(
@@ -479,7 +485,7 @@ def test_resuming_mid_qat_reproduces_the_int8_model(
     whole = fit(tmp_path / "whole", stop_after_first_epoch=False)
     fit(tmp_path / "resumed", stop_after_first_epoch=True)
     resumed = fit(tmp_path / "resumed", False, ckpt_path=str(tmp_path / "resumed" / "last.ckpt"))
-    expected, got = whole.int8_model.state_dict(), resumed.int8_model.state_dict()
+    expected, got = whole.quantized_model.state_dict(), resumed.quantized_model.state_dict()
     assert expected.keys() == got.keys()
     tensors = [key for key, value in expected.items() if isinstance(value, torch.Tensor)]
     differing = [key for key in tensors if not torch.equal(_plain(expected[key]), _plain(got[key]))]

@@ -386,7 +386,7 @@ def test_a_bench_artifact_run_without_an_int8_artifact_is_refused(run_app, tmp_p
     )
     assert exit_code == REFUSED
     (line,) = [line for line in stderr.splitlines() if line.startswith("qatflash: error:")]
-    assert "holds no INT8 artifact (quant=fp32 runs save none" in line
+    assert "holds no quantized artifact (quant=fp32 runs save none" in line
 
 
 def test_a_forced_kernel_is_refused_for_a_decoder_whose_attention_drops_out(

@@ -56,13 +56,13 @@ def test_a_task_recipe_and_backend_of_ones_own_run_through_the_cli(
         "headline": "test/f1",
         "higher_is_better": True,
     }
-    assert results["metrics"]["test/f1_fp32"] >= 0.9 and "test/f1_delta" in results["metrics"]
+    assert results["metrics"]["test/f1_float"] >= 0.9 and "test/f1_delta" in results["metrics"]
     assert (
         results["model"]["quantized_modules"] == 13
-        and results["model"]["int8_bytes"] < results["model"]["fp32_bytes"]
+        and results["model"]["quantized_bytes"] < results["model"]["float_bytes"]
     )
     rows = {(row["variant"], row["backend"]) for row in results["latency"]}
-    assert rows == {("fp32", "counting"), ("int8", "counting")}
+    assert rows == {("float", "counting"), ("quantized", "counting")}
     assert toy_plugins.CountingBackend.forwards >= 2 * results["latency"][0]["iters"]
     report = write_report([run_dir], tmp_path / "report")
     assert "test/f1" in (tmp_path / "report" / "report.md").read_text() and report.points == 1

@@ -56,12 +56,15 @@ def test_report_writes_every_output_and_lists_what_it_skipped(sweep: Path, tmp_p
     table = pd.read_csv(tmp_path / "results.csv")
     assert len(table) == 6  # two training jobs, and one row per benchmark point
     training = table[table["choices.quant"].notna()].set_index("choices.quant")
-    assert training.loc["ptq_dynamic", "model.int8_bytes"] < training.loc["ptq_dynamic", "model.fp32_bytes"]
+    assert (
+        training.loc["ptq_dynamic", "model.quantized_bytes"]
+        < training.loc["ptq_dynamic", "model.float_bytes"]
+    )
     # The shipped model's figures: INT8 where the job made one, its ratio paired with FP32's rounds.
     ptq = training.loc["ptq_dynamic"]
-    assert ptq["shipped_p50_ms"] == ptq["latency.int8.torch.p50_ms"]
-    assert ptq["shipped_ratio_to_fp32"] == ptq["latency.int8.torch.ratio_to_fp32"]
-    assert pd.isna(training.loc["fp32", "shipped_ratio_to_fp32"])  # FP32 is its own reference
+    assert ptq["shipped_p50_ms"] == ptq["latency.quantized.torch.p50_ms"]
+    assert ptq["shipped_ratio_to_float"] == ptq["latency.quantized.torch.ratio_to_float"]
+    assert pd.isna(training.loc["fp32", "shipped_ratio_to_float"])  # float is its own reference
     assert sorted(table["bench.seq_len"].dropna()) == [32, 32, 128, 128]
     kernels = (
         table.dropna(subset=["bench.seq_len"]).groupby("attention_kernel")["bench.seq_len"].apply(sorted)
@@ -69,7 +72,7 @@ def test_report_writes_every_output_and_lists_what_it_skipped(sweep: Path, tmp_p
     assert kernels.to_dict() == {"sdpa": [32, 128], "sdpa[flash]": [32, 128]}
     markdown = (tmp_path / "report.md").read_text()
     assert "| quant=ptq_dynamic" in markdown and "Skipped 2 point(s)" in markdown
-    assert "shipped / FP32 latency (paired)" in markdown
+    assert "shipped / float latency (paired)" in markdown
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "<table" in html
 
@@ -100,14 +103,14 @@ def test_quality_intervals_come_from_each_points_own_examples(sweep: Path, tmp_p
     seeds = pd.read_csv(tmp_path / "quality_per_seed.csv")
     ptq = json.loads((sweep / "quant=ptq_dynamic" / "results.json").read_text())
     rows = {(Path(r["point"]).name, r["model"]): r for r in seeds.to_dict("records")}
-    int8 = rows["quant=ptq_dynamic", "int8"]
-    assert int8["accuracy"] == pytest.approx(ptq["metrics"]["test/acc_int8"], abs=1e-9)
+    int8 = rows["quant=ptq_dynamic", "quantized"]
+    assert int8["accuracy"] == pytest.approx(ptq["metrics"]["test/acc_quantized"], abs=1e-9)
     assert int8["delta"] == pytest.approx(ptq["metrics"]["test/acc_delta"], abs=1e-9)
     assert int8["delta_low"] <= int8["delta"] <= int8["delta_high"]
     assert int8["mcnemar_c"] - int8["mcnemar_b"] == round(int8["delta"] * int8["examples"])
-    twin = rows["quant=ptq_dynamic", "fp32"]
+    twin = rows["quant=ptq_dynamic", "float"]
     assert twin["note"] == "identical predictions" and twin["mcnemar_p"] == 1.0
-    assert rows["quant=fp32", "fp32"]["accuracy"] == pytest.approx(ptq["metrics"]["test/acc_fp32"])
+    assert rows["quant=fp32", "float"]["accuracy"] == pytest.approx(ptq["metrics"]["test/acc_float"])
     (old,) = [r for r in seeds.to_dict("records") if Path(r["point"]) == before]
     assert old["note"].startswith("no interval: the point has no examples.parquet")
     assert "Quality per seed" in (tmp_path / "report.md").read_text()
@@ -137,15 +140,15 @@ def test_shipped_figures_all_come_from_the_same_model() -> None:
     # its ratio is none, not ONNX Runtime's.
     table = pd.DataFrame(
         {
-            "latency.int8.torch.p50_ms": [5.0, None],
-            "latency.int8.torch.ratio_to_fp32": [0.6, None],
-            "latency.fp32.torch.p50_ms": [9.0, 9.5],
-            "latency.fp32.onnxruntime.p50_ms": [7.0, 7.5],
-            "latency.fp32.onnxruntime.ratio_to_fp32": [0.8, 0.79],
+            "latency.quantized.torch.p50_ms": [5.0, None],
+            "latency.quantized.torch.ratio_to_float": [0.6, None],
+            "latency.float.torch.p50_ms": [9.0, 9.5],
+            "latency.float.onnxruntime.p50_ms": [7.0, 7.5],
+            "latency.float.onnxruntime.ratio_to_float": [0.8, 0.79],
         }
     )
     assert shipped_latency(table).tolist() == [5.0, 9.5]
-    ratio = shipped_latency(table, "ratio_to_fp32")
+    ratio = shipped_latency(table, "ratio_to_float")
     assert ratio[0] == 0.6 and pd.isna(ratio[1])
 
 
@@ -154,15 +157,15 @@ def test_pareto_axis_is_the_paired_ratio_when_every_point_has_one() -> None:
     # from different minutes of a shared host are not compared.
     table = pd.DataFrame(
         {
-            "latency.int8.torch.p50_ms": [None, 30.0],
-            "latency.int8.torch.ratio_to_fp32": [None, 0.67],
-            "latency.fp32.torch.p50_ms": [38.0, 46.0],
+            "latency.quantized.torch.p50_ms": [None, 30.0],
+            "latency.quantized.torch.ratio_to_float": [None, 0.67],
+            "latency.float.torch.p50_ms": [38.0, 46.0],
         }
     )
     latency, label = pareto_latency(table)
     assert latency.tolist() == [1.0, 0.67] and "paired" in label
     # A quantized point without a ratio (an older results.json): p50 for every point.
-    latency, label = pareto_latency(table.assign(**{"latency.int8.torch.ratio_to_fp32": float("nan")}))
+    latency, label = pareto_latency(table.assign(**{"latency.quantized.torch.ratio_to_float": float("nan")}))
     assert latency.tolist() == [38.0, 30.0] and "p50" in label
     # Only FP32 points: a ratio of 1 everywhere says nothing; p50.
     latency, label = pareto_latency(table.iloc[:1])
@@ -195,7 +198,7 @@ def test_language_model_points_get_perplexity_intervals_and_a_size_plot(
     report = write_report([tmp_path / "sweep"], tmp_path / "report")
     seeds = pd.read_csv(tmp_path / "report" / "quality_per_seed.csv")
     rows = {(Path(r["point"]).name, r["model"]): r for r in seeds.to_dict("records")}
-    fp32, int8 = rows["quant=fp32", "fp32"], rows["quant=ptq_dynamic", "int8"]
+    fp32, int8 = rows["quant=fp32", "float"], rows["quant=ptq_dynamic", "quantized"]
     assert fp32["ppl"] == pytest.approx(points["fp32"]["metrics"]["test/ppl"], rel=1e-5)
     assert fp32["word_ppl"] == pytest.approx(points["fp32"]["metrics"]["test/word_ppl"], rel=1e-5)
     assert fp32["ppl_low"] < fp32["ppl"] < fp32["ppl_high"]

@@ -22,6 +22,7 @@ from matplotlib.collections import LineCollection, PathCollection
 
 from qatflash.report import write_report
 from qatflash.report.figures import SEED_ALPHA, model_sizes, quality_vs_latency
+from qatflash.results import SCHEMA_VERSION
 
 T_1 = 12.706205  # t(0.975, 1): two seeds
 T_2 = 4.302653  # t(0.975, 2): three seeds
@@ -63,7 +64,7 @@ def _write_point(
     """One finished training point as a job leaves it: results.json and examples.parquet."""
     folder.mkdir(parents=True)
     results = {
-        "schema": 1,
+        "schema": SCHEMA_VERSION,
         "status": "ok",
         "reference_hash": f"config-seed{seed}",  # the config less quant and benchmark
         "seed_group_hash": f"config-{quant}",  # the config less the seed
@@ -88,7 +89,7 @@ def lm_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("lm")
     for seed in (0, 1):
         fp32, ptq = FP32_SCALE[seed], FP32_SCALE[seed] * PTQ_SCALE[seed]
-        for quant, model, scale in (("fp32", "fp32", fp32), ("ptq_dynamic", "int8", ptq)):
+        for quant, model, scale in (("fp32", "float", fp32), ("ptq_dynamic", "quantized", ptq)):
             metrics = {"test/ppl": PPL * scale}
             _write_point(
                 root / f"quant={quant},seed={seed}",
@@ -108,7 +109,7 @@ def test_each_seed_is_compared_with_its_own_fp32_and_read_lower_is_better(lm_rep
     4.131 % against seed 0's FP32); the paired interval over windows that all moved by the same
     amount is that point; 3 % more perplexity is worse at the 2 % margin, not better."""
     seeds = pd.read_csv(lm_report / "quality_per_seed.csv")
-    int8 = seeds[seeds["model"] == "int8"].sort_values("seed")
+    int8 = seeds[seeds["model"] == "quantized"].sort_values("seed")
     columns = ["seed", "delta", "delta_low", "delta_high", "verdict", "significant"]
     assert int8[columns].to_dict("records") == [
         {
@@ -154,7 +155,7 @@ def test_quality_over_two_seeds_by_hand(lm_report: Path) -> None:
         {
             **common,
             "quant": "fp32",
-            "model": "fp32",
+            "model": "float",
             "seed_group_hash": "config-fp32",
             **_two_seeds(fp32, "ppl"),
             **no_delta,
@@ -164,7 +165,7 @@ def test_quality_over_two_seeds_by_hand(lm_report: Path) -> None:
         {
             **common,
             "quant": "ptq_dynamic",
-            "model": "int8",
+            "model": "quantized",
             "seed_group_hash": "config-ptq_dynamic",
             **_two_seeds(ptq, "ppl"),
             **_two_seeds([0.03, 0.031], "delta"),
@@ -194,20 +195,20 @@ def _accuracy_examples(model: str, wrong: int) -> pd.DataFrame:
 
 def _latency(quant: str, seed: int) -> list[dict[str, Any]]:
     """FP32 timed alone for an FP32 point; INT8 beside FP32, its paired ratio and p10-p90, for PTQ."""
-    rows = [{"variant": "fp32", "backend": "torch", "p50_ms": 50.0}]
+    rows = [{"variant": "float", "backend": "torch", "p50_ms": 50.0}]
     if quant == "fp32":
         return rows
     ratio = RATIO[quant][seed]
-    int8 = {"variant": "int8", "backend": "torch", "p50_ms": 50.0 * ratio, "ratio_to_fp32": ratio}
-    return [{**int8, "ratio_p10_to_fp32": ratio - 0.03, "ratio_p90_to_fp32": ratio + 0.04}, *rows]
+    int8 = {"variant": "quantized", "backend": "torch", "p50_ms": 50.0 * ratio, "ratio_to_float": ratio}
+    return [{**int8, "ratio_p10_to_float": ratio - 0.03, "ratio_p90_to_float": ratio + 0.04}, *rows]
 
 
 @pytest.fixture(scope="module")
 def accuracy_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("acc")
     for quant, wrong in WRONG.items():
-        model = "fp32" if quant == "fp32" else "int8"
-        int8_bytes = {"int8_bytes": INT8_BYTES[quant]} if quant in INT8_BYTES else {}
+        model = "float" if quant == "fp32" else "quantized"
+        quantized_bytes = {"quantized_bytes": INT8_BYTES[quant]} if quant in INT8_BYTES else {}
         for seed in (0, 1, 2):
             _write_point(
                 root / f"quant={quant},seed={seed}",
@@ -217,7 +218,7 @@ def accuracy_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 _accuracy_examples(model, wrong[seed]),
                 metrics={"test/acc": 1 - wrong[seed] / EXAMPLES},
                 latency=_latency(quant, seed),
-                model={"fp32_bytes": 90.0e6, **int8_bytes},
+                model={"float_bytes": 90.0e6, **quantized_bytes},
             )
     write_report([root], root / "report")
     return root / "report"

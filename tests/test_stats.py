@@ -140,19 +140,19 @@ def _timed(*block_medians: float) -> SideBySide:
 def test_a_ratio_pairs_only_rows_timed_under_the_same_conditions() -> None:
     """pt2e's INT8 runs compiled: paired with FP32 compiled, never with eager FP32; without an FP32
     row of its conditions it gets no ratio and the reason."""
-    timed = {("fp32", "torch"): _timed(10, 10), ("int8", "torch_compile"): _timed(6, 6)}
+    timed = {("float", "torch"): _timed(10, 10), ("quantized", "torch_compile"): _timed(6, 6)}
     conditions = {key: Conditions("cpu", key[1], 2) for key in timed}
-    unpaired = paired_ratios(timed, conditions)["int8", "torch_compile"]
-    assert "ratio_to_fp32" not in unpaired and unpaired["ratio_reference"] is None
-    assert unpaired["ratio_to_fp32_missing"] == "no FP32 row timed on cpu with torch_compile at 2 threads"
-    assert unpaired["ratio_to_torch_fp32"] == 0.6 and unpaired["torch_fp32_reference"] == "fp32/torch"
-    timed["fp32", "torch_compile"] = _timed(8, 8)
-    conditions["fp32", "torch_compile"] = Conditions("cpu", "torch_compile", 2)
-    paired = paired_ratios(timed, conditions)["int8", "torch_compile"]
-    assert paired["ratio_to_fp32"] == 0.75 and paired["ratio_reference"] == "fp32/torch_compile"
+    unpaired = paired_ratios(timed, conditions)["quantized", "torch_compile"]
+    assert "ratio_to_float" not in unpaired and unpaired["ratio_reference"] is None
+    assert unpaired["ratio_to_float_missing"] == "no float row timed on cpu with torch_compile at 2 threads"
+    assert unpaired["ratio_to_torch_float"] == 0.6 and unpaired["torch_float_reference"] == "float/torch"
+    timed["float", "torch_compile"] = _timed(8, 8)
+    conditions["float", "torch_compile"] = Conditions("cpu", "torch_compile", 2)
+    paired = paired_ratios(timed, conditions)["quantized", "torch_compile"]
+    assert paired["ratio_to_float"] == 0.75 and paired["ratio_reference"] == "float/torch_compile"
     # The same backend on another device (CPU INT8 of a CUDA-trained model) is not its like either.
-    conditions["fp32", "torch_compile"] = Conditions("cuda", "torch_compile", 2)
-    assert paired_ratios(timed, conditions)["int8", "torch_compile"]["ratio_reference"] is None
+    conditions["float", "torch_compile"] = Conditions("cuda", "torch_compile", 2)
+    assert paired_ratios(timed, conditions)["quantized", "torch_compile"]["ratio_reference"] is None
 
 
 def _spin(seconds: float) -> None:

@@ -589,7 +589,7 @@ class Config(SharedRoot):
     # Epoch-end checkpoints in <run>/checkpoints/ let a killed or failed job resume; kept after an ok run only if true.
     keep_checkpoints: bool = False
     # What the job returns to a sweeper that optimises (hydra/sweeper=optuna): metrics or summary keys,
-    # e.g. [test/acc] or [test/acc, latency/int8/torch/p50_ms] with directions [maximize, minimize];
+    # e.g. [test/acc] or [test/acc, latency/quantized/torch/p50_ms] with directions [maximize, minimize];
     # null = the task's headline figure.
     objective: list[str] | None = None
 

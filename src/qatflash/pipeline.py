@@ -54,7 +54,7 @@ from qatflash.quant import make_recipe
 from qatflash.quant.callback import QuantizationAwareTraining
 from qatflash.quant.recipe import Recipe
 from qatflash.quant.ship import Shipped, saved, ship
-from qatflash.results import MODEL_CONFIG_FILE, RunRecord, summary_figures
+from qatflash.results import FAKEQUANT, FLOAT, MODEL_CONFIG_FILE, QUANTIZED, RunRecord, summary_figures
 from qatflash.storage import SafeCheckpointIO
 from qatflash.tasks import TASKS
 from qatflash.tasks.task import Task
@@ -263,7 +263,7 @@ def fit(
     metrics = cache.load(module.model) if cache is not None else None
     record: dict[str, Any] = {"model": {}, "resumed_from": None, "timing": {}}
     if metrics is not None:
-        record["model"]["fp32_reused_from"] = str(cache.path)
+        record["model"]["float_reused_from"] = str(cache.path)
     else:
         metrics, record["resumed_from"] = _train(cfg, job, previous, trainer, module, data)
         record["timing"]["train_tokens_per_s"] = module.train_tokens_per_s
@@ -307,7 +307,7 @@ def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
 def ship_stage(
     cfg: Config, checked: Checked, data: Data, built: Built, fitted: Fitted, job: JobContext
 ) -> Shipped:
-    """The FP32 model, or its INT8 form saved as the run's artifact and proven to reload."""
+    """The float model, or its quantized form saved as the run's artifact and proven to reload."""
     if checked.recipe is None:
         return Shipped(fitted.model, True)
     batches = partial(_calibration_batches, data, cfg.quant.calibration_batches)
@@ -330,21 +330,22 @@ def evaluate(
     shipped: Shipped,
     job: JobContext,
 ) -> Evaluated:
-    """Test what the job trained (FP32, or QAT's fake-quant model), the INT8 model it ships, and the
-    models a timing backend makes of them (ONNX Runtime's), on the task's test split; each model's
-    per-example results are kept under the suffix of its metrics (fp32, fakequant, int8, ort_int8)."""
+    """Test what the job trained (float, or QAT's fake-quant model), the quantized model it ships,
+    and the models a timing backend makes of them (ONNX Runtime's), on the task's test split; each
+    model's per-example results are kept under the suffix of its metrics (float, fakequant,
+    quantized, ort_int8)."""
     started = time.perf_counter()
-    trained = "fp32" if shipped.int8 is None or not checked.qat else "fakequant"
+    trained = FLOAT if shipped.quantized is None or not checked.qat else FAKEQUANT
     tested, examples = _test(_single_process(trainer, cfg), checked.task, fitted.model, data)
     seconds = round(time.perf_counter() - started, 3)
     metrics = {**fitted.val_metrics, **shipped.metrics}
     per_model = {trained: examples}
-    if shipped.int8 is None:
+    if shipped.quantized is None:
         metrics.update(tested)
     else:
         metrics.update(_suffixed(tested, trained))
-        int8, per_model["int8"] = _test(_cpu_trainer(cfg), checked.task, shipped.int8, data)
-        metrics.update(_int8_metrics(int8, metrics, checked.task.headline))
+        quantized, per_model[QUANTIZED] = _test(_cpu_trainer(cfg), checked.task, shipped.quantized, data)
+        metrics.update(_quantized_metrics(quantized, metrics, checked.task.headline))
     timing = _job_timing(cfg, checked, data, shipped, job)
     backends = [backend.job_models(timing) for backend in checked.backends.values()]
     for backend in backends:
@@ -363,12 +364,12 @@ def _test(
     return {k: float(v) for k, v in tested[0].items()}, module.test_examples
 
 
-def _int8_metrics(tested: dict[str, float], before: dict[str, float], headline: str) -> dict[str, float]:
-    """The INT8 model is what ships: its figures are test/*, also kept as test/*_int8, with the delta
-    of the headline figure to FP32's (PTQ; QAT has no FP32 test of its own)."""
-    metrics = {**tested, **_suffixed(tested, "int8")}
-    if f"{headline}_fp32" in before:
-        metrics[f"{headline}_delta"] = tested[headline] - before[f"{headline}_fp32"]
+def _quantized_metrics(tested: dict[str, float], before: dict[str, float], headline: str) -> dict[str, float]:
+    """The quantized model is what ships: its figures are test/*, also kept as test/*_quantized,
+    with the delta of the headline figure to the float model's (PTQ; QAT has no float test of its own)."""
+    metrics = {**tested, **_suffixed(tested, QUANTIZED)}
+    if f"{headline}_{FLOAT}" in before:
+        metrics[f"{headline}_delta"] = tested[headline] - before[f"{headline}_{FLOAT}"]
     return metrics
 
 
@@ -413,7 +414,7 @@ def _job_timing(cfg: Config, checked: Checked, data: Data, shipped: Shipped, job
         autocast=autocast,
         folder=job.folder,
         example=checked.task.example_inputs(data.module),
-        max_len=max_positions(shipped.fp32.config),
+        max_len=max_positions(shipped.float_model.config),
         threads=cfg.benchmark.threads or torch.get_num_threads(),
     )
 
@@ -440,8 +441,8 @@ def latency_rows(
     cfg: Config, task: Task, timed_models: dict[tuple[str, str], Contender], vocab_size: int
 ) -> list[dict[str, Any]]:
     """One latency record per (variant, backend): what was timed, how, under which host load, the
-    figures, and its ratio to the FP32 row timed under the same conditions, paired round by round
-    (the figure an INT8-vs-FP32 decision reads; `qatflash.timing.pairing`). A generation's row holds
+    figures, and its ratio to the float row timed under the same conditions, paired round by round
+    (the figure a quantized-vs-float decision reads; `qatflash.timing.pairing`). A generation's row holds
     decode per token as its own figures and ratios, prefill's under `prefill_`."""
     seq_len = cfg.benchmark.seq_len or cfg.data.max_length
     threads = cfg.benchmark.threads or torch.get_num_threads()

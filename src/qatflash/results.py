@@ -22,7 +22,11 @@ from typing import Any
 
 from qatflash.errors import first_line
 
-SCHEMA_VERSION = 1
+# Schema 2 names a job's models `float` and `quantized` (with the recipe's `format` beside them),
+# where schema 1 said fp32 and int8 for every recipe, int4 and nf4 ones too; `read_results` reads
+# schema 1 as schema 2 (`upgrade`), so an old sweep still reports and resumes.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 RESULTS_FILE = "results.json"
 # The HF config of a run's model, beside its artifact: what rebuilds the artifact's skeleton.
 MODEL_CONFIG_FILE = "model_config.json"
@@ -30,6 +34,33 @@ TRACEBACK_FILE = "traceback.txt"
 # Per-example test results of every model a job tested, one row per (model, example): what the
 # report's intervals and paired tests are computed from.
 EXAMPLES_FILE = "examples.parquet"
+
+# The models a job tests and times, as metric suffixes, examples.parquet's `model` column and
+# latency variants name them: the float model (fine-tuned, or QAT's model before fine-tuning), QAT's
+# fake-quantized model, the recipe's quantized model, and the float model timed where the quantized
+# one runs when that is elsewhere than where it trained (CPU INT8 after a CUDA fit).
+FLOAT, FAKEQUANT, QUANTIZED, FLOAT_AT_TARGET = "float", "fakequant", "quantized", "float_at_target"
+# Schema 1's names for them (ONNX Runtime's: its float export, its own dynamic INT8, the recipe's
+# QDQ graph); names schema 1 shares with schema 2 are left out.
+_V1_MODELS = {
+    "fp32": FLOAT,
+    "int8": QUANTIZED,
+    "fp32_cpu": FLOAT_AT_TARGET,
+    "ort_fp32": f"ort_{FLOAT}",
+    "ort_int8_qdq": "ort_qdq",
+}
+# ONNX Runtime's latency variants in schema 1 (its `int8` is its own dynamic INT8: kept).
+_V1_ORT_VARIANTS = {"fp32": FLOAT, "int8_qdq": "qdq"}
+_V1_MODEL_KEYS = {
+    "int8_artifact": "artifact",
+    "int8_bytes": "quantized_bytes",
+    "fp32_bytes": "float_bytes",
+    "int8_rerun_spread": "quantized_rerun_spread",
+    "fp32_reused_from": "float_reused_from",
+    "onnx_fp32_bytes": "onnx_float_bytes",
+    "onnx_int8_qdq_bytes": "onnx_qdq_bytes",
+    "onnx_int8_qdq_skipped": "onnx_qdq_skipped",
+}
 
 
 @contextlib.contextmanager
@@ -55,24 +86,63 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_results(path: Path) -> dict[str, Any] | None:
-    """The results of a job folder or file, or None when absent or unreadable (truncated, not JSON)."""
+    """The results of a job folder or file in schema 2 (schema 1 read as schema 2), or None when
+    absent or unreadable (truncated, not JSON)."""
     path = path / RESULTS_FILE if path.is_dir() else path
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    return upgrade(data) if data.get("schema") == 1 else data
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 record as schema 2 records the same job: models, metric suffixes, latency
+    variants and fields, and model-section keys under their schema-2 names."""
+    latency = [_v1_latency_row(row) for row in data.get("latency") or []]
+    model = {_V1_MODEL_KEYS.get(k, k): v for k, v in (data.get("model") or {}).items()}
+    metrics = {_v1_metric(k): v for k, v in (data.get("metrics") or {}).items()}
+    examples = data.get("examples")
+    if isinstance(examples, dict):
+        examples = {**examples, "models": [_V1_MODELS.get(m, m) for m in examples.get("models", [])]}
+    return {**data, "schema": 2, "latency": latency, "model": model, "metrics": metrics, "examples": examples}
+
+
+def _v1_metric(key: str) -> str:
+    """`test/acc_int8` -> `test/acc_quantized`: a metric whose suffix is a schema-1 model name
+    (the longest that fits: `_ort_int8` is ONNX Runtime's INT8, not the recipe's)."""
+    for old, new in sorted({**_V1_MODELS, "ort_int8": "ort_int8"}.items(), key=lambda kv: -len(kv[0])):
+        if key.endswith(f"_{old}"):
+            return f"{key[: -len(old)]}{new}"
+    return key
+
+
+def _v1_latency_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 latency row: its variant renamed, and every `fp32` in its field names and
+    references (ratio_to_fp32, ratio_reference fp32/torch) said as `float`."""
+    renames = _V1_ORT_VARIANTS if row.get("backend") == "onnxruntime" else _V1_MODELS
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, str) and key.endswith("reference"):
+            variant, _, backend = value.partition("/")
+            value = f"{renames.get(variant, variant)}/{backend}" if backend else value
+        out[key.replace("fp32", FLOAT)] = value
+    out["variant"] = renames.get(row["variant"], row["variant"])
+    return out
 
 
 def read_examples(folder: Path) -> Any:
-    """A job folder's per-example results as a DataFrame, or None where the job wrote none (older
-    points) or the file cannot be read."""
+    """A job folder's per-example results as a DataFrame (schema 1's model names read as schema
+    2's), or None where the job wrote none (older points) or the file cannot be read."""
     import pandas as pd
 
     try:
-        return pd.read_parquet(folder / EXAMPLES_FILE)
+        frame = pd.read_parquet(folder / EXAMPLES_FILE)
     except (OSError, ValueError):
         return None
+    return frame.assign(model=frame["model"].replace(_V1_MODELS)) if "model" in frame else frame
 
 
 def summary_figures(data: dict[str, Any]) -> dict[str, Any]:

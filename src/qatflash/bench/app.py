@@ -15,13 +15,14 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from qatflash.attention import check_attention, check_model_supports
-from qatflash.bench.points import QUANTIZED, PointJob, run_point
+from qatflash.bench.points import PointJob, run_point
 from qatflash.bench.saved_run import open_run
 from qatflash.config import DTYPE_PRECISIONS, BenchAppConfig
 from qatflash.errors import ConfigError
 from qatflash.job import JobContext, environment, open_job, resolve_device
 from qatflash.models import check_positions, declared_config, model_class, timed_length_key
 from qatflash.quant import make_recipe
+from qatflash.results import QUANTIZED
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
 

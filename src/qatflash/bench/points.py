@@ -28,6 +28,7 @@ from qatflash.models import build_model, declared_config, max_positions
 from qatflash.placement import place
 from qatflash.quant import make_recipe
 from qatflash.quant.artifact import serialized_bytes
+from qatflash.results import FLOAT, QUANTIZED
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
 from qatflash.timing.backends import CompiledBackend, TimingBackend
@@ -78,7 +79,6 @@ class PointJob:
         }
 
 
-FLOAT, QUANTIZED = "float", "quantized"
 # Decode steps the profiler records for a breakdown (after prefill): enough to average dispatch.
 PROFILED_TOKENS = 8
 
@@ -88,14 +88,14 @@ def _subjects(
 ) -> tuple[dict[str, nn.Module], PretrainedConfig, TimingBackend]:
     """The models the point times side by side, by variant, with their HF config and the backend:
     the task's model of `model` in `bench.dtype` (`float`), and with a `quant` recipe its weights
-    quantized without data (`quantized`: dynamic or weight-only PTQ); or a training run's INT8
-    artifact alone (`quantized`; compiled where it runs only so)."""
+    quantized without data (`quantized`: dynamic or weight-only PTQ); or a training run's
+    quantized artifact alone (`quantized`; compiled where it runs only so)."""
     backend: TimingBackend = TIMING_BACKENDS.create(job.backend)
     if job.sweep.artifact is not None:  # check_bench allows artifacts on the CPU in float32 only
         run = open_run(job.sweep.artifact)
         recipe = make_recipe(run.quant)
         backend = CompiledBackend() if recipe.compiled_only else backend
-        return {QUANTIZED: run.load_int8(recipe, job.attention)}, run.hf_config(), backend
+        return {QUANTIZED: run.load_quantized(recipe, job.attention)}, run.hf_config(), backend
     task = TASKS.load(job.task.name)
     hf_config = declared_config(job.model)
     model = build_model(job.model, job.attention, hf_config, task.auto_model)
@@ -167,7 +167,7 @@ def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
             "isolated": isolated,
             "compiled": isinstance(
                 backend, CompiledBackend
-            ),  # pt2e INT8 artifacts run compiled whatever the backend
+            ),  # pt2e artifacts run compiled whatever the backend
             "weight_bytes": serialized_bytes(model),
             **memory[variant],
             **figures[variant],

@@ -1,9 +1,9 @@
 """A finished training run as a benchmark subject: `qatflash-bench bench.artifact=<run dir>`.
 
-A run folder holds what rebuilds its INT8 model without retraining: the model's HF config
+A run folder holds what rebuilds its quantized model without retraining: the model's HF config
 (`model_config.json`), the run's config (`.hydra/config.yaml`: which quantization recipe), and the
-INT8 artifact that the recipe loads (a state_dict read with `weights_only=True`, or an exported
-program). The skeleton takes the benchmark's `attention`, so one INT8 model can be timed under
+quantized artifact that the recipe loads (a state_dict read with `weights_only=True`, or an exported
+program). The skeleton takes the benchmark's `attention`, so one quantized model can be timed under
 each implementation (a pt2e program keeps the attention it was exported with). Everything is
 checked when the folder is opened, before any point runs.
 """
@@ -33,8 +33,8 @@ class SavedRun:
     def hf_config(self) -> PretrainedConfig:
         return AutoConfig.from_pretrained(self.folder / MODEL_CONFIG_FILE)
 
-    def load_int8(self, recipe: Recipe, attention: AttentionConfig) -> nn.Module:
-        """The run's INT8 model on the CPU, rebuilt by `recipe` (made from `self.quant`)."""
+    def load_quantized(self, recipe: Recipe, attention: AttentionConfig) -> nn.Module:
+        """The run's quantized model on the CPU, rebuilt by `recipe` (made from `self.quant`)."""
         hf_config = self.hf_config()
         return recipe.load(self.artifact, lambda: build_model_from_config(hf_config, attention))
 
@@ -47,11 +47,11 @@ def open_run(folder: str) -> SavedRun:
         raise ConfigError(f"bench.artifact={folder} is not a run folder with a readable results.json")
     if results.get("status") != "ok":
         raise ConfigError(f"bench.artifact={folder}: that run's status is {results.get('status')!r}, not ok")
-    name = (results.get("model") or {}).get("int8_artifact")
+    name = (results.get("model") or {}).get("artifact")
     if not name or not (path / name).is_file():
         raise ConfigError(
-            f"bench.artifact={folder} holds no INT8 artifact (quant=fp32 runs save none; "
-            "quantized runs save int8_model.pt or int8_model.pt2)"
+            f"bench.artifact={folder} holds no quantized artifact (quant=fp32 runs save none; "
+            "quantized runs save quantized_model.pt or quantized_model.pt2, before results schema 2 int8_model.*)"
         )
     saved = path / ".hydra" / "config.yaml"
     if not saved.is_file() or not (path / MODEL_CONFIG_FILE).is_file():

@@ -1,4 +1,4 @@
-"""The QAT schedule as a Lightning callback: prepare, fake-quant start, observer freeze, INT8 at fit end.
+"""The QAT schedule as a Lightning callback: prepare, fake-quant start, observer freeze, conversion at fit end.
 
 torch.ao's FakeQuantize updates its observer on every forward in which the observer is enabled,
 whatever `module.training` says. Lightning 1.x's QuantizationAwareTraining callback therefore let
@@ -32,7 +32,7 @@ class QuantizationAwareTraining(L.Callback):
         # to optimizer steps once the fit's length is known.
         self.start: int | float = fake_quant_start_step
         self.freeze: int | float | None = freeze_observers_step
-        self.int8_model: nn.Module | None = None
+        self.quantized_model: nn.Module | None = None
 
     def observing(self, step: int) -> bool:
         return step >= self.start and (self.freeze is None or step < self.freeze)
@@ -89,17 +89,17 @@ class QuantizationAwareTraining(L.Callback):
     on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = _evaluating
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.to_int8(pl_module.model)
+        self.to_quantized(pl_module.model)
 
-    def to_int8(self, model: nn.Module) -> nn.Module:
-        """Convert a copy to INT8; the fake-quant model stays in place for its own evaluation.
+    def to_quantized(self, model: nn.Module) -> nn.Module:
+        """Convert a copy; the fake-quant model stays in place for its own evaluation.
 
         Called at fit end, or by the caller after a spawned (DDP) fit, whose callbacks ran in the
         worker processes and handed back only the trained weights.
         """
         self.recipe.set_phase(model, fake_quant=True, observe=False)
-        self.int8_model = self.recipe.convert(copy.deepcopy(model))
-        return self.int8_model
+        self.quantized_model = self.recipe.convert(copy.deepcopy(model))
+        return self.quantized_model
 
 
 def _steps(point: int | float, steps: int) -> int:

@@ -43,7 +43,7 @@ def check_compiler() -> None:
 class Pt2eRecipe(Recipe):
     """QAT (`qat`) or static PTQ (`ptq_static`) of an exported graph for the x86 Inductor backend."""
 
-    artifact_name = "int8_model.pt2"
+    artifact_name = "quantized_model.pt2"
     compiled_only = True
     methods = ("ptq_static", "qat")
     engines = ("x86",)  # (Inductor)

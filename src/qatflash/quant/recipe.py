@@ -26,8 +26,8 @@ from qatflash.quant.targeting import embedding_targets, linear_targets
 class Recipe(ABC):
     """One `quant/*.yaml`: how its targeted Linear layers become INT8."""
 
-    # The INT8 artifact's file name in the run folder.
-    artifact_name = "int8_model.pt"
+    # The quantized artifact's file name in the run folder.
+    artifact_name = "quantized_model.pt"
     # Whether the converted model runs INT8 kernels only through torch.compile (pt2e: in eager mode
     # its graph merely simulates quantization), so it is timed compiled whatever the backend.
     compiled_only = False

@@ -1,7 +1,7 @@
-"""Shipping a trained model as INT8: calibrate (static PTQ), convert, save, reload and compare.
+"""Shipping a trained model quantized: calibrate (static PTQ), convert, save, reload and compare.
 
-What comes out is one frozen `Shipped`: the FP32 model a job times as its reference, the prepared
-model (QAT-trained or calibrated: what a QDQ export is made from), the INT8 model, and what the
+What comes out is one frozen `Shipped`: the float model a job times as its reference, the
+prepared model (QAT-trained or calibrated: what a QDQ export is made from), the quantized model, and what the
 record says about them. Nothing here swaps a model inside a LightningModule.
 """
 
@@ -24,14 +24,15 @@ from qatflash.quant.targeting import coverage
 
 @dataclass(frozen=True)
 class Shipped:
-    """The models a job ships and times. `fp32` is the fine-tuned model, except for QAT, whose FP32
-    reference is the model before fine-tuning (`fp32_trained` False): timed and sized, never scored."""
+    """The models a job ships and times. `float_model` is the fine-tuned model, except for QAT,
+    whose float reference is the model before fine-tuning (`float_trained` False): timed and sized,
+    never scored."""
 
-    fp32: nn.Module
-    fp32_trained: bool
+    float_model: nn.Module
+    float_trained: bool
     recipe: Recipe | None = None
     prepared: nn.Module | None = None
-    int8: nn.Module | None = None
+    quantized: nn.Module | None = None
     record: dict[str, Any] = field(default_factory=dict)  # results.json's model section
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -55,21 +56,23 @@ def ship(
     twin: nn.Module | None,
     calibration: Callable[[], Iterable[dict[str, torch.Tensor]]],
 ) -> Shipped:
-    """The INT8 form of `trained`: QAT converts its prepared model (in this process, after a spawned
+    """The quantized form of `trained`: QAT converts its prepared model (in this process, after a spawned
     fit whose callback converted in a worker), PTQ a calibrated copy of the fine-tuned one."""
     if qat is not None:
-        assert twin is not None, "QAT keeps its model's FP32 twin from before the fit"
-        int8 = qat.int8_model if qat.int8_model is not None else qat.to_int8(trained)
-        return Shipped(twin, False, recipe, trained, int8)
+        assert twin is not None, "QAT keeps its model's float twin from before the fit"
+        quantized = qat.quantized_model if qat.quantized_model is not None else qat.to_quantized(trained)
+        return Shipped(twin, False, recipe, trained, quantized)
     prepared = calibrated(recipe, trained, calibration())
     return Shipped(trained, True, recipe, prepared, recipe.convert(copy.deepcopy(prepared)))
 
 
-# Forwards of the INT8 model itself that measure how far its kernels' results move between runs.
+# Forwards of the quantized model itself that measure how far its kernels' results move between runs.
 RERUNS = 3
 
 
-def check_reload(int8: nn.Module, reloaded: nn.Module, example: dict[str, torch.Tensor], path: Path) -> float:
+def check_reload(
+    quantized: nn.Module, reloaded: nn.Module, example: dict[str, torch.Tensor], path: Path
+) -> float:
     """Prove the reloaded artifact computes what the model it was saved from computes; returns the
     model's own run-to-run spread (largest absolute logit difference between its reruns).
 
@@ -78,14 +81,14 @@ def check_reload(int8: nn.Module, reloaded: nn.Module, example: dict[str, torch.
     with AMX, x86 eager INT8 after a DDP fit moved by 1.8e-6 between two identical forwards. There
     the reload may differ by no more than twice that spread; a lost scale or a wrong weight moves
     logits by orders of magnitude more."""
-    int8.eval()  # not chained: exported graphs' eval() returns None
+    quantized.eval()  # not chained: exported graphs' eval() returns None
     with torch.inference_mode():
-        first = int8(**example).logits
-        spread = max(float((first - int8(**example).logits).abs().max()) for _ in range(RERUNS))
+        first = quantized(**example).logits
+        spread = max(float((first - quantized(**example).logits).abs().max()) for _ in range(RERUNS))
         gap = float((first - reloaded(**example).logits).abs().max())
     if gap > 2 * spread:
         raise RuntimeError(
-            f"the INT8 artifact {path} does not reproduce the model's logits: they differ by {gap:.3g}, "
+            f"the quantized artifact {path} does not reproduce the model's logits: they differ by {gap:.3g}, "
             f"beyond the model's own run-to-run spread {spread:.3g}"
         )
     return spread
@@ -94,22 +97,23 @@ def check_reload(int8: nn.Module, reloaded: nn.Module, example: dict[str, torch.
 def saved(
     shipped: Shipped, folder: Path, skeleton: Callable[[], nn.Module], example: dict[str, torch.Tensor]
 ) -> Shipped:
-    """`shipped` with its INT8 artifact written to `folder`, proven to reload to identical logits, and sized."""
-    recipe, int8 = shipped.recipe, shipped.int8
-    assert recipe is not None and int8 is not None, "only quantized jobs save an INT8 artifact"
-    quantized = recipe.check_converted(int8)  # before anything is written
+    """`shipped` with its quantized artifact written to `folder`, proven to reload to identical
+    logits, and sized."""
+    recipe, quantized = shipped.recipe, shipped.quantized
+    assert recipe is not None and quantized is not None, "only quantized jobs save an artifact"
+    modules = recipe.check_converted(quantized)  # before anything is written
     path = folder / recipe.artifact_name
-    int8_bytes = recipe.save(int8, path)
+    quantized_bytes = recipe.save(quantized, path)
     reloaded = recipe.load(path, skeleton)
-    spread = check_reload(int8, reloaded, example, path)
-    fp32_bytes = serialized_bytes(shipped.fp32)
+    spread = check_reload(quantized, reloaded, example, path)
+    float_bytes = serialized_bytes(shipped.float_model)
     record = {
-        "int8_artifact": path.name,
-        "int8_bytes": int8_bytes,
-        "fp32_bytes": fp32_bytes,
-        "quantized_modules": quantized,
-        "coverage": coverage(shipped.fp32, recipe.cfg.targets, recipe.selected),
-        "int8_rerun_spread": spread,
+        "artifact": path.name,
+        "quantized_bytes": quantized_bytes,
+        "float_bytes": float_bytes,
+        "quantized_modules": modules,
+        "coverage": coverage(shipped.float_model, recipe.cfg.targets, recipe.selected),
+        "quantized_rerun_spread": spread,
     }
-    metrics = {**shipped.metrics, "model/size_ratio": int8_bytes / fp32_bytes}
+    metrics = {**shipped.metrics, "model/size_ratio": quantized_bytes / float_bytes}
     return replace(shipped, record={**shipped.record, **record}, metrics=metrics)

@@ -19,6 +19,7 @@ import pandas as pd
 from qatflash.report.collect import Collected, collect
 from qatflash.report.figures import FIGURES, shipped_latency
 from qatflash.report.quality import Margins, over_seeds, per_seed
+from qatflash.results import FLOAT, QUANTIZED
 
 # The columns of the Markdown/HTML summary tables (the CSV keeps every column).
 _TRAIN_COLUMNS = {
@@ -29,14 +30,15 @@ _TRAIN_COLUMNS = {
     "params.max_length": "max len",
     "headline": "metric",
     "headline_value": "test figure",
-    "headline_delta": "Δ vs FP32",
-    "latency.fp32.torch.p50_ms": "FP32 p50 ms",
+    "headline_delta": "Δ vs float",
+    "latency.float.torch.p50_ms": "float p50 ms",
+    "model.format": "format",
     "shipped_p50_ms": "shipped p50 ms",
-    "shipped_ratio_to_fp32": "shipped / FP32 latency (paired)",
+    "shipped_ratio_to_float": "shipped / float latency (paired)",
     "shipped_prefill_p50_ms": "shipped prefill p50 ms",
-    "shipped_prefill_ratio_to_fp32": "shipped / FP32 prefill (paired)",
+    "shipped_prefill_ratio_to_float": "shipped / float prefill (paired)",
     "shipped_host_busy": "host busy",
-    "metrics.model/size_ratio": "INT8/FP32 size",
+    "metrics.model/size_ratio": "quantized / float size",
     "coverage.quantized_weight_share": "quantized weight share",
     "coverage.modules": "quantized / modules, by type",
     "error": "error",
@@ -72,11 +74,11 @@ _DECIMALS = {
     "headline_delta": 4,
     "metrics.model/size_ratio": 3,
     "coverage.quantized_weight_share": 3,
-    "latency.fp32.torch.p50_ms": 1,
+    "latency.float.torch.p50_ms": 1,
     "shipped_p50_ms": 1,
-    "shipped_ratio_to_fp32": 2,
+    "shipped_ratio_to_float": 2,
     "shipped_prefill_p50_ms": 1,
-    "shipped_prefill_ratio_to_fp32": 2,
+    "shipped_prefill_ratio_to_float": 2,
     "bench.p50_ms": 1,
     "bench.prefill_p50_ms": 1,
     "bench.tokens_per_s": 1,
@@ -175,9 +177,9 @@ def _headline_bound(table: pd.DataFrame, figures: pd.DataFrame, bound: str) -> p
 
 
 def _shipped_model(table: pd.DataFrame) -> pd.Series:
-    """Per training point: the name of the model it ships in its examples (int8 or fp32)."""
+    """Per training point: the name of the model it ships in its examples (quantized or float)."""
     training = table.dropna(subset=["params.quant_method"]).drop_duplicates("point")
-    shipped = training["params.quant_method"].map(lambda method: "fp32" if method == "none" else "int8")
+    shipped = training["params.quant_method"].map(lambda method: FLOAT if method == "none" else QUANTIZED)
     return pd.Series(shipped.to_numpy(), index=training["point"])
 
 
@@ -235,10 +237,10 @@ def _table(collected: Collected) -> pd.DataFrame:
     if not table.empty:
         table = _with_headline(table)
         table["shipped_p50_ms"] = shipped_latency(table)
-        table["shipped_ratio_to_fp32"] = shipped_latency(table, "ratio_to_fp32")
+        table["shipped_ratio_to_float"] = shipped_latency(table, "ratio_to_float")
         table["shipped_host_busy"] = shipped_latency(table, "host_busy")
         table["shipped_prefill_p50_ms"] = shipped_latency(table, "prefill_p50_ms")
-        table["shipped_prefill_ratio_to_fp32"] = shipped_latency(table, "prefill_ratio_to_fp32")
+        table["shipped_prefill_ratio_to_float"] = shipped_latency(table, "prefill_ratio_to_float")
         for column, source in (
             ("peak_mib", "bench.peak_memory_bytes"),
             ("kv_cache_mib", "bench.kv_cache_bytes"),

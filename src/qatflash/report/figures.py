@@ -1,6 +1,6 @@
 """The report's plots: quality (each task's headline figure) vs latency with its Pareto frontier
 (decode and prefill for generation), attention scaling, generation scaling (prefill, decode
-tokens/s and memory with the KV cache against context), INT8 vs FP32 size, and language models'
+tokens/s and memory with the KV cache against context), quantized vs float size, and language models'
 perplexity vs the size they ship at.
 
 Each function takes the flat table and returns a matplotlib Figure, or None when the sweep holds
@@ -22,10 +22,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-# The model a job ships: its INT8 form where the job made one, else FP32; torch first.
+from qatflash.results import FLOAT, QUANTIZED
+
+# The model a job ships: its quantized form where the job made one, else float; torch first.
 _SHIPPED = [
     (variant, backend)
-    for variant in ("int8", "fp32")
+    for variant in (QUANTIZED, FLOAT)
     for backend in ("torch", "torch_compile", "onnxruntime")
 ]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -35,7 +37,7 @@ _NOT_IN_LABEL = ("choices.quant", "params.seed")
 
 
 def shipped_latency(table: pd.DataFrame, figure: str = "p50_ms") -> pd.Series:
-    """A latency `figure` (p50_ms, ratio_to_fp32, ...) of the model each job ships, NaN where it has none.
+    """A latency `figure` (p50_ms, ratio_to_float, ...) of the model each job ships, NaN where it has none.
 
     The shipped model is chosen by which p50 exists, then every figure is read from that one row,
     so a p50 and a ratio in the same report line always describe the same model.
@@ -64,24 +66,24 @@ def pareto_mask(latency: pd.Series, accuracy: pd.Series) -> pd.Series:
 
 
 def pareto_latency(table: pd.DataFrame, phase: str = "") -> tuple[pd.Series, str]:
-    """The quality-vs-latency plot's x values and label: paired ratios to FP32 where every point has one.
+    """The quality-vs-latency plot's x values and label: paired ratios to float where every point has one.
 
     On a shared host a point's absolute p50 carries the load of the minutes it ran in; the ratio of
-    its INT8 to the FP32 timed in alternating rounds in the same job does not. A job that ships
-    FP32 is its own reference (1). Without a quantized point, or with a point lacking a ratio (older
+    its quantized model to the float one timed in alternating rounds in the same job does not. A
+    job that ships float is its own reference (1). Without a quantized point, or with a point lacking a ratio (older
     results), the axis is p50 in ms. `phase`: "" for a row's own figures (a forward, or a
     generation's decode per token), "prefill_" for a generation's prefill.
     """
     p50 = shipped_latency(table, f"{phase}p50_ms")
-    ratio = shipped_latency(table, f"{phase}ratio_to_fp32")
-    int8_p50 = [c for c in table if c.startswith("latency.int8.") and c.endswith(".p50_ms")]
-    quantized = table[int8_p50].notna().any(axis=1) if int8_p50 else pd.Series(False, index=table.index)
+    ratio = shipped_latency(table, f"{phase}ratio_to_float")
+    own_p50 = [c for c in table if c.startswith(f"latency.{QUANTIZED}.") and c.endswith(".p50_ms")]
+    quantized = table[own_p50].notna().any(axis=1) if own_p50 else pd.Series(False, index=table.index)
     paired = ratio.mask(~quantized & ratio.isna(), 1.0)
     timed = p50.notna()
     what = _timed_what(table, phase)
     if timed.any() and quantized[timed].any() and paired[timed].notna().all():
-        return paired, f"{what} / FP32's (paired within each job; INT8 where quantized)"
-    return p50, f"{what} p50 (ms, INT8 where quantized)"
+        return paired, f"{what} / float's (paired within each job; quantized where quantized)"
+    return p50, f"{what} p50 (ms, quantized where quantized)"
 
 
 def _timed_what(table: pd.DataFrame, phase: str) -> str:
@@ -126,7 +128,7 @@ def quality_vs_latency(table: pd.DataFrame) -> Figure | None:
 
 def _quality_points(points: pd.DataFrame, phase: str) -> tuple[pd.DataFrame, str]:
     latency, xlabel = pareto_latency(points, phase)
-    spread = {q: shipped_latency(points, f"{phase}ratio_{q}_to_fp32") for q in ("p10", "p90")}
+    spread = {q: shipped_latency(points, f"{phase}ratio_{q}_to_float") for q in ("p10", "p90")}
     points = points.assign(latency=latency, x_low=spread["p10"], x_high=spread["p90"])
     return points.dropna(subset=["headline_value", "latency"]), xlabel
 
@@ -318,24 +320,24 @@ def generation_scaling(table: pd.DataFrame) -> Figure | None:
 
 
 def model_sizes(table: pd.DataFrame) -> Figure | None:
-    """INT8 artifact against FP32 size, one pair of bars per point. The seeds of a point ship one
+    """Quantized artifact against float size, one pair of bars per point. The seeds of a point ship one
     architecture, so they are one pair (their mean, "n seeds" in the label) rather than n pairs a
     reader cannot tell apart; the label names the quant and every other coordinate that varies."""
-    if "model.int8_bytes" not in table:
+    if "model.quantized_bytes" not in table:
         return None
-    points = table[(table["status"] == "ok")].dropna(subset=["model.int8_bytes"])
+    points = table[(table["status"] == "ok")].dropna(subset=["model.quantized_bytes"])
     if points.empty:
         return None
     groups = points.groupby(_seed_groups(points), sort=False)
-    sizes = groups[["model.fp32_bytes", "model.int8_bytes"]].mean() / 1e6
+    sizes = groups[["model.float_bytes", "model.quantized_bytes"]].mean() / 1e6
     varying = varying_coordinates(points)
     labels = [_size_label(seeds, varying) for _, seeds in groups]  # in the order of `sizes`
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(sizes) + 1.5))
     y = range(len(sizes))
-    ax.barh([i + 0.2 for i in y], sizes["model.fp32_bytes"], height=0.4, label="FP32")
-    ax.barh([i - 0.2 for i in y], sizes["model.int8_bytes"], height=0.4, label="INT8 artifact")
+    ax.barh([i + 0.2 for i in y], sizes["model.float_bytes"], height=0.4, label="float")
+    ax.barh([i - 0.2 for i in y], sizes["model.quantized_bytes"], height=0.4, label="quantized artifact")
     ax.set_yticks(list(y), labels)
-    ax.set(xlabel="size on disk (MB)", title="INT8 vs FP32 model size")
+    ax.set(xlabel="size on disk (MB)", title="quantized vs float model size")
     ax.legend()
     fig.tight_layout()
     return fig
@@ -351,18 +353,18 @@ def _size_label(seeds: pd.DataFrame, varying: list[str]) -> str:
 
 def perplexity_vs_size(table: pd.DataFrame) -> Figure | None:
     """Language-modelling jobs: test perplexity (95 % bootstrap interval over windows) against the
-    size of the model each ships (its INT8 artifact, or FP32's state_dict), one colour per recipe."""
-    if "headline" not in table or "model.fp32_bytes" not in table:
+    size of the model each ships (its quantized artifact, or the float state_dict), one colour per recipe."""
+    if "headline" not in table or "model.float_bytes" not in table:
         return None
     points = table[(table["status"] == "ok") & (table["headline"] == "test/ppl")]
     if points.empty:
         return None
-    int8 = (
-        points["model.int8_bytes"]
-        if "model.int8_bytes" in points
+    quantized = (
+        points["model.quantized_bytes"]
+        if "model.quantized_bytes" in points
         else pd.Series(float("nan"), index=points.index)
     )
-    points = points.assign(size_mb=int8.fillna(points["model.fp32_bytes"]) / 1e6)
+    points = points.assign(size_mb=quantized.fillna(points["model.float_bytes"]) / 1e6)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = itertools.cycle(plt.cm.tab10.colors)
     for quant, group in points.groupby(points["choices.quant"].astype(str)):

@@ -38,7 +38,7 @@ from qatflash.report.stats import (
 )
 from qatflash.results import EXAMPLES_FILE, read_examples
 
-REFERENCE_MODEL = "fp32"
+REFERENCE_MODEL = "float"
 OTHER_WINDOWS = "no interval: the reference was tested on other examples"
 # The range each figure cannot leave, to which its t-interval over seeds is cut (perplexity has
 # none that seeds come near).

@@ -2,7 +2,7 @@
 
 A backend does two jobs. In a `qatflash-bench` point it turns the built model into what it runs
 (`wrap`). In a training job it says which of the job's models it times, where and in which
-precision (`job_models`); ONNX Runtime also makes its own models there (the FP32 export, its
+precision (`job_models`); ONNX Runtime also makes its own models there (the float export, its
 dynamic INT8 of it, the recipe's QDQ graph), which the job tests for accuracy as well.
 """
 
@@ -20,6 +20,7 @@ from torch import nn
 from qatflash.errors import ConfigError
 from qatflash.placement import place
 from qatflash.quant.ship import Shipped
+from qatflash.results import FLOAT, FLOAT_AT_TARGET, QUANTIZED
 from qatflash.timing.latency import Contender
 
 _CPU = torch.device("cpu")
@@ -32,11 +33,11 @@ def _float_cpu_copy(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class JobTiming:
-    """What a training job hands each backend: its models and where its FP32 model runs."""
+    """What a training job hands each backend: its models and where its float model runs."""
 
     shipped: Shipped
     device: torch.device
-    precision: str  # the training precision: the FP32 model runs under its autocast
+    precision: str  # the training precision: the float model runs under its autocast
     autocast: torch.dtype | None
     folder: Path
     example: dict[str, torch.Tensor]  # real inputs, for exports
@@ -77,20 +78,23 @@ class TimingBackend:
         FP32 model is timed there too, so that its ratio pairs like with like."""
         shipped = job.shipped
         timed = {
-            ("fp32", self.name): Contender(
-                self.wrap(shipped.fp32, job.example, job.max_len), job.device, job.autocast, job.precision
+            (FLOAT, self.name): Contender(
+                self.wrap(shipped.float_model, job.example, job.max_len),
+                job.device,
+                job.autocast,
+                job.precision,
             )
         }
-        if shipped.int8 is not None and shipped.recipe is not None:
+        if shipped.quantized is not None and shipped.recipe is not None:
             backend = CompiledBackend() if shipped.recipe.compiled_only else self
-            timed["int8", backend.name] = Contender(
-                backend.wrap(shipped.int8, job.example, job.max_len), _CPU, None, "int8"
+            timed[QUANTIZED, backend.name] = Contender(
+                backend.wrap(shipped.quantized, job.example, job.max_len), _CPU, None, "int8"
             )
             if backend is not self or job.device != _CPU:
-                cpu_fp32 = _float_cpu_copy(shipped.fp32)
-                variant = "fp32" if job.device == _CPU else "fp32_cpu"
+                cpu_float = _float_cpu_copy(shipped.float_model)
+                variant = FLOAT if job.device == _CPU else FLOAT_AT_TARGET
                 timed[variant, backend.name] = Contender(
-                    backend.wrap(cpu_fp32, job.example, job.max_len), _CPU, None, "32-true"
+                    backend.wrap(cpu_float, job.example, job.max_len), _CPU, None, "32-true"
                 )
         return BackendModels(timed)
 
@@ -106,7 +110,7 @@ class CompiledBackend(TimingBackend):
 
 
 class OnnxRuntimeBackend(TimingBackend):
-    """ONNX Runtime on the CPU in float32: the FP32 model exported (`qatflash.ort`), ONNX Runtime's
+    """ONNX Runtime on the CPU in float32: the float model exported (`qatflash.ort`), ONNX Runtime's
     dynamic INT8 of that export (the deployment baseline a recipe must beat), and the recipe's own
     quantization as a QDQ graph where it has one."""
 
@@ -140,13 +144,13 @@ class OnnxRuntimeBackend(TimingBackend):
             weight_matmul_coverage,
         )
 
-        paths = {"fp32": job.folder / "model_fp32.onnx", "int8": job.folder / "model_int8_ort.onnx"}
-        fp32 = _float_cpu_copy(job.shipped.fp32)
+        paths = {FLOAT: job.folder / "model_float.onnx", "int8": job.folder / "model_int8_ort.onnx"}
+        exported = _float_cpu_copy(job.shipped.float_model)
         record: dict[str, Any] = {
-            "onnx_fp32_bytes": export_onnx(fp32, paths["fp32"], job.example, job.max_len)
+            "onnx_float_bytes": export_onnx(exported, paths[FLOAT], job.example, job.max_len)
         }
-        record["onnx_int8_bytes"] = quantize_onnx(paths["fp32"], paths["int8"])
-        coverage = weight_matmul_coverage(paths["fp32"], paths["int8"])
+        record["onnx_int8_bytes"] = quantize_onnx(paths[FLOAT], paths["int8"])
+        coverage = weight_matmul_coverage(paths[FLOAT], paths["int8"])
         record.update(
             onnx_int8_method=ORT_INT8_METHOD,
             onnx_int8_settings=ORT_INT8_SETTINGS,
@@ -155,23 +159,23 @@ class OnnxRuntimeBackend(TimingBackend):
         recipe, prepared = job.shipped.recipe, job.shipped.prepared
         if recipe is not None and prepared is not None:
             if (reason := recipe.qdq_unavailable()) is None:
-                paths["int8_qdq"] = job.folder / "model_int8_qdq.onnx"
-                record["onnx_int8_qdq_bytes"] = export_onnx(
-                    recipe.qdq_model(prepared), paths["int8_qdq"], job.example, job.max_len
+                paths["qdq"] = job.folder / "model_qdq.onnx"
+                record["onnx_qdq_bytes"] = export_onnx(
+                    recipe.qdq_model(prepared), paths["qdq"], job.example, job.max_len
                 )
             else:
-                record["onnx_int8_qdq_skipped"] = reason
-        precisions = {"fp32": "32-true", "int8": "int8", "int8_qdq": "int8"}
+                record["onnx_qdq_skipped"] = reason
+        precisions = {FLOAT: "32-true", "int8": "int8", "qdq": "int8"}
         timed = {
             (variant, self.name): Contender(OrtModel(path, job.threads), _CPU, None, precisions[variant])
             for variant, path in paths.items()
         }
-        # QAT's FP32 reference is the model before fine-tuning, and ORT's INT8 is made from it: never scored.
-        tested = [v for v in paths if job.shipped.fp32_trained or v == "int8_qdq"]
+        # QAT's float reference is the model before fine-tuning, and ORT's INT8 is made from it: never scored.
+        tested = [v for v in paths if job.shipped.float_trained or v == "qdq"]
         warnings = []
         if coverage["float"]:
             warnings.append(
                 f"ONNX Runtime's dynamic INT8 left {coverage['float']} of {coverage['weight_matmuls']} weight "
-                "matmuls in float: its onnxruntime int8 rows are partly FP32"
+                "matmuls in float: its onnxruntime int8 rows are partly float"
             )
         return BackendModels(timed, {(v, self.name): f"ort_{v}" for v in tested}, record, warnings)
