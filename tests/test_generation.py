@@ -19,6 +19,7 @@ from qatflash.config import TimingConfig, to_config
 from qatflash.errors import ConfigError
 from qatflash.job import JobContext
 from qatflash.pipeline import run
+from qatflash.quant import make_recipe
 from qatflash.quant.weight_only import (
     BitsAndBytesRecipe,
     Int4WeightOnlyLinear,
@@ -322,9 +323,10 @@ def test_generation_is_refused_for_classification(make_bench_cfg, tmp_path: Path
 
 def test_packed_kernels_are_refused_on_cuda() -> None:
     with pytest.raises(
-        ConfigError, match=r"quant\.api=packed runs torch's CPU weight-only kernels; bench\.device=cuda"
+        ConfigError,
+        match=r"quant\.api=packed makes int4_wo_packed, whose kernels run on \['cpu'\]; bench\.device=cuda has none",
     ):
-        PackedRecipe.check_device("cuda")
+        make_recipe(to_config_quant("wo_packed_int4")).check_device("cuda")
 
 
 @pytest.mark.needs("bnb")
@@ -336,9 +338,9 @@ def test_bitsandbytes_is_refused_without_a_backend_for_the_device_or_without_the
     monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})
     with pytest.raises(
         ConfigError,
-        match=r"bitsandbytes has no backend for device 'cpu' in this install; it supports \['cuda'\]",
+        match=r"quant\.api=bitsandbytes makes nf4_wo_bnb, whose kernels run on \['cuda'\]; bench\.device=cpu has none",
     ):
-        BitsAndBytesRecipe.check_device("cpu")
+        make_recipe(to_config_quant("wo_bnb_nf4")).check_device("cpu")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ConfigError, match=r"needs the bitsandbytes package: pip install 'qatflash\[bnb\]'"):
         BitsAndBytesRecipe.check_config(to_config_quant("wo_bnb_nf4"))

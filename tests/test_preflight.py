@@ -116,7 +116,7 @@ def test_the_documents_hold_the_commands_this_test_reads() -> None:
         # a recipe whose kernels the command's device lacks: refused without the device
         (
             "qatflash-bench -m experiment=llm_decode_weight_only bench.device=cuda quant=wo_packed_int8",
-            r"quant.api=packed runs torch's CPU weight-only kernels; bench.device=cuda has none",
+            r"quant.api=packed makes int8_wo_packed, whose kernels run on \['cpu'\]; bench.device=cuda has none",
         ),
     ],
     ids=["gpu_llm_check_16k", "llm_attention_scaling_32k", "packed_on_cuda"],

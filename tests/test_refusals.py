@@ -169,19 +169,20 @@ ROWS: list[tuple[str, list[str], Callable[[Path], object] | None, int, str]] = [
     ),
     (
         "torchao granularity name unknown",
-        ["quant=qat_torchao_int8", "quant.torchao.activation.granularity=per_row"],
+        ["quant=qat_torchao_int8", "quant.torchao.activation.granularity=per_block"],
         None,
         REFUSED,
-        "quant.torchao.activation.granularity='per_row': use one of ['per_token', 'per_tensor', "
-        "'per_channel', 'per_group:<n>']",
+        "quant.torchao.activation.granularity='per_block': use one of ['per_token', 'per_tensor', "
+        "'per_channel', 'per_row', 'per_group:<n>']",
     ),
     (
         "torchao QAT simulating other weights than it ships",
         ["quant=qat_torchao_8da4w", "quant.torchao.convert.weight_granularity=per_channel"],
         None,
         REFUSED,
-        "quant.torchao.weight fake-quantizes with PerGroup(group_size=32), but quant.torchao.convert "
-        "(Int8DynamicActivationIntxWeightConfig) ships PerAxis(axis=0); QAT must simulate what ships",
+        "quant.torchao.weight fake-quantizes otherwise than quant.torchao.convert "
+        "(Int8DynamicActivationIntxWeightConfig) ships: granularity PerGroup(group_size=32) where it ships "
+        "PerAxis(axis=0); QAT must simulate what ships",
     ),
     (
         "data of another task's kind",

@@ -141,17 +141,20 @@ def test_a_ratio_pairs_only_rows_timed_under_the_same_conditions() -> None:
     """pt2e's INT8 runs compiled: paired with FP32 compiled, never with eager FP32; without an FP32
     row of its conditions it gets no ratio and the reason."""
     timed = {("float", "torch"): _timed(10, 10), ("quantized", "torch_compile"): _timed(6, 6)}
-    conditions = {key: Conditions("cpu", key[1], 2) for key in timed}
+    conditions = {key: Conditions("cpu", key[1], 2, "float32") for key in timed}
     unpaired = paired_ratios(timed, conditions)["quantized", "torch_compile"]
     assert "ratio_to_float" not in unpaired and unpaired["ratio_reference"] is None
-    assert unpaired["ratio_to_float_missing"] == "no float row timed on cpu with torch_compile at 2 threads"
+    assert (
+        unpaired["ratio_to_float_missing"]
+        == "no float row timed on cpu float32 with torch_compile at 2 threads"
+    )
     assert unpaired["ratio_to_torch_float"] == 0.6 and unpaired["torch_float_reference"] == "float/torch"
     timed["float", "torch_compile"] = _timed(8, 8)
-    conditions["float", "torch_compile"] = Conditions("cpu", "torch_compile", 2)
+    conditions["float", "torch_compile"] = Conditions("cpu", "torch_compile", 2, "float32")
     paired = paired_ratios(timed, conditions)["quantized", "torch_compile"]
     assert paired["ratio_to_float"] == 0.75 and paired["ratio_reference"] == "float/torch_compile"
     # The same backend on another device (CPU INT8 of a CUDA-trained model) is not its like either.
-    conditions["float", "torch_compile"] = Conditions("cuda", "torch_compile", 2)
+    conditions["float", "torch_compile"] = Conditions("cuda", "torch_compile", 2, "float32")
     assert paired_ratios(timed, conditions)["quantized", "torch_compile"]["ratio_reference"] is None
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qatflash.quant.recipe import Recipe
+from qatflash.quant.target import Target
 from qatflash.tasks.classification import ClassificationTask
 from qatflash.timing.backends import TimingBackend
 
@@ -23,6 +24,9 @@ class Float16Recipe(Recipe):
     """Ships the targeted Linears' weights in float16 (computed in float16 on the way, float32 outside)."""
 
     methods = ("ptq_dynamic",)
+
+    def target(self) -> Target:
+        return Target("float16_weights", "cpu", "float32")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self.select_targets(model)

@@ -290,6 +290,8 @@ class TargetsConfig:
 
 
 INT_DTYPES = tuple(f"int{bits}" for bits in range(2, 9))
+# What a torchao recipe's weights may be stored as: integers (uint4 is tinygemm's int4), FP8 and FP4.
+TORCHAO_WEIGHT_DTYPES = (*INT_DTYPES, "uint4", "float8_e4m3fn", "float8_e5m2", "float4_e2m1fn_x2")
 
 
 @dataclass
@@ -298,7 +300,8 @@ class TorchaoConfig:
     fake-quantizes (`activation`, `weight`) and what `quantize_` converts to (`convert`). The two
     knobs below are what the recipes' YAML interpolates, so `quant.torchao.group_size=64` still
     regroups a recipe's weights; dtype, granularity and mapping names are resolved in one place
-    (`qatflash.quant.torchao_recipe.resolve`)."""
+    (`qatflash.quant.torchao_recipe.resolve`). QAT without `weight` derives its fake quantization
+    from `convert` (torchao's QATConfig(base_config))."""
 
     weight_dtype: str = "int8"
     # Weight scales per group of this many input channels; null = one per output channel.
@@ -308,7 +311,7 @@ class TorchaoConfig:
     convert: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        _one_of("quant.torchao.weight_dtype", self.weight_dtype, INT_DTYPES)
+        _one_of("quant.torchao.weight_dtype", self.weight_dtype, TORCHAO_WEIGHT_DTYPES)
         _positive_or_null("quant.torchao.group_size", self.group_size, " (per channel)")
 
 

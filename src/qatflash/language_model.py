@@ -37,8 +37,14 @@ class CausalLanguageModel(TrainableModule):
         # The test split's words and scored tokens: word perplexity's denominator (scaled to the
         # tokens scored when trainer.limit_test_batches scores only part of the split).
         self.test_words, self.test_tokens = test_words, test_tokens
+        # nan_strategy="error": torchmetrics' default drops NaN with a warning, which turned an FP8
+        # model's NaN logits into a loss of 0 and a perplexity of 1.
         self.sums = nn.ModuleDict(
-            {f"{stage}_{total}": SumMetric() for stage in _STAGES for total in ("nll", "tokens")}
+            {
+                f"{stage}_{total}": SumMetric(nan_strategy="error")
+                for stage in _STAGES
+                for total in ("nll", "tokens")
+            }
         )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

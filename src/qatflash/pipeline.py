@@ -28,6 +28,7 @@ from qatflash import slurm
 from qatflash.attention import TrainingCall, check_attention, check_padding_support, forced_kernel
 from qatflash.callbacks import FitStart
 from qatflash.config import PRECISIONS, Config
+from qatflash.errors import require
 from qatflash.finetune_cache import FinetuneCache
 from qatflash.fit_plan import FitPlan
 from qatflash.job import (
@@ -69,7 +70,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Checked:
-    """What preflight established: the device, the recipe and QAT schedule, the timing backends."""
+    """What preflight established: the device, the recipe and QAT schedule, the timing backends, and
+    why the quantized model cannot be shipped on this machine (None: it can, or there is none)."""
 
     task: Task
     device: torch.device
@@ -77,6 +79,7 @@ class Checked:
     recipe: Recipe | None
     qat: QuantizationAwareTraining | None
     backends: dict[str, TimingBackend]
+    unshipped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,8 @@ def _tracked_config(cfg: Config, job: JobContext, params: dict[str, Any]) -> dic
 def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
     """Every refusal that needs no data: device, SLURM tasks against the trainer's devices, lengths
     against the model's positions, attention as training will call it, the timing backends'
-    extras, the quantization engine. Nothing is loaded and no tracker has started. Without
+    extras, the quantization engine and whether its target runs here. Nothing is loaded and no
+    tracker has started. Without
     `probe_kernel` a forced SDPA kernel is not tried on the device (a dry run's CUDA is faked)."""
     device = resolve_device("trainer.accelerator", cfg.trainer.accelerator)
     slurm.check_tasks(cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes)
@@ -193,18 +197,40 @@ def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
     for backend in backends.values():
         backend.check()
     recipe = make_recipe(cfg.quant) if cfg.quant.method != "none" else None
+    unshipped = None
     if recipe is not None:
-        recipe.check_device("cpu")  # a job's quantized model runs on the CPU
-        # Patterns that match nothing, or match a module type no recipe quantizes, are refused now.
+        # Patterns that match nothing, or match a module type or shape the recipe cannot quantize,
+        # are refused now.
         recipe.select_targets(model_on_meta(declared, task.auto_model))
+        unshipped = check_target(recipe)
     if cfg.benchmark.enabled:
         task.check_timing(cfg.benchmark, recipe)
     qat = None
     if recipe is not None and cfg.quant.method == "qat":
         qat = QuantizationAwareTraining(
-            recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step
+            recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step, unshipped is None
         )
-    return Checked(task, device, training, recipe, qat, backends)
+    return Checked(task, device, training, recipe, qat, backends, unshipped)
+
+
+def check_target(recipe: Recipe) -> str | None:
+    """Why the job cannot ship its quantized model here (None: it can). PTQ would have nothing to
+    show, so it is refused; QAT trains with fake quantization, records that quality and its model as
+    not shipped, unless the fake quantization itself needs the missing kernels (NVFP4)."""
+    reason = recipe.unshippable()
+    if reason is None:
+        return None
+    method = recipe.cfg.method
+    require(method == "qat", f"quant.method={method} (quant.api={recipe.cfg.api}) cannot run here: {reason}")
+    fake = recipe.fake_quant_unreachable()
+    require(
+        fake is None,
+        f"quant.method=qat (quant.api={recipe.cfg.api}): even its fake quantization cannot run here: {fake}",
+    )
+    log.warning(
+        "the quantized model will not be shipped: %s; QAT trains and is scored with fake quantization", reason
+    )
+    return reason
 
 
 def _trainer(cfg: Config, job: JobContext, checked: Checked) -> L.Trainer:
@@ -307,9 +333,14 @@ def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
 def ship_stage(
     cfg: Config, checked: Checked, data: Data, built: Built, fitted: Fitted, job: JobContext
 ) -> Shipped:
-    """The float model, or its quantized form saved as the run's artifact and proven to reload."""
+    """The float model, or its quantized form saved as the run's artifact and proven to reload; or,
+    where this machine cannot make it (QAT only), the record that it was not shipped and why."""
     if checked.recipe is None:
         return Shipped(fitted.model, True)
+    if checked.unshipped is not None:
+        assert fitted.twin is not None, "only QAT trains where its target does not run"
+        record = {**checked.recipe.target().record(), "not_shipped": checked.unshipped}
+        return Shipped(fitted.twin, False, checked.recipe, fitted.model, record=record)
     batches = partial(_calibration_batches, data, cfg.quant.calibration_batches)
     shipped = ship(checked.recipe, fitted.model, checked.qat, fitted.twin, batches)
     skeleton = partial(build_model_from_config, built.hf_config, cfg.attention, checked.task.auto_model)
@@ -335,22 +366,26 @@ def evaluate(
     model's per-example results are kept under the suffix of its metrics (float, fakequant,
     quantized, ort_int8)."""
     started = time.perf_counter()
-    trained = FLOAT if shipped.quantized is None or not checked.qat else FAKEQUANT
+    trained = FAKEQUANT if checked.qat is not None else FLOAT
     tested, examples = _test(_single_process(trainer, cfg), checked.task, fitted.model, data)
     seconds = round(time.perf_counter() - started, 3)
     metrics = {**fitted.val_metrics, **shipped.metrics}
     per_model = {trained: examples}
-    if shipped.quantized is None:
+    if checked.recipe is None:
         metrics.update(tested)
-    else:
+    else:  # test/* is the shipped model's alone: absent where none was shipped
         metrics.update(_suffixed(tested, trained))
-        quantized, per_model[QUANTIZED] = _test(_cpu_trainer(cfg), checked.task, shipped.quantized, data)
+    if shipped.quantized is not None and checked.recipe is not None:
+        on_target = _trainer_on(checked.recipe.target().torch_device, cfg)
+        quantized, per_model[QUANTIZED] = _test(on_target, checked.task, shipped.quantized, data)
         metrics.update(_quantized_metrics(quantized, metrics, checked.task.headline))
     timing = _job_timing(cfg, checked, data, shipped, job)
     backends = [backend.job_models(timing) for backend in checked.backends.values()]
     for backend in backends:
         for key, suffix in backend.tested.items():
-            other, per_model[suffix] = _test(_cpu_trainer(cfg), checked.task, backend.timed[key].model, data)
+            other, per_model[suffix] = _test(
+                _trainer_on(_CPU, cfg), checked.task, backend.timed[key].model, data
+            )
             metrics.update(_suffixed(other, suffix))
     return Evaluated(metrics, backends, seconds, per_model)
 
@@ -390,11 +425,15 @@ def _single_process(trainer: L.Trainer, cfg: Config) -> L.Trainer:
     )
 
 
-def _cpu_trainer(cfg: Config) -> L.Trainer:
-    """INT8 kernels are CPU kernels, whatever device trained the model; the test batches are the
-    fit's (`trainer.limit_test_batches`), so every model of a job is scored on the same examples."""
+_CPU = torch.device("cpu")
+
+
+def _trainer_on(device: torch.device, cfg: Config) -> L.Trainer:
+    """A one-device tester on `device` (a quantized model's target, or ONNX Runtime's CPU), whatever
+    device trained the model; the test batches are the fit's (`trainer.limit_test_batches`), so
+    every model of a job is scored on the same examples."""
     return L.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         logger=False,
         enable_progress_bar=False,
@@ -446,7 +485,7 @@ def latency_rows(
     decode per token as its own figures and ratios, prefill's under `prefill_`."""
     seq_len = cfg.benchmark.seq_len or cfg.data.max_length
     threads = cfg.benchmark.threads or torch.get_num_threads()
-    conditions = {key: Conditions(c.device.type, key[1], threads) for key, c in timed_models.items()}
+    conditions = {key: Conditions(c.device.type, key[1], threads, c.dtype) for key, c in timed_models.items()}
     if cfg.benchmark.new_tokens > 0:
         inputs = task.timing_inputs(cfg.benchmark.batch_size, seq_len, vocab_size)["input_ids"]
         generations = generation_rounds(timed_models, cfg.benchmark, inputs)
@@ -465,6 +504,7 @@ def latency_rows(
             "precision": timed_models[variant, backend].precision,
             "backend": backend,
             "device": conditions[variant, backend].device,
+            "dtype": conditions[variant, backend].dtype,
             "threads": threads,
             "seq_len": seq_len,
             "batch_size": cfg.benchmark.batch_size,
@@ -496,6 +536,8 @@ def record_results(
         "model", {"num_labels": built.hf_config.num_labels, **fitted.record["model"], **shipped.record}
     )
     record.update("model", task.model_facts(built.hf_config, shipped.recipe))
+    if "not_shipped" in shipped.record:
+        record.data["warnings"].append(f"not shipped: {shipped.record['not_shipped']}")
     for backend in evaluated.backends:
         record.update("model", backend.record)
         record.data["warnings"].extend(backend.warnings)

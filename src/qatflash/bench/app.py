@@ -18,7 +18,7 @@ from qatflash.attention import check_attention, check_model_supports
 from qatflash.bench.points import PointJob, run_point
 from qatflash.bench.saved_run import open_run
 from qatflash.config import DTYPE_PRECISIONS, BenchAppConfig
-from qatflash.errors import ConfigError
+from qatflash.errors import ConfigError, require
 from qatflash.job import JobContext, environment, open_job, resolve_device
 from qatflash.models import check_positions, declared_config, model_class, timed_length_key
 from qatflash.quant import make_recipe
@@ -34,11 +34,15 @@ def check_bench(cfg: BenchAppConfig, probe_kernel: bool = True) -> PretrainedCon
     check_attention(cfg.attention, DTYPE_PRECISIONS[cfg.bench.dtype], device, probe_kernel=probe_kernel)
     if cfg.bench.artifact is not None:
         run = open_run(cfg.bench.artifact)
-        if device.type != "cpu" or cfg.bench.dtype != "float32" or "onnxruntime" in cfg.benchmark.backends:
+        target = make_recipe(run.quant).target()
+        if (device.type, cfg.bench.dtype) != (
+            target.device,
+            target.dtype,
+        ) or "onnxruntime" in cfg.benchmark.backends:
             raise ConfigError(
-                f"bench.artifact runs INT8 kernels on the CPU through torch: use bench.device=cpu "
-                f"bench.dtype=float32 and benchmark.backends from [torch, torch_compile]; got "
-                f"{cfg.bench.device}, {cfg.bench.dtype}, {list(cfg.benchmark.backends)}"
+                f"bench.artifact holds a {target} model, run through torch where its target says: use "
+                f"bench.device={target.device} bench.dtype={target.dtype} and benchmark.backends from "
+                f"[torch, torch_compile]; got {cfg.bench.device}, {cfg.bench.dtype}, {list(cfg.benchmark.backends)}"
             )
         hf_config = run.hf_config()
     else:
@@ -79,7 +83,14 @@ def _check_quant(cfg: BenchAppConfig) -> None:
         raise ConfigError(
             f"bench.artifact={cfg.bench.artifact} brings its own quantized model; leave quant=fp32 with it"
         )
-    make_recipe(quant).check_device(cfg.bench.device)
+    recipe = make_recipe(quant)
+    recipe.check_device(cfg.bench.device)
+    dtype = recipe.target().dtype
+    if dtype != "float32":  # float32 targets' kernels take other dtypes too; these need theirs
+        require(
+            cfg.bench.dtype == dtype,
+            f"bench.dtype={cfg.bench.dtype}: quant.api={quant.api} makes {recipe.target().format}, which runs in {dtype}",
+        )
 
 
 def run_benchmark(cfg: BenchAppConfig, job: JobContext) -> dict[str, Any]:

@@ -26,8 +26,12 @@ class QuantizationAwareTraining(L.Callback):
         recipe: Recipe,
         fake_quant_start_step: int | float = 0,
         freeze_observers_step: int | float | None = None,
+        ships: bool = True,
     ) -> None:
         self.recipe = recipe
+        # False where this machine cannot make the quantized model (an FP8 target on a CPU): the fit
+        # trains and evaluates with fake quantization and converts nothing.
+        self.ships = ships
         # As configured (a step, or a fraction of the fit's steps); `check_schedule` resolves both
         # to optimizer steps once the fit's length is known.
         self.start: int | float = fake_quant_start_step
@@ -89,7 +93,8 @@ class QuantizationAwareTraining(L.Callback):
     on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = _evaluating
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.to_quantized(pl_module.model)
+        if self.ships:
+            self.to_quantized(pl_module.model)
 
     def to_quantized(self, model: nn.Module) -> nn.Module:
         """Convert a copy; the fake-quant model stays in place for its own evaluation.
@@ -98,7 +103,7 @@ class QuantizationAwareTraining(L.Callback):
         worker processes and handed back only the trained weights.
         """
         self.recipe.set_phase(model, fake_quant=True, observe=False)
-        self.quantized_model = self.recipe.convert(copy.deepcopy(model))
+        self.quantized_model = self.recipe.converted(copy.deepcopy(model))
         return self.quantized_model
 
 

@@ -25,6 +25,7 @@ from qatflash.quant.attention_matmuls import add_attention_fake_quant, set_aside
 from qatflash.quant.float_output import Int8LinearFloatOutput
 from qatflash.quant.qdq import to_qdq
 from qatflash.quant.recipe import Recipe
+from qatflash.quant.target import Target
 from qatflash.quant.targeting import replace_module
 
 # The quantized engines whose packed Linear weights have fbgemm's float-output INT8 kernel.
@@ -137,10 +138,13 @@ class EagerRecipe(Recipe):
         model.apply(tq.enable_fake_quant if fake_quant else tq.disable_fake_quant)
         model.apply(tq.enable_observer if observe else tq.disable_observer)
 
+    def target(self) -> Target:
+        return Target("int8", "cpu", "float32")  # torch.ao's quantized CPU kernels
+
     def convert(self, model: nn.Module) -> nn.Module:
-        """The INT8 model for `cfg.engine` (CPU, eval mode), converted in place."""
+        """The INT8 model for `cfg.engine` (eval mode), converted in place."""
         torch.backends.quantized.engine = self.cfg.engine
-        model.cpu().eval()
+        model.eval()
         with warnings.catch_warnings(), set_aside(model):
             warnings.simplefilter("ignore")
             if self.cfg.method == "ptq_dynamic":

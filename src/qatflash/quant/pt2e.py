@@ -25,6 +25,7 @@ from qatflash.config import QuantConfig
 from qatflash.errors import ConfigError, require
 from qatflash.models import max_positions
 from qatflash.quant.recipe import Recipe
+from qatflash.quant.target import Target
 
 # Shapes traced for export: dynamic dimensions must not start at a size export specializes (0, 1).
 _EXAMPLE_SHAPE = (2, 16)
@@ -103,8 +104,11 @@ class Pt2eRecipe(Recipe):
         model.apply(pt2e.enable_fake_quant if fake_quant else pt2e.disable_fake_quant)
         model.apply(pt2e.enable_observer if observe else pt2e.disable_observer)
 
+    def target(self) -> Target:
+        return Target("int8", "cpu", "float32")  # x86 Inductor's INT8 kernels
+
     def convert(self, model: nn.Module) -> nn.Module:
-        return _fixed_mode(_without_unused_tensors(convert_pt2e(model.cpu())))
+        return _fixed_mode(_without_unused_tensors(convert_pt2e(model)))
 
     def qdq_unavailable(self) -> str | None:
         return None

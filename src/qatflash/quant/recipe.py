@@ -3,9 +3,10 @@
 The pipeline and the QAT callback speak only these verbs, so a sweep compares APIs by changing
 `quant.api` in YAML: select targets (refused early if none match), prepare (fake quantization or
 observers; may return a new module, as torch.export does), switch fake quantization and observers
-per step, convert to INT8, and save/load the INT8 artifact so that it reproduces its logits.
-A recipe class also says what it accepts (methods, engines) and checks its own config, before any
-data is loaded, so that adding an API changes neither the schema nor the pipeline.
+per step, convert, and save/load the quantized artifact so that it reproduces its logits.
+A recipe also declares what it makes (`target`: format, device, dtype, decided by its config) and
+where its kernels run, says what it accepts (methods, engines) and checks its own config, before
+any data is loaded, so that adding an API changes neither the schema nor the pipeline.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from torch import nn
 
 from qatflash.config import QUANT_ENGINES, QuantConfig
 from qatflash.errors import require
+from qatflash.placement import place
 from qatflash.quant.artifact import load_state, save_state
+from qatflash.quant.target import Target
 from qatflash.quant.targeting import embedding_targets, linear_targets
 
 
 class Recipe(ABC):
-    """One `quant/*.yaml`: how its targeted Linear layers become INT8."""
+    """One `quant/*.yaml`: how its targeted Linear layers become quantized, and into what."""
 
     # The quantized artifact's file name in the run folder.
     artifact_name = "quantized_model.pt"
-    # Whether the converted model runs INT8 kernels only through torch.compile (pt2e: in eager mode
+    # Whether the converted model runs its quantized kernels only through torch.compile (pt2e: in eager mode
     # its graph merely simulates quantization), so it is timed compiled whatever the backend.
     compiled_only = False
     # The quant.method values and quant.engine values this API implements.
@@ -49,10 +52,36 @@ class Recipe(ABC):
             f"quant.engine={cfg.engine}: quant.api={cfg.api} targets {', '.join(cls.engines)}",
         )
 
-    @classmethod  # noqa: B027 - most APIs run on any device: nothing to refuse by default
-    def check_device(cls, device: str) -> None:
-        """Refuse a device (cpu, cuda) this API's quantized kernels do not run on; a job's INT8
-        model runs on the CPU, a benchmark's on `bench.device`."""
+    @abstractmethod
+    def target(self) -> Target:
+        """What `convert` makes and where: the format, the device its kernels run on, and the dtype
+        around them; a job ships, tests and times its quantized model there."""
+
+    def devices(self) -> tuple[str, ...]:
+        """The devices its quantized kernels run on (a benchmark may time it on any of them)."""
+        return (self.target().device,)
+
+    def check_device(self, device: str) -> None:
+        """Refuse a benchmark's `bench.device` (cpu, cuda) where this recipe's kernels do not run, or
+        a machine that lacks the compute capability they need."""
+        target = self.target()
+        require(
+            device in self.devices(),
+            f"quant.api={self.cfg.api} makes {target.format}, whose kernels run on {list(self.devices())}; "
+            f"bench.device={device} has none of them",
+        )
+        if device == "cuda":
+            reason = Target(target.format, "cuda", target.dtype, target.capability).unreachable()
+            require(reason is None, f"bench.device=cuda: {reason}")
+
+    def unshippable(self) -> str | None:
+        """Why this machine cannot make or run the quantized model (None: it can)."""
+        return self.target().unreachable()
+
+    def fake_quant_unreachable(self) -> str | None:
+        """Why this machine cannot run even the fake quantization (None: it can, as it can for
+        every format whose fake quantization is float arithmetic)."""
+        return None
 
     def __init__(self, cfg: QuantConfig) -> None:
         self.cfg = cfg
@@ -97,24 +126,34 @@ class Recipe(ABC):
 
     @abstractmethod
     def convert(self, model: nn.Module) -> nn.Module:
-        """The INT8 model (CPU, eval mode)."""
+        """The quantized model (eval mode), converted where `model` is."""
+
+    def converted(self, model: nn.Module) -> nn.Module:
+        """`model` (prepared) converted where its target says: moved to the target's device and
+        dtype first. The one way a job's quantized model is made, so it is made, tested, saved and
+        timed where it will run."""
+        target = self.target()
+        return self.convert(place(model, target.torch_device).to(target.torch_dtype))
 
     @abstractmethod
     def count_quantized(self, model: nn.Module) -> int:
-        """Modules (Linear layers, embedding tables) that run with INT8 weights in a converted model."""
+        """Modules (Linear layers, embedding tables) that run with quantized weights in a converted model."""
 
     def qdq_unavailable(self) -> str | None:
         """Why ONNX Runtime cannot run this recipe's own quantization (`qdq_model`), or None when it can."""
-        return f"quant.api={self.cfg.api} has no QDQ form: its INT8 cannot be exported to ONNX"
+        return f"quant.api={self.cfg.api} has no QDQ form: its quantized model cannot be exported to ONNX"
 
     def qdq_model(self, prepared: nn.Module) -> nn.Module:
         """The prepared model's quantization as quantize/dequantize pairs and int8 weights, for ONNX export."""
         raise NotImplementedError(self.qdq_unavailable())
 
     def save(self, model: nn.Module, path: Path) -> int:
-        """Write the INT8 artifact; returns its size in bytes."""
+        """Write the quantized artifact; returns its size in bytes."""
         return save_state(model, path)
 
     def load(self, path: Path, skeleton: Callable[[], nn.Module]) -> nn.Module:
         """Read an artifact written by `save`; `skeleton` builds the float model it was converted from."""
-        return load_state(lambda: self.convert(self.prepare(skeleton().train())), path)
+        target = self.target()
+        return place(
+            load_state(lambda: self.converted(self.prepare(skeleton().train())), path), target.torch_device
+        )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qatflash.placement import place
 from qatflash.quant.artifact import serialized_bytes
 from qatflash.quant.callback import QuantizationAwareTraining
 from qatflash.quant.recipe import Recipe
@@ -38,15 +39,20 @@ class Shipped:
 
 
 def calibrated(recipe: Recipe, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> nn.Module:
-    """A prepared copy of the fine-tuned model, its observers fed `batches` (static PTQ; dynamic PTQ
-    observes nothing ahead of conversion)."""
-    prepared = recipe.prepare(copy.deepcopy(model).cpu().train())
+    """A prepared copy of the fine-tuned model on its target's device and in its dtype, its
+    observers fed `batches` (static PTQ; dynamic PTQ observes nothing ahead of conversion)."""
+    target = recipe.target()
+    prepared = recipe.prepare(place(copy.deepcopy(model), target.torch_device).to(target.torch_dtype).train())
     if recipe.cfg.method == "ptq_static":
         prepared.eval()
         with torch.inference_mode():
             for batch in batches:
-                prepared(**batch)
+                prepared(**on_device(batch, target.torch_device))
     return prepared
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def ship(
@@ -63,7 +69,7 @@ def ship(
         quantized = qat.quantized_model if qat.quantized_model is not None else qat.to_quantized(trained)
         return Shipped(twin, False, recipe, trained, quantized)
     prepared = calibrated(recipe, trained, calibration())
-    return Shipped(trained, True, recipe, prepared, recipe.convert(copy.deepcopy(prepared)))
+    return Shipped(trained, True, recipe, prepared, recipe.converted(copy.deepcopy(prepared)))
 
 
 # Forwards of the quantized model itself that measure how far its kernels' results move between runs.
@@ -98,16 +104,17 @@ def saved(
     shipped: Shipped, folder: Path, skeleton: Callable[[], nn.Module], example: dict[str, torch.Tensor]
 ) -> Shipped:
     """`shipped` with its quantized artifact written to `folder`, proven to reload to identical
-    logits, and sized."""
+    logits (on its target's device), and sized."""
     recipe, quantized = shipped.recipe, shipped.quantized
     assert recipe is not None and quantized is not None, "only quantized jobs save an artifact"
     modules = recipe.check_converted(quantized)  # before anything is written
     path = folder / recipe.artifact_name
     quantized_bytes = recipe.save(quantized, path)
     reloaded = recipe.load(path, skeleton)
-    spread = check_reload(quantized, reloaded, example, path)
+    spread = check_reload(quantized, reloaded, on_device(example, recipe.target().torch_device), path)
     float_bytes = serialized_bytes(shipped.float_model)
     record = {
+        **recipe.target().record(),
         "artifact": path.name,
         "quantized_bytes": quantized_bytes,
         "float_bytes": float_bytes,

@@ -1,39 +1,72 @@
-"""torchao recipes: `quantize_(model, QATConfig(...))` to fake-quantize, torchao's INT8 tensor subclasses to ship.
+"""torchao recipes: `quantize_(model, QATConfig(...))` to fake-quantize, torchao's tensor subclasses to ship.
 
 torchao is where PyTorch's quantization lives on (torch.ao.quantization is deprecated in torch 2.13).
 A recipe names torchao's own config classes in YAML (`quant.torchao.activation`, `weight`,
 `convert`: `_target_` plus keyword arguments), so a new torchao scheme is one YAML file; the
 arguments are checked against the class's signature when the config is read, before any data is
-loaded, and dtype, granularity and mapping names go through `resolve`. Its fake quantization is
-dynamic: scales are computed at every step, so there are no observers to freeze. The activation
-scheme of the shipped recipes (int8, per token, asymmetric) is what the dynamic-activation
-kernels compute at inference, so the converted model sees the numbers QAT trained with.
+loaded, and dtype, granularity and enum names go through `resolve`. QAT without `weight` derives
+its fake quantization from the convert config itself (`QATConfig(base_config)`), so that it
+simulates what ships by construction. Fake quantization is dynamic: scales are computed at every
+step, so there are no observers to freeze.
+
+What a convert config produces, and what it asks of a machine, is decided by its class (`product`):
+FP8 rowwise needs a CUDA GPU of compute capability 8.9 and bfloat16 weights, tinygemm's int4 a
+CUDA GPU, NVFP4 compute capability 10.0 (its fake quantization too), MX emulated runs anywhere in
+bfloat16. A class not listed there (a torchao scheme no shipped YAML uses) runs where torchao's
+CPU kernels do, in float32, under its own name.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
 import torchao.quantization as ao
 from torch import nn
 from torchao.quantization import qat
+from torchao.quantization.quant_primitives import ZeroPointDomain
+from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
 from torchao.utils import TorchAOBaseTensor
 
 from qatflash.config import QuantConfig
 from qatflash.errors import ConfigError, require
 from qatflash.quant.recipe import Recipe
+from qatflash.quant.target import Target
 
-_GRANULARITIES = {"per_token": ao.PerToken, "per_tensor": ao.PerTensor, "per_channel": lambda: ao.PerAxis(0)}
+_GRANULARITIES = {
+    "per_token": ao.PerToken,
+    "per_tensor": ao.PerTensor,
+    "per_channel": lambda: ao.PerAxis(0),
+    "per_row": ao.PerRow,
+}
+
+
+def _enums() -> dict[str, type[Enum]]:
+    """The enums a YAML value may name, by the end of the keyword that takes it (act_mapping_type
+    too). MX's module is a prototype: imported when a value is resolved, not with this module."""
+    from torchao.prototype.mx_formats import ScaleCalculationMode
+
+    return {
+        "mapping_type": ao.MappingType,
+        "zero_point_domain": ZeroPointDomain,
+        "kernel_preference": KernelPreference,
+        "scaling_mode": ScaleCalculationMode,
+    }
 
 
 def resolve(key: str, value: Any) -> Any:
     """A YAML value as torchao takes it, by what its keyword (the end of `key`) names: `*dtype`/`*precision` a torch
-    dtype name (int4, int8, float32, ...), `*granularity` one of per_token, per_tensor, per_channel
-    or per_group:<n> (per_group:None is per channel, so that `${..group_size}` may be null), and
-    `*mapping_type` a MappingType name (asymmetric, symmetric); anything else as it is."""
+    dtype name (int4, uint4, int8, float8_e4m3fn, bfloat16, ...), `*granularity` one of per_token,
+    per_tensor, per_channel, per_row or per_group:<n> (per_group:None is per channel, so that
+    `${..group_size}` may be null), and `mapping_type`, `zero_point_domain`, `kernel_preference`,
+    `scaling_mode` a member of torchao's enum of that name (asymmetric, float, emulated, rceil, ...);
+    anything else as it is."""
     if not isinstance(value, str):
         return value
     if key.endswith(("dtype", "precision")):
@@ -46,13 +79,11 @@ def resolve(key: str, value: Any) -> Any:
             return ao.PerAxis(0) if group in ("None", "null", "") else ao.PerGroup(int(group))
         require(kind in _GRANULARITIES, f"{key}={value!r}: use one of {[*_GRANULARITIES, 'per_group:<n>']}")
         return _GRANULARITIES[kind]()
-    if key.endswith("mapping_type"):
-        require(
-            value.upper() in ao.MappingType.__members__,
-            f"{key}={value!r}: use one of {list(ao.MappingType.__members__)}",
-        )
-        return ao.MappingType[value.upper()]
-    return value
+    enum = next((e for keyword, e in _enums().items() if key.endswith(keyword)), None)
+    if enum is None:
+        return value
+    require(value.upper() in enum.__members__, f"{key}={value!r}: use one of {list(enum.__members__)}")
+    return enum[value.upper()]
 
 
 def build(name: str, spec: dict[str, Any]) -> Any:
@@ -71,8 +102,94 @@ def build(name: str, spec: dict[str, Any]) -> Any:
     require(not unknown, f"{name}: {attribute} takes no {unknown}; it takes {sorted(parameters)}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, AssertionError) as error:
         raise ConfigError(f"{name}: {attribute}({kwargs}) is refused by torchao: {error}") from None
+
+
+@dataclass(frozen=True)
+class Product:
+    """What a convert config makes: its format, where its kernels run (the first device is where a
+    job ships it), in which dtype, on which CUDA compute capability, and the multiples of
+    (in_features, out_features) its kernels take (torchao skips any other Linear with a log line)."""
+
+    format: str
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtype: str = "float32"
+    capability: tuple[int, int] | None = None
+    multiple_of: tuple[int, int] = (1, 1)
+    # Whether fake quantization itself runs the format's kernels (NVFP4: an fp4 matmul).
+    fake_quant_on_kernels: bool = False
+
+    def target(self) -> Target:
+        return Target(self.format, self.devices[0], self.dtype, self.capability)
+
+
+def _bits(dtype: torch.dtype) -> str:
+    return re.sub(r"\D", "", str(dtype))
+
+
+def _float8(config: Any) -> Product:
+    rows = all(isinstance(g, ao.PerRow) for g in config.granularity)
+    fp8 = str(config.weight_dtype).removeprefix("torch.float8_").removesuffix("fn")
+    scaled = "rowwise" if rows else "tensorwise"
+    return Product(f"fp8_{fp8}_{scaled}", ("cuda",), "bfloat16", (8, 9), (16, 16))
+
+
+def _int4(config: Any) -> Product:
+    packing = str(getattr(config.int4_packing_format, "value", config.int4_packing_format))
+    kernel = "tinygemm" if packing == "tile_packed_to_4d" else packing
+    return Product(f"int4_wo_{kernel}", ("cuda",), "bfloat16", (8, 0), (config.group_size, 1))
+
+
+def _mx(config: Any) -> Product:
+    bits = "fp8" if config.weight_dtype.itemsize == 1 and "float8" in str(config.weight_dtype) else "fp4"
+    if config.kernel_preference == KernelPreference.EMULATED:
+        return Product(f"mx{bits}_emulated", ("cpu", "cuda"), "bfloat16", None, (config.block_size, 1))
+    return Product(f"mx{bits}", ("cuda",), "bfloat16", (10, 0), (config.block_size, 1))
+
+
+# By convert config class name; anything else gets `_generic`.
+PRODUCTS: dict[str, Callable[[Any], Product]] = {
+    "Int8WeightOnlyConfig": lambda c: Product("int8_wo"),
+    "Int8DynamicActivationInt8WeightConfig": lambda c: Product("8da8w"),
+    "Int8DynamicActivationIntxWeightConfig": lambda c: Product(f"8da{_bits(c.weight_dtype)}w"),
+    "Float8DynamicActivationFloat8WeightConfig": _float8,
+    "Int4WeightOnlyConfig": _int4,
+    "MXDynamicActivationMXWeightConfig": _mx,
+    "NVFP4DynamicActivationNVFP4WeightConfig": lambda c: Product(
+        "nvfp4", ("cuda",), "bfloat16", (10, 0), (16, 16), fake_quant_on_kernels=True
+    ),
+}
+
+
+def _generic(config: Any) -> Product:
+    """A config class without an entry: its name in snake case (IntxWeightOnlyConfig ->
+    intx_weight_only) with its weight dtype, on torchao's CPU kernels in float32."""
+    name = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", type(config).__name__.removesuffix("Config")).lower()
+    dtype = getattr(config, "weight_dtype", None)
+    return Product(f"{name}_{str(dtype).removeprefix('torch.')}" if isinstance(dtype, torch.dtype) else name)
+
+
+def product(config: Any) -> Product:
+    """What `config` (a torchao convert config) makes and asks of a machine."""
+    return PRODUCTS.get(type(config).__name__, _generic)(config)
+
+
+# Fake quantization a QAT job can switch off until `quant.fake_quant_start_step` (MX and NVFP4
+# modules have no switch: their fake quantization runs from the first step).
+def _switches(model: nn.Module) -> list[qat.FakeQuantizerBase]:
+    return [m for m in model.modules() if isinstance(m, qat.FakeQuantizerBase)]
+
+
+def _probe_prepare(config: Any) -> nn.Module:
+    """QAT's prepare of `config` on a small Linear its kernels take: what fails there (a packing
+    torchao cannot derive fake quantization from) fails before any data is loaded."""
+    probe = nn.Sequential(nn.Linear(256, 256))
+    try:
+        ao.quantize_(probe, config)
+    except (ValueError, NotImplementedError, AssertionError) as error:
+        raise ConfigError(f"quant.torchao: torchao cannot prepare QAT from it: {error}") from None
+    return probe
 
 
 class TorchaoRecipe(Recipe):
@@ -95,25 +212,65 @@ class TorchaoRecipe(Recipe):
             "computes its scales every step and has no observers to freeze; use null",
         )
         convert = build("quant.torchao.convert", section.convert)
-        if cfg.method == "qat":
-            require(section.weight is not None, "quant.method=qat (api=torchao) needs quant.torchao.weight")
-            weight = build("quant.torchao.weight", section.weight)
-            if section.activation is not None:
-                build("quant.torchao.activation", section.activation)
-            shipped = getattr(convert, "weight_granularity", ao.PerAxis(0))
+        if cfg.method != "qat":
+            return
+        if section.weight is None:  # derived from what ships
+            probe = _probe_prepare(qat.QATConfig(convert, step="prepare"))
             require(
-                weight.granularity == shipped,
-                f"quant.torchao.weight fake-quantizes with {weight.granularity}, but quant.torchao.convert "
-                f"({type(convert).__name__}) ships {shipped}; QAT must simulate what ships",
+                bool(_switches(probe)) or cfg.fake_quant_start_step == 0,
+                f"quant.fake_quant_start_step={cfg.fake_quant_start_step}: torchao's fake quantization "
+                f"for {type(convert).__name__} cannot be switched off, so it runs from step 0; use 0",
             )
+            return
+        weight = build("quant.torchao.weight", section.weight)
+        if section.activation is not None:
+            build("quant.torchao.activation", section.activation)
+        gaps = _simulation_gaps(weight, convert)
+        require(
+            not gaps,
+            f"quant.torchao.weight fake-quantizes otherwise than quant.torchao.convert "
+            f"({type(convert).__name__}) ships: {'; '.join(gaps)}; QAT must simulate what ships",
+        )
 
     def __init__(self, cfg: QuantConfig) -> None:
         super().__init__(cfg)
         assert cfg.torchao is not None, "check_config requires a quant.torchao section"
         self.section = cfg.torchao
+        self.convert_config = build("quant.torchao.convert", self.section.convert or {})
+        self.product = product(self.convert_config)
+
+    def target(self) -> Target:
+        return self.product.target()
+
+    def devices(self) -> tuple[str, ...]:
+        return self.product.devices
+
+    def fake_quant_unreachable(self) -> str | None:
+        if not self.product.fake_quant_on_kernels:
+            return None
+        return self.target().unreachable()
 
     def qdq_unavailable(self) -> str | None:
-        return "torchao's INT8 (tensor-subclass weights, per-token activation scales) has no ONNX QDQ export"
+        return "torchao's quantized tensors (tensor-subclass weights, per-token activation scales) have no ONNX QDQ export"
+
+    def select_targets(self, model: nn.Module) -> list[str]:
+        """The targets, each checked against the shapes the convert config's kernels take: torchao
+        would skip one they cannot (a log line only) and ship it float."""
+        targets = super().select_targets(model)
+        k, n = self.product.multiple_of
+        misfits = [
+            f"{name} ({linear.in_features}→{linear.out_features})"
+            for name in targets
+            if (linear := model.get_submodule(name)).in_features % k or linear.out_features % n
+        ]
+        require(
+            not misfits,
+            f"{self.product.format} takes Linears whose in_features are multiples of {k} and out_features "
+            f"of {n} ({type(self.convert_config).__name__}); {len(misfits)} targets are not: "
+            f"{', '.join(misfits[:4])}{' ...' if len(misfits) > 4 else ''}; exclude them (quant.targets) "
+            "or choose a size that divides them",
+        )
+        return targets
 
     def _is_target(self, module: nn.Module, name: str) -> bool:
         return isinstance(module, nn.Linear) and name in self.targets
@@ -121,39 +278,75 @@ class TorchaoRecipe(Recipe):
     def prepare(self, model: nn.Module) -> nn.Module:
         self.select_targets(model)
         if self.cfg.method == "qat":
-            activation = self.section.activation
-            config = qat.QATConfig(
-                activation_config=build("quant.torchao.activation", activation) if activation else None,
-                weight_config=build("quant.torchao.weight", self.section.weight or {}),
-                step="prepare",
-            )
-            ao.quantize_(model, config, filter_fn=self._is_target)
+            ao.quantize_(model, self._qat_config(), filter_fn=self._is_target)
         return model
 
+    def _qat_config(self) -> qat.QATConfig:
+        if self.section.weight is None:
+            return qat.QATConfig(self.convert_config, step="prepare")
+        activation = self.section.activation
+        return qat.QATConfig(
+            activation_config=build("quant.torchao.activation", activation) if activation else None,
+            weight_config=build("quant.torchao.weight", self.section.weight),
+            step="prepare",
+        )
+
     def is_prepared(self, model: nn.Module) -> bool:
-        return any(isinstance(m, qat.FakeQuantizerBase) for m in model.modules())
+        """Whether `model` holds torchao's fake-quantized Linears (FakeQuantizedLinear, and MX's and
+        NVFP4's own classes, which share no base but nn.Linear and a way back: `to_linear`)."""
+        return any(
+            type(m) is not nn.Linear and isinstance(m, nn.Linear) and hasattr(m, "to_linear")
+            for m in model.modules()
+        )
 
     def set_phase(self, model: nn.Module, fake_quant: bool, observe: bool) -> None:
-        for module in model.modules():
-            if isinstance(module, ao.qat.FakeQuantizerBase):
-                module.enabled = fake_quant
+        for module in _switches(model):
+            module.enabled = fake_quant
 
     def convert(self, model: nn.Module) -> nn.Module:
-        model.cpu().eval()
+        model.eval()
         if self.is_prepared(model):
             ao.quantize_(model, qat.QATConfig(step="convert"))  # back to plain Linear, trained weights
-        ao.quantize_(
-            model, build("quant.torchao.convert", self.section.convert or {}), filter_fn=self._is_target
-        )
+        ao.quantize_(model, self.convert_config, filter_fn=self._is_target)
         if self.tables:
             tables = set(self.tables)
             weight_only = ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
             ao.quantize_(model, weight_only, filter_fn=lambda module, name: name in tables)
         return model
 
-    def count_quantized(self, model: nn.Module) -> int:
-        return sum(
-            isinstance(getattr(m, "weight", None), TorchAOBaseTensor)
-            for m in model.modules()
-            if isinstance(m, nn.Linear | nn.Embedding)
+    def check_converted(self, model: nn.Module) -> int:
+        """Refused naming the targets torchao left float (its configs skip, with a log line only,
+        any Linear whose shape their kernels cannot take)."""
+        left = [name for name in self.selected if not _quantized(model.get_submodule(name))]
+        require(
+            not left,
+            f"{type(self.convert_config).__name__} left {len(left)} of {len(self.selected)} targets float "
+            f"(torchao skips a module whose shape its kernels cannot take): {', '.join(left[:4])}",
         )
+        return super().check_converted(model)
+
+    def count_quantized(self, model: nn.Module) -> int:
+        return sum(_quantized(m) for m in model.modules() if isinstance(m, nn.Linear | nn.Embedding))
+
+
+def _quantized(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), TorchAOBaseTensor)
+
+
+def _simulation_gaps(weight: Any, convert: Any) -> list[str]:
+    """How an explicit weight fake-quantization differs from what `convert` ships: its granularity
+    (per channel unless the config says otherwise, per group for Int4WeightOnlyConfig) and, for
+    tinygemm's int4, the asymmetric uint4 with a float zero point it computes."""
+    group = getattr(convert, "group_size", None)
+    shipped = getattr(convert, "weight_granularity", ao.PerGroup(group) if group else ao.PerAxis(0))
+    gaps = (
+        []
+        if weight.granularity == shipped
+        else [f"granularity {weight.granularity} where it ships {shipped}"]
+    )
+    if product(convert).format == "int4_wo_tinygemm":
+        tinygemm = (torch.uint4, False, ZeroPointDomain.FLOAT)
+        found = (weight.dtype, weight.is_symmetric, weight.zero_point_domain)
+        if found != tinygemm:
+            gaps.append(f"(dtype, symmetric, zero point domain) {found} where it ships {tinygemm}")
+    return gaps

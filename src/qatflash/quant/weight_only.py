@@ -30,6 +30,7 @@ from torch import nn
 from qatflash.config import QuantConfig, WeightOnlyConfig
 from qatflash.errors import ConfigError, require
 from qatflash.quant.recipe import Recipe
+from qatflash.quant.target import Target
 from qatflash.quant.targeting import replace_module
 from qatflash.storage import load_tensors
 
@@ -168,8 +169,14 @@ class WeightOnlyRecipe(Recipe):
     def set_phase(self, model: nn.Module, fake_quant: bool, observe: bool) -> None:
         """Nothing to switch: weight-only PTQ has no fake quantization or observers."""
 
+    # weight_dtype -> the format its converted Linears compute
+    formats: ClassVar[dict[str, str]]
+
+    def target(self) -> Target:
+        return Target(self.formats[self.scheme.weight_dtype], "cpu", "float32")
+
     def convert(self, model: nn.Module) -> nn.Module:
-        model.cpu().eval()
+        model.eval()
         for name in self.targets:
             linear = model.get_submodule(name)
             assert isinstance(linear, nn.Linear), f"{name} is a target, so a Linear"
@@ -188,16 +195,9 @@ class PackedRecipe(WeightOnlyRecipe):
     """torch's CPU weight-only kernels (int8 per channel, int4 per group); CPU only."""
 
     weight_dtypes = ("int8", "int4")
+    formats: ClassVar[dict[str, str]] = {"int8": "int8_wo_packed", "int4": "int4_wo_packed"}
     output_multiple: ClassVar[dict[str, int]] = {"int4": 16}  # _convert_weight_to_int4pack_for_cpu
     group_sizes: ClassVar[dict[str, tuple[int, ...]]] = {"int4": (32, 64, 128, 256)}
-
-    @classmethod
-    def check_device(cls, device: str) -> None:
-        require(
-            device == "cpu",
-            f"quant.api=packed runs torch's CPU weight-only kernels; bench.device={device} has none of "
-            "them (on CUDA use quant=wo_torchao_int8 or bitsandbytes)",
-        )
 
     def quantized_linear(self, linear: nn.Linear) -> nn.Module:
         if self.scheme.weight_dtype == "int8":
@@ -213,6 +213,7 @@ class BitsAndBytesRecipe(WeightOnlyRecipe):
     """bitsandbytes' LLM.int8 (`weight_dtype: int8`) and NF4 (`nf4`, in blocks of `group_size`)."""
 
     weight_dtypes = ("int8", "nf4")
+    formats: ClassVar[dict[str, str]] = {"int8": "llm_int8_bnb", "nf4": "nf4_wo_bnb"}
     # NF4 on the CPU: bitsandbytes repacks 32 output rows at a time for its bf16 kernel
     output_multiple: ClassVar[dict[str, int]] = {"nf4": 32}
 
@@ -221,13 +222,9 @@ class BitsAndBytesRecipe(WeightOnlyRecipe):
         super().check_config(cfg)
         _bitsandbytes()
 
-    @classmethod
-    def check_device(cls, device: str) -> None:
-        supported = sorted(_bitsandbytes().supported_torch_devices)
-        require(
-            device in supported,
-            f"bitsandbytes has no backend for device {device!r} in this install; it supports {supported}",
-        )
+    def devices(self) -> tuple[str, ...]:
+        """What bitsandbytes has a backend for in this install (the CPU first: where a job ships)."""
+        return tuple(sorted(_bitsandbytes().supported_torch_devices))
 
     def quantized_linear(self, linear: nn.Linear) -> nn.Module:
         bnb = _bitsandbytes()
@@ -255,7 +252,9 @@ class BitsAndBytesRecipe(WeightOnlyRecipe):
             )
         if bias is not None:
             module.bias = bias
-        return module.to("cpu")  # bitsandbytes quantizes the weight when it is moved to a device
+        return module.to(
+            linear.weight.device
+        )  # bitsandbytes quantizes the weight when it is moved to a device
 
     def load(self, path: Path, skeleton: Callable[[], nn.Module]) -> nn.Module:
         """Into a converted skeleton: int8 weights are copied into its parameters (bitsandbytes keeps
@@ -263,14 +262,15 @@ class BitsAndBytesRecipe(WeightOnlyRecipe):
         weight is rebuilt from its packed data and stored quantization state, as transformers does."""
         bnb = _bitsandbytes()
         state = load_tensors(path, "quantized artifact")
-        model = self.convert(self.prepare(skeleton()))
+        model = self.converted(self.prepare(skeleton()))
+        device = self.target().torch_device
         rebuilt = []
         for name, module in model.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 key = f"{name}.weight"
                 stats = {k[len(key) + 1 :]: state.pop(k) for k in list(state) if k.startswith(f"{key}.")}
                 module.weight = bnb.nn.Params4bit.from_prequantized(
-                    state.pop(key), stats, requires_grad=False, device="cpu"
+                    state.pop(key), stats, requires_grad=False, device=device
                 )
                 rebuilt.append(key)
         missing, unexpected = model.load_state_dict(state, strict=False)

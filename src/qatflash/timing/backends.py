@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from qatflash.config import DTYPE_PRECISIONS, PRECISIONS
 from qatflash.errors import ConfigError
 from qatflash.placement import place
 from qatflash.quant.ship import Shipped
@@ -72,29 +73,41 @@ class TimingBackend:
         return model
 
     def job_models(self, job: JobTiming) -> BackendModels:
-        """FP32 where the job trained it, INT8 on the CPU (its kernels' home); an INT8 that runs only
-        compiled (pt2e) is timed under torch_compile, whichever torch backend was asked for. Where
-        the INT8 model runs elsewhere than the FP32 one (on the CPU after a CUDA fit, compiled), the
-        FP32 model is timed there too, so that its ratio pairs like with like."""
+        """The float model where the job trained it, and the quantized model where its recipe's
+        target says (its device and dtype; one that runs only compiled, pt2e's, under torch_compile
+        whichever torch backend was asked for). Where the quantized model runs under other
+        conditions than the float one (on the CPU after a CUDA fit, in bfloat16 after a float32 fit,
+        compiled), the float model is timed there too, so that its ratio pairs like with like."""
         shipped = job.shipped
+        float_dtype = PRECISIONS[job.precision]
         timed = {
             (FLOAT, self.name): Contender(
                 self.wrap(shipped.float_model, job.example, job.max_len),
                 job.device,
                 job.autocast,
                 job.precision,
+                float_dtype,
             )
         }
         if shipped.quantized is not None and shipped.recipe is not None:
+            target = shipped.recipe.target()
             backend = CompiledBackend() if shipped.recipe.compiled_only else self
             timed[QUANTIZED, backend.name] = Contender(
-                backend.wrap(shipped.quantized, job.example, job.max_len), _CPU, None, "int8"
+                backend.wrap(shipped.quantized, job.example, job.max_len),
+                target.torch_device,
+                None,
+                target.format,
+                target.dtype,
             )
-            if backend is not self or job.device != _CPU:
-                cpu_float = _float_cpu_copy(shipped.float_model)
-                variant = FLOAT if job.device == _CPU else FLOAT_AT_TARGET
-                timed[variant, backend.name] = Contender(
-                    backend.wrap(cpu_float, job.example, job.max_len), _CPU, None, "32-true"
+            alike = job.device.type == target.device and float_dtype == target.dtype
+            if backend is not self or not alike:
+                twin = place(copy.deepcopy(shipped.float_model).to(target.torch_dtype), target.torch_device)
+                timed[FLOAT if alike else FLOAT_AT_TARGET, backend.name] = Contender(
+                    backend.wrap(twin, job.example, job.max_len),
+                    target.torch_device,
+                    None,
+                    DTYPE_PRECISIONS[target.dtype],
+                    target.dtype,
                 )
         return BackendModels(timed)
 

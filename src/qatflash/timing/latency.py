@@ -107,15 +107,17 @@ def _time_cuda(
 
 @dataclass(frozen=True)
 class Contender:
-    """One model timed side by side with others: where it runs, in which autocast dtype, and the
-    precision its latency row reports (a training precision such as 32-true, or int8). `device`
-    is the authority: the model is placed there (`qatflash.placement`) and its inputs moved there
-    before it is timed, wherever an earlier stage left it."""
+    """One model timed side by side with others: where it runs, in which autocast dtype, the
+    precision its latency row reports (a training precision such as 32-true, or a quantized
+    format such as int8), and the dtype its float tensors compute in (a condition its latency ratio
+    is paired under). `device` is the authority: the model is placed there (`qatflash.placement`)
+    and its inputs moved there before it is timed, wherever an earlier stage left it."""
 
     model: torch.nn.Module
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     precision: str | None = None
+    dtype: str = "float32"
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         """Autocast to `autocast_dtype` on the contender's device, or nothing when it runs as it is."""

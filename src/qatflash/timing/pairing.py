@@ -1,9 +1,10 @@
 """Which float row each timed model's latency ratio is paired with: only one timed under the same
-conditions (device, backend, thread count; the backend says eager, compiled or ONNX Runtime).
+conditions (device, backend, thread count, compute dtype; the backend says eager, compiled or
+ONNX Runtime).
 
 A ratio across conditions answers another question than "what does quantizing buy": pt2e's
 compiled INT8 over eager float mixes in what compiling buys, a CPU INT8 over float on CUDA what the
-device buys. So a row's `ratio_to_float` pairs it with its like, named in `ratio_reference`, or
+device buys, a bfloat16 MXFP8 over float32 what bfloat16 buys. So a row's `ratio_to_float` pairs it with its like, named in `ratio_reference`, or
 carries no ratio and says why. Rows of another backend than eager torch are also paired with eager
 torch's float on the same device and threads (`ratio_to_torch_float`): the deployment question
 "ONNX Runtime INT8 or torch float?", named as such.
@@ -23,9 +24,10 @@ class Conditions(NamedTuple):
     device: str
     backend: str
     threads: int
+    dtype: str
 
     def __str__(self) -> str:
-        return f"{self.device} with {self.backend} at {self.threads} threads"
+        return f"{self.device} {self.dtype} with {self.backend} at {self.threads} threads"
 
 
 def is_reference(key: Key) -> bool:
