@@ -4,9 +4,10 @@ For every recipe of `conf/quant/` (FP32 and the refused GPTQ aside) and every mo
 command line, the model is built from its config with random weights (coverage and size depend on
 its shape, not on training), prepared, fed one batch where the recipe observes, converted and
 checked (`Recipe.check_converted`), then sized by its saved artifact. The table it prints is
-README's "What each recipe quantizes": quantized of all weight-matrix modules per type, the share
-of weight elements quantized, and the artifact's size over the float model's. A recipe the model
-cannot take (a kernel's shape rule, a missing extra) gets its one-line refusal as its row.
+docs/recipe-coverage.md: what the recipe makes (its target, format/device/dtype), quantized of all
+weight-matrix modules per type, the share of weight elements quantized, and the artifact's size over
+the float model's. A recipe the model cannot take (a kernel's shape rule, a missing extra) gets its
+one-line refusal as its row, one whose kernels this machine lacks (FP8 on a CPU) the reason.
 
     PYTHONPATH=src python benchmarks/coverage.py gpt2_tiny llama_tiny qwen2_tiny
 """
@@ -44,6 +45,9 @@ def measure(model_name: str, recipe_name: str, folder: Path) -> str:
             )
         )
         recipe = make_recipe(cfg.quant)
+        target = recipe.target()
+        if (unreachable := recipe.unshippable()) is not None:
+            return f"| {model_name} | `{recipe_name}` | `{target}` | not on this machine: {unreachable} | | |"
         hf_config = declared_config(cfg.model)
         hf_config.use_cache = False
         torch.manual_seed(0)
@@ -52,16 +56,17 @@ def measure(model_name: str, recipe_name: str, folder: Path) -> str:
         if recipe.is_prepared(prepared):
             with torch.no_grad():
                 prepared(input_ids=torch.randint(0, hf_config.vocab_size, (2, 64)))
-        int8 = recipe.convert(prepared)
-        recipe.check_converted(int8)
+        quantized = recipe.converted(prepared)
+        recipe.check_converted(quantized)
     except ConfigError as refusal:
-        return f"| {model_name} | `{recipe_name}` | refused: {refusal} | | |"
+        return f"| {model_name} | `{recipe_name}` | | refused: {refusal} | | |"
     covered = coverage(model, cfg.quant.targets, recipe.selected)
     kinds = ", ".join(
         f"{kind} {row['quantized_modules']}/{row['modules']}" for kind, row in covered["by_type"].items()
     )
-    ratio = recipe.save(int8, folder / recipe.artifact_name) / serialized_bytes(model)
-    return f"| {model_name} | `{recipe_name}` | {kinds} | {covered['quantized_weight_share']:.3f} | {ratio:.3f} |"
+    ratio = recipe.save(quantized, folder / recipe.artifact_name) / serialized_bytes(model)
+    share = covered["quantized_weight_share"]
+    return f"| {model_name} | `{recipe_name}` | `{target}` | {kinds} | {share:.3f} | {ratio:.3f} |"
 
 
 def main() -> None:
@@ -70,8 +75,8 @@ def main() -> None:
         "models", nargs="+", help="conf/model names (decoders: the recipes are built for causal_lm)"
     )
     args = parser.parse_args()
-    print("| model | recipe | quantized / modules, by type | quantized weight share | size ratio |")
-    print("|---|---|---|---|---|")
+    print("| model | recipe | target | quantized / modules, by type | quantized weight share | size ratio |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for model_name in args.models:
             for recipe_name in RECIPES:
