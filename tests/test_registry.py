@@ -55,6 +55,7 @@ def test_a_task_recipe_and_backend_of_ones_own_run_through_the_cli(
         "name": "toy_plugins:MacroF1Task",
         "headline": "test/f1",
         "higher_is_better": True,
+        "quality": "macro_f1",
     }
     assert results["metrics"]["test/f1_float"] >= 0.9 and "test/f1_delta" in results["metrics"]
     assert (

@@ -18,6 +18,7 @@ class MacroF1Task(ClassificationTask):
     """Classification judged by macro-F1 instead of accuracy."""
 
     headline = "test/f1"
+    quality = "macro_f1"
 
 
 class Float16Recipe(Recipe):

@@ -153,6 +153,11 @@ def report_main(argv: list[str] | None = None) -> None:
         type=float,
         help="non-inferiority margin of perplexity verdicts, in percent of the reference's (default 2)",
     )
+    parser.add_argument(
+        "--f1-margin",
+        type=float,
+        help="non-inferiority margin of macro-F1 verdicts, in F1 points (default 1)",
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the tables and Pareto plot to W&B")
     parser.add_argument("--wandb-project", default="qatflash")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
@@ -163,7 +168,7 @@ def report_main(argv: list[str] | None = None) -> None:
     from qatflash.report import log_to_wandb, write_report
     from qatflash.report.quality import Margins
 
-    given = {"accuracy": args.margin, "ppl": args.ppl_margin}
+    given = {"accuracy": args.margin, "ppl": args.ppl_margin, "macro_f1": args.f1_margin}
     margins = Margins(**{figure: margin for figure, margin in given.items() if margin is not None})
     report = write_report(args.sweeps, args.out or args.sweeps[0], margins)
     if report.points == 0:

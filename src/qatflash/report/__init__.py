@@ -18,7 +18,7 @@ import pandas as pd
 
 from qatflash.report.collect import Collected, collect
 from qatflash.report.figures import FIGURES, shipped_latency
-from qatflash.report.quality import Margins, over_seeds, per_seed
+from qatflash.report.quality import STATISTICS, Margins, over_seeds, per_seed
 from qatflash.results import FLOAT, QUANTIZED
 
 # The columns of the Markdown/HTML summary tables (the CSV keeps every column).
@@ -167,12 +167,11 @@ def _with_intervals(table: pd.DataFrame, seeds: pd.DataFrame, groups: pd.DataFra
 
 def _headline_bound(table: pd.DataFrame, figures: pd.DataFrame, bound: str) -> pd.Series:
     """Per row of `table`, the `bound` ("low", "high") of its headline figure in `figures` (one row
-    per point)."""
+    per point): that of the statistic its task declares, the only one a point's row has."""
     out = pd.Series(np.nan, index=table.index)
-    for headline, figure in (("test/acc", "accuracy"), ("test/ppl", "ppl")):
-        if f"{figure}_{bound}" in figures:
-            rows = table["headline"] == headline
-            out = out.where(~rows, table["point"].map(figures[f"{figure}_{bound}"]))
+    for name in STATISTICS:
+        if f"{name}_{bound}" in figures:
+            out = out.fillna(table["point"].map(figures[f"{name}_{bound}"]))
     return out
 
 
@@ -189,13 +188,13 @@ def _quality_summaries(
     """The quality tables as a reader reads them: accuracies and deltas in points (perplexity's
     delta in percent), intervals as [low, high]."""
     out = {}
-    margin = f"{margins.accuracy:g}-point accuracy / {margins.ppl:g} % perplexity margin"
+    margin = f"margins {margins.describe()}"
     if not groups.empty:
-        title = f"Quality over seeds (95 % intervals, accuracy's clipped to [0, 100]; verdict at a {margin})"
+        title = f"Quality over seeds (95 % intervals, accuracy's clipped to [0, 100]; verdict at {margin})"
         out[title] = _readable(groups.drop(columns=["seed_group_hash"]))
     if not seeds.empty:
         readable = seeds.assign(point=[_short(p, sweeps) for p in seeds["point"]])
-        title = "Quality per seed (paired bootstrap CI; McNemar's exact test, or Wilcoxon over windows)"
+        title = "Quality per seed (paired bootstrap CI; McNemar's exact test, a permutation test of macro-F1, or Wilcoxon over windows)"
         out[title] = _readable(readable.drop(columns=["seed_group_hash"]))
     return out
 
@@ -206,6 +205,7 @@ def _readable(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.copy()
     for name, scale, decimals in (
         ("accuracy", 100, 2),
+        ("macro_f1", 100, 2),
         ("delta", 100, 2),
         ("ppl", 1, 2),
         ("word_ppl", 1, 1),
@@ -218,7 +218,7 @@ def _readable(frame: pd.DataFrame) -> pd.DataFrame:
             frame = frame.drop(columns=[f"{name}_low", f"{name}_high"])
     if "word_delta" in frame:
         frame["word_delta"] = (100 * frame["word_delta"]).round(2)
-    for column in ("t", "mcnemar_p", "wilcoxon_p"):
+    for column in ("t", "mcnemar_p", "wilcoxon_p", "permutation_p"):
         if column in frame and pd.api.types.is_float_dtype(frame[column]):
             frame[column] = frame[column].round(3)
     return frame.astype(object).where(frame.notna(), "")

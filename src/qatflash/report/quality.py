@@ -4,83 +4,250 @@ A quantized point's reference is the FP32 point of the same sweep whose config i
 `quant` and `benchmark` (results.json's `reference_hash`): the same seed, data and test set. An
 FP32 point is its own reference, for the other models it tested (ONNX Runtime's). From both
 points' `examples.parquet` each model gets its quality figure with a bootstrap CI, the paired delta
-to the reference's FP32 model with its CI, a paired test and a verdict (`qatflash.report.stats`):
+to the reference's FP32 model with its CI, a paired test and a verdict (`qatflash.report.stats`),
+all by the statistic the point's task declares (results.json's `task.quality`, one of `STATISTICS`):
 
-- classification (examples with a `prediction`): accuracy, its delta in points, McNemar's test;
-- language modelling (examples with a window `nll`): perplexity per token and per word, its
-  relative change in percent, the Wilcoxon signed-rank test over windows.
+- `accuracy` (examples with a `prediction`): accuracy, its delta in points, McNemar's test;
+- `macro_f1`: macro-F1, its delta in F1 points, the paired permutation test;
+- `ppl` (examples with a window `nll`): perplexity per token and per word, its relative change in
+  percent, the Wilcoxon signed-rank test over windows.
 
 Points that differ only in `seed` (`seed_group_hash`) are then summarised as mean ± t-interval over
-the seeds (an accuracy's cut to [0, 1]), and the verdict of a group reads the t-interval of its
-deltas. Each figure has its own non-inferiority margin, in its own unit (`Margins`).
+the seeds (a fraction's cut to [0, 1]), and the verdict of a group reads the t-interval of its
+deltas. Each statistic has its own non-inferiority margin, in its own unit (`Margins`).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from qatflash.report.stats import (
+    IDENTICAL,
     Interval,
     SeedSpread,
     accuracy,
+    macro_f1,
+    macro_f1_delta,
     mcnemar,
     paired_delta,
+    permutation,
     perplexity,
     relative_perplexity,
     t_interval,
     verdict,
     wilcoxon,
 )
-from qatflash.results import EXAMPLES_FILE, read_examples
+from qatflash.results import EXAMPLES_FILE, FLOAT, read_examples
 
-REFERENCE_MODEL = "float"
+REFERENCE_MODEL = FLOAT  # the model every other is compared with
 OTHER_WINDOWS = "no interval: the reference was tested on other examples"
-# The range each figure cannot leave, to which its t-interval over seeds is cut (perplexity has
-# none that seeds come near).
-RANGES = {"accuracy": (0.0, 1.0)}
-
-
-@dataclass(frozen=True)
-class Margins:
-    """Non-inferiority margins: accuracy points, and percent of perplexity."""
-
-    accuracy: float = 1.0
-    ppl: float = 2.0
-
-    def of(self, figure: str) -> float:
-        return self.accuracy if figure == "accuracy" else self.ppl
-
-
-def _figure(frame: pd.DataFrame) -> str:
-    """The quality figure of these rows: `ppl` for language models' windows, else `accuracy`."""
-    return "ppl" if "nll" in frame and frame["nll"].notna().any() else "accuracy"
-
-
 NO_EXAMPLES = f"no interval: the point has no {EXAMPLES_FILE} (recorded before per-example results)"
 NO_REFERENCE = "no interval: no FP32 point of the same config but quant and benchmark"
 
 
+class Statistic(ABC):
+    """A quality statistic a task can be judged by, computed from its examples.parquet columns.
+
+    A task names one (`Task.quality`, recorded as results.json's `task.quality`) and the report
+    reads the name, so adding a task with another headline figure is a declaration, not a report
+    change. `name` is also the figure's column in the quality tables and its `Margins` field."""
+
+    name: ClassVar[str]
+    # The examples' columns it reads; the reference must have every example with these, and equal
+    # `same` ones (the target of an example, the tokens of a window), or it tested other examples.
+    columns: ClassVar[tuple[str, ...]]
+    same: ClassVar[str]
+    test_p: ClassVar[str]  # the column of its paired test's p
+    unit: ClassVar[str]  # of its delta and margin, as a reader states them: "pt" (points) or "%"
+    margin: ClassVar[float]  # the default non-inferiority margin, in `unit`
+    higher_is_better: ClassVar[bool] = True
+    within: ClassVar[tuple[float, float] | None] = None  # the range it cannot leave (a fraction's)
+
+    @abstractmethod
+    def measure(self, frame: pd.DataFrame, point: pd.Series) -> dict[str, Any]:
+        """One model's figure with its CI (`name`, `name_low`, `name_high`), and what goes beside it."""
+
+    @abstractmethod
+    def compare(
+        self, frame: pd.DataFrame, reference: pd.DataFrame, point: pd.Series
+    ) -> tuple[Interval, dict[str, Any]]:
+        """The paired delta to the reference's rows of the same examples (in `frame`'s order) with
+        its CI, and the paired test's columns beside it."""
+
+    def verdict(self, delta: Interval, margins: Margins) -> str:
+        """The verdict of a delta at this statistic's own margin, read in its direction."""
+        return verdict(delta, margins.of(self.name), higher_is_better=self.higher_is_better)
+
+
+class Accuracy(Statistic):
+    """The share of examples right; McNemar's exact test counts the examples the two disagree on."""
+
+    name = "accuracy"
+    columns = ("target", "prediction")
+    same = "target"
+    test_p = "mcnemar_p"
+    unit = "pt"
+    margin = 1.0
+    within = (0.0, 1.0)
+
+    def measure(self, frame: pd.DataFrame, point: pd.Series) -> dict[str, Any]:
+        return _columns(self.name, accuracy(_correct(frame)))
+
+    def compare(
+        self, frame: pd.DataFrame, reference: pd.DataFrame, point: pd.Series
+    ) -> tuple[Interval, dict[str, Any]]:
+        correct, reference_correct = _correct(frame), _correct(reference)
+        test = mcnemar(correct, reference_correct)
+        columns = {"mcnemar_b": test.b, "mcnemar_c": test.c, "mcnemar_p": test.p, "note": test.note}
+        return paired_delta(correct, reference_correct), columns
+
+
+class MacroF1(Statistic):
+    """The mean of the classes' F1: a class the model gives up on costs its whole share, however
+    few examples it has, where accuracy loses only those examples."""
+
+    name = "macro_f1"
+    columns = ("target", "prediction")
+    same = "target"
+    test_p = "permutation_p"
+    unit = "pt"
+    margin = 1.0
+    within = (0.0, 1.0)
+
+    def measure(self, frame: pd.DataFrame, point: pd.Series) -> dict[str, Any]:
+        return _columns(self.name, macro_f1(frame["target"].to_numpy(), frame["prediction"].to_numpy()))
+
+    def compare(
+        self, frame: pd.DataFrame, reference: pd.DataFrame, point: pd.Series
+    ) -> tuple[Interval, dict[str, Any]]:
+        target, prediction = frame["target"].to_numpy(), frame["prediction"].to_numpy()
+        theirs = reference["prediction"].to_numpy()
+        columns = {
+            "permutation_p": permutation(target, prediction, theirs),
+            "note": IDENTICAL if np.array_equal(prediction, theirs) else None,
+        }
+        return macro_f1_delta(target, prediction, theirs), columns
+
+
+class Perplexity(Statistic):
+    """Per token over the windows, and per word: the per-token one to the power tokens/words of the
+    split (the same total NLL over the words), so its interval and change are the same transform."""
+
+    name = "ppl"
+    columns = ("nll", "tokens")
+    same = "tokens"
+    test_p = "wilcoxon_p"
+    unit = "%"
+    margin = 2.0
+    higher_is_better = False
+
+    def measure(self, frame: pd.DataFrame, point: pd.Series) -> dict[str, Any]:
+        measured = perplexity(frame["nll"].to_numpy(), frame["tokens"].to_numpy())
+        per_word = _tokens_per_word(point)
+        return {
+            **_columns(self.name, measured),
+            **_columns(
+                "word_ppl",
+                Interval(measured.estimate**per_word, measured.low**per_word, measured.high**per_word),
+            ),
+            "tokens": int(frame["tokens"].sum()),
+        }
+
+    def compare(
+        self, frame: pd.DataFrame, reference: pd.DataFrame, point: pd.Series
+    ) -> tuple[Interval, dict[str, Any]]:
+        nll, tokens = frame["nll"].to_numpy(), frame["tokens"].to_numpy()
+        reference_nll = reference["nll"].to_numpy()
+        delta = relative_perplexity(nll, reference_nll, tokens)
+        columns = {
+            "word_delta": (1 + delta.estimate) ** _tokens_per_word(point) - 1,
+            "wilcoxon_p": wilcoxon(nll, reference_nll, tokens),
+        }
+        return delta, columns
+
+
+# Every statistic a task may declare, by name: the one vocabulary of `task.quality`.
+STATISTICS: dict[str, Statistic] = {s.name: s for s in (Accuracy(), Perplexity(), MacroF1())}
+
+
+@dataclass(frozen=True)
+class Margins:
+    """Non-inferiority margins, one per statistic under its name, each in its statistic's unit:
+    accuracy and F1 points, percent of perplexity."""
+
+    accuracy: float = Accuracy.margin
+    ppl: float = Perplexity.margin
+    macro_f1: float = MacroF1.margin
+
+    def of(self, statistic: str) -> float:
+        return float(getattr(self, statistic))
+
+    def describe(self) -> str:
+        """The margins as a table's title states them: "accuracy 1 pt, ppl 2 %, macro_f1 1 pt"."""
+        return ", ".join(f"{name} {self.of(name):g} {s.unit}" for name, s in STATISTICS.items())
+
+
+def _columns(name: str, interval: Interval) -> dict[str, float]:
+    return {name: interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high}
+
+
+def _correct(frame: pd.DataFrame) -> np.ndarray:
+    return (frame["prediction"] == frame["target"]).to_numpy()
+
+
+def _tokens_per_word(point: pd.Series) -> float:
+    return point.get("metrics.test/tokens", np.nan) / point.get("metrics.test/words", np.nan)
+
+
+def _quality(point: pd.Series, examples: pd.DataFrame) -> str:
+    """The statistic the point's task declared (`task.quality`); for a point recorded before tasks
+    declared one, the one its examples' shape implies: perplexity for windows with an NLL, else accuracy."""
+    declared = point.get("task.quality")
+    if not pd.isna(declared):
+        return str(declared)
+    windows = "nll" in examples and examples["nll"].notna().any()
+    return Perplexity.name if windows else Accuracy.name
+
+
+def _unusable(point: pd.Series, examples: pd.DataFrame | None) -> str | None:
+    """Why the point's examples give no figure (none recorded, a statistic this report does not
+    compute, columns it lacks), or None."""
+    if examples is None:
+        return NO_EXAMPLES
+    name = _quality(point, examples)
+    if name not in STATISTICS:
+        return f"no interval: task.quality={name!r} is not a statistic of this report; it computes {list(STATISTICS)}"
+    missing = [c for c in STATISTICS[name].columns if c not in examples]
+    if missing:
+        return (
+            f"no interval: task.quality={name!r} reads the columns {missing}, which its {EXAMPLES_FILE} lacks"
+        )
+    return None
+
+
 def per_seed(training: pd.DataFrame, margins: Margins) -> pd.DataFrame:
-    """One row per (point, tested model): its quality figure, and for all but the reference model
-    its paired delta, CI, paired test, the verdict and whether the delta is significant."""
+    """One row per (point, tested model): its quality figure by its task's statistic, and for all
+    but the reference model its paired delta, CI, paired test, the verdict and whether the delta is
+    significant. A point without a usable figure gets one row, its note saying why."""
     examples = {point: read_examples(Path(point)) for point in training["point"]}
     rows = []
     for _, point in training.iterrows():
         own = examples[point["point"]]
-        if own is None:
-            rows.append({**_identity(point), "model": None, "note": NO_EXAMPLES})
+        note = _unusable(point, own)
+        if note:
+            rows.append({**_identity(point), "model": None, "note": note})
             continue
+        statistic = STATISTICS[_quality(point, own)]
         reference = _reference_examples(point, training, examples)
-        compare = _compared_perplexity if _figure(own) == "ppl" else _compared
         for model, frame in own.groupby("model", sort=False):
-            rows.append(
-                {**_identity(point), "model": model, **compare(frame, reference, model, point, margins)}
-            )
+            compared = _compared(statistic, frame, reference, model, point, margins)
+            rows.append({**_identity(point), "model": model, **compared})
     return pd.DataFrame(rows)
 
 
@@ -110,128 +277,82 @@ def _reference_examples(
     return None
 
 
-def _correct(frame: pd.DataFrame) -> pd.Series:
-    return (frame["prediction"] == frame["target"]).set_axis(frame["index"])
-
-
 def _is_reference(model: str, point: pd.Series) -> bool:
     return model == REFERENCE_MODEL and point.get("params.quant_method") == "none"
 
 
+def _same_examples(statistic: Statistic, frame: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame | None:
+    """The reference's rows of `frame`'s examples in `frame`'s order, or None when it was tested on
+    others: one missing, or a target or a window's tokens unlike `frame`'s."""
+    if any(c not in reference for c in statistic.columns):
+        return None
+    theirs = reference.set_index("index").reindex(frame["index"])
+    if theirs[list(statistic.columns)].isna().any(axis=None):
+        return None
+    return theirs if np.array_equal(theirs[statistic.same], frame[statistic.same]) else None
+
+
 def _compared(
-    frame: pd.DataFrame, reference: pd.DataFrame | None, model: str, point: pd.Series, margins: Margins
+    statistic: Statistic,
+    frame: pd.DataFrame,
+    reference: pd.DataFrame | None,
+    model: str,
+    point: pd.Series,
+    margins: Margins,
 ) -> dict[str, Any]:
-    correct = _correct(frame)
-    measured = accuracy(correct.to_numpy())
-    row: dict[str, Any] = {
-        "accuracy": measured.estimate,
-        "accuracy_low": measured.low,
-        "accuracy_high": measured.high,
-        "examples": len(correct),
-    }
+    """One model's figure; against the reference's FP32 model on the same examples, the delta with
+    its CI, the paired test and the verdict."""
+    row = {**statistic.measure(frame, point), "examples": len(frame)}
     if _is_reference(model, point):
         return row
     if reference is None:
         return {**row, "note": NO_REFERENCE}
-    reference_correct = _correct(reference).reindex(correct.index)
-    if reference_correct.isna().any():
+    theirs = _same_examples(statistic, frame, reference)
+    if theirs is None:
         return {**row, "note": OTHER_WINDOWS}
-    delta = paired_delta(correct.to_numpy(), reference_correct.to_numpy(dtype=bool))
-    test = mcnemar(correct.to_numpy(), reference_correct.to_numpy(dtype=bool))
+    delta, test = statistic.compare(frame, theirs, point)
     return {
         **row,
-        "delta": delta.estimate,
-        "delta_low": delta.low,
-        "delta_high": delta.high,
-        "mcnemar_b": test.b,
-        "mcnemar_c": test.c,
-        "mcnemar_p": test.p,
-        "note": test.note,
-        "verdict": verdict(delta, margins.accuracy),
-        "significant": delta.significant,
-    }
-
-
-def _compared_perplexity(
-    frame: pd.DataFrame, reference: pd.DataFrame | None, model: str, point: pd.Series, margins: Margins
-) -> dict[str, Any]:
-    """Perplexity per token and per word with CIs over the windows; against the reference's FP32
-    model on the same windows, the relative change of perplexity, its CI, the Wilcoxon p and the
-    verdict (lower is better). Per word, perplexity is the per-token one to the power tokens/words
-    of the split (the same total NLL over the words), so its interval is the same transform."""
-    measured = perplexity(frame["nll"].to_numpy(), frame["tokens"].to_numpy())
-    per_word = point.get("metrics.test/tokens", np.nan) / point.get("metrics.test/words", np.nan)
-    row: dict[str, Any] = {
-        "ppl": measured.estimate,
-        "ppl_low": measured.low,
-        "ppl_high": measured.high,
-        "word_ppl": measured.estimate**per_word,
-        "word_ppl_low": measured.low**per_word,
-        "word_ppl_high": measured.high**per_word,
-        "examples": len(frame),
-        "tokens": int(frame["tokens"].sum()),
-    }
-    if _is_reference(model, point):
-        return row
-    if reference is None:
-        return {**row, "note": NO_REFERENCE}
-    windows = reference.set_index("index").reindex(frame["index"])
-    if windows["nll"].isna().any() or not np.array_equal(windows["tokens"], frame["tokens"]):
-        return {**row, "note": OTHER_WINDOWS}
-    nll, reference_nll, tokens = (
-        frame["nll"].to_numpy(),
-        windows["nll"].to_numpy(),
-        frame["tokens"].to_numpy(),
-    )
-    delta = relative_perplexity(nll, reference_nll, tokens)
-    return {
-        **row,
-        "delta": delta.estimate,
-        "delta_low": delta.low,
-        "delta_high": delta.high,
-        "word_delta": (1 + delta.estimate) ** per_word - 1,
-        "wilcoxon_p": wilcoxon(nll, reference_nll, tokens),
-        "verdict": verdict(delta, margins.ppl, higher_is_better=False),
+        **_columns("delta", delta),
+        **test,
+        "verdict": statistic.verdict(delta, margins),
         "significant": delta.significant,
     }
 
 
 def over_seeds(seeds: pd.DataFrame, margins: Margins) -> pd.DataFrame:
-    """Points alike but for the seed, per tested model: n, the t factor, the mean quality figure
-    (accuracy or perplexity) ± its t-interval (cut to the figure's range, `RANGES`) and what that
+    """Points alike but for the seed, per tested model: n, the t factor, the mean quality figure of
+    its statistic ± its t-interval (cut to the statistic's range, `Statistic.within`) and what that
     interval is, mean delta ± its t-interval and the verdict that interval supports."""
     rows = []
-    for figure in ("accuracy", "ppl"):
+    for statistic in STATISTICS.values():
+        figure = statistic.name
         measured = seeds.dropna(subset=[figure]) if figure in seeds else seeds.iloc[:0]
         for _, group in measured.groupby(["seed_group_hash", "model"], sort=False, dropna=False):
-            rows.append(_over_seeds_row(group, figure, margins))
+            rows.append(_over_seeds_row(group, statistic, margins))
     return pd.DataFrame(rows)
 
 
-def _over_seeds_row(group: pd.DataFrame, figure: str, margins: Margins) -> dict[str, Any]:
-    spread = t_interval(group[figure].to_numpy(), within=RANGES.get(figure))
+def _over_seeds_row(group: pd.DataFrame, statistic: Statistic, margins: Margins) -> dict[str, Any]:
+    figure = statistic.name
+    spread = t_interval(group[figure].to_numpy(), within=statistic.within)
     row: dict[str, Any] = {
         "quant": group["quant"].iloc[0],
         "model": group["model"].iloc[0],
         "seed_group_hash": group["seed_group_hash"].iloc[0],
         "seeds": spread.n,
         "t": spread.t,
-        figure: spread.interval.estimate,
-        f"{figure}_low": spread.interval.low,
-        f"{figure}_high": spread.interval.high,
+        **_columns(figure, spread.interval),
         f"{figure}_interval": _spread_kind(spread),
     }
     compared = group.dropna(subset=["delta"]) if "delta" in group else group.iloc[:0]
     if len(compared):
         delta, kind = _delta_interval(compared)
-        test = "mcnemar_p" if figure == "accuracy" else "wilcoxon_p"
         row.update(
-            delta=delta.estimate,
-            delta_low=delta.low,
-            delta_high=delta.high,
+            **_columns("delta", delta),
             delta_interval=kind,
-            **{test: ", ".join(f"{p:.3g}" for p in compared[test])},
-            verdict=verdict(delta, margins.of(figure), higher_is_better=figure == "accuracy"),
+            **{statistic.test_p: ", ".join(f"{p:.3g}" for p in compared[statistic.test_p])},
+            verdict=statistic.verdict(delta, margins),
             significant=delta.significant,
         )
     return row

@@ -5,13 +5,17 @@
 - Test-set uncertainty of a difference: the paired bootstrap CI of the accuracy delta over the test
   examples (`paired_delta`: percentile method, 10,000 resamples, a fixed seed).
 - McNemar's exact test of two models' disagreements (`mcnemar`).
+- Macro-F1 over the test examples (`macro_f1`: the mean over classes of each class's F1, as the
+  job's `test/f1` computes it) with its bootstrap CI, its paired delta to a reference's predictions
+  of the same examples (`macro_f1_delta`, paired bootstrap), and the paired permutation test of
+  that delta (`permutation`: each example's two predictions swapped at random, 10,000 resamples).
 - Perplexity over evaluation windows (`perplexity`: exp(total NLL / tokens) with its bootstrap CI
   over the windows), a perplexity's relative change to a reference's on the same windows
   (`relative_perplexity`, paired bootstrap) and the Wilcoxon signed-rank test of the windows'
   per-token NLL differences (`wilcoxon`).
 - A verdict for a shipping decision from a delta's interval and a non-inferiority margin (`verdict`).
 
-All take and give fractions (0.01 = one accuracy point, or 1 % of a perplexity), except the
+All take and give fractions (0.01 = one accuracy or F1 point, or 1 % of a perplexity), except the
 margin, which is in points or percent as a reader states it.
 """
 
@@ -129,6 +133,53 @@ def wilcoxon(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray) -> 
     if not np.any(difference):
         return 1.0
     return float(stats.wilcoxon(difference).pvalue)
+
+
+def _macro_f1(target: np.ndarray, prediction: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The mean over classes of 2 TP / (2 TP + FP + FN) along `axis` (every row of a batch of
+    resamples at once). A class neither a target nor a prediction of the examples has no F1 and is
+    left out of the mean, as torchmetrics' macro F1 (the job's `test/f1`) leaves it out, so a
+    resample that misses a rare class scores the classes it has."""
+    scores = []
+    for label in range(int(max(np.max(target), np.max(prediction))) + 1):
+        truth, said = target == label, prediction == label
+        hits = 2 * (truth & said).sum(axis=axis)
+        misses = (truth ^ said).sum(axis=axis)  # false positives and false negatives
+        scores.append(np.where(hits + misses > 0, hits / np.maximum(hits + misses, 1), np.nan))
+    return np.nanmean(scores, axis=0)
+
+
+def macro_f1(target: np.ndarray, prediction: np.ndarray) -> Interval:
+    """Macro-F1 of class-index predictions with its bootstrap percentile CI over the examples (each
+    resampled with its target)."""
+    samples = (np.asarray(target), np.asarray(prediction))
+    return _bootstrap(samples, _macro_f1, paired=True)
+
+
+def macro_f1_delta(target: np.ndarray, prediction: np.ndarray, reference_prediction: np.ndarray) -> Interval:
+    """Macro-F1 of `prediction` minus that of `reference_prediction` (same examples, same order),
+    with the paired bootstrap percentile CI over the examples."""
+    samples = (np.asarray(target), np.asarray(prediction), np.asarray(reference_prediction))
+    return _bootstrap(
+        samples, lambda t, p, r, axis: _macro_f1(t, p, axis) - _macro_f1(t, r, axis), paired=True
+    )
+
+
+def permutation(target: np.ndarray, prediction: np.ndarray, reference_prediction: np.ndarray) -> float:
+    """The two-sided p of the paired permutation test of a macro-F1 delta (approximate
+    randomisation): under no difference either model could have made either prediction of an
+    example, so each example's two are swapped at random (exactly, over every swap, for 13 examples
+    or fewer). Macro-F1 is no mean over examples, so McNemar's count of disagreements cannot test it."""
+    target = np.asarray(target)
+    result = stats.permutation_test(
+        (np.asarray(prediction), np.asarray(reference_prediction)),
+        lambda p, r, axis: _macro_f1(target, p, axis) - _macro_f1(target, r, axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    return float(result.pvalue)
 
 
 @dataclass(frozen=True)

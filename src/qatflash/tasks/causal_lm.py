@@ -41,6 +41,7 @@ class CausalLMTask(Task):
     data_kind = "causal_lm"
     headline = "test/ppl"
     higher_is_better = False
+    quality = "ppl"
     auto_model = AutoModelForCausalLM
 
     @classmethod

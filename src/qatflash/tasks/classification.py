@@ -18,6 +18,7 @@ from qatflash.timing.latency import token_inputs
 class ClassificationTask(Task):
     data_kind = "classification"
     headline = "test/acc"
+    quality = "accuracy"
     auto_model = AutoModelForSequenceClassification
 
     def data_module(self) -> TextClassificationData:

@@ -24,6 +24,10 @@ class Task(ABC):
     data_kind: ClassVar[str]
     headline: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
+    # The statistic of the headline over the test examples, by its name in the report's vocabulary
+    # (qatflash.report.quality.STATISTICS): what the report computes its intervals, paired tests
+    # and verdicts with, from the examples the lightning module records.
+    quality: ClassVar[str]
     # The transformers Auto class that builds the model with this task's head.
     auto_model: ClassVar[Any]
 
@@ -59,6 +63,7 @@ class Task(ABC):
             "name": self.cfg.task.name,
             "headline": self.headline,
             "higher_is_better": self.higher_is_better,
+            "quality": self.quality,
         }
 
     @abstractmethod
