@@ -19,7 +19,6 @@ or the other seed's FP32, would give other deltas and verdicts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,12 +29,13 @@ import pandas as pd
 import pytest
 import torch
 import toy_plugins
+from test_report_seeds import _write_point
 from torchmetrics.classification import MulticlassF1Score
 
 from qatflash.report import write_report
 from qatflash.report.quality import REFERENCE_MODEL, STATISTICS, Margins
 from qatflash.report.stats import IDENTICAL, Interval, macro_f1, macro_f1_delta, permutation
-from qatflash.results import QUANTIZED, SCHEMA_VERSION
+from qatflash.results import QUANTIZED
 from qatflash.tasks import TASKS
 
 
@@ -47,7 +47,7 @@ class MacroF1Task(toy_plugins.MacroF1Task):
 
 
 TASK = f"{__name__}:{MacroF1Task.__name__}"
-REFERENCE_QUANT = "float"  # the reference point's quant choice: any name, its quant_method is none
+REFERENCE_QUANT = "fp32"  # the reference point's quant choice (its quant_method is none)
 T_1 = 12.706205  # t(0.975, 1): two seeds
 SIZES = (140, 140, 20)  # examples per class
 CONFUSED = {0: 20, 1: 18}  # per seed: FP32's class-0/1 confusions each way
@@ -79,24 +79,6 @@ def _examples(**predictions_of: tuple[np.ndarray, np.ndarray]) -> pd.DataFrame:
         )
         for model, (target, prediction) in predictions_of.items()
     )
-
-
-def _write_point(folder: Path, quant: str, seed: int, task: dict[str, Any], examples: pd.DataFrame) -> None:
-    """One finished training point as a job leaves it: results.json and examples.parquet."""
-    folder.mkdir(parents=True)
-    results = {
-        "schema": SCHEMA_VERSION,
-        "status": "ok",
-        "reference_hash": f"config-seed{seed}",  # the config less quant and benchmark
-        "seed_group_hash": f"config-{quant}",  # the config less the seed
-        "task": task,
-        "choices": {"quant": quant},
-        "params": {"seed": seed, "quant_method": "none" if quant == REFERENCE_QUANT else "dynamic"},
-        "metrics": {},
-        "latency": [],
-    }
-    (folder / "results.json").write_text(json.dumps(results))
-    examples.to_parquet(folder / "examples.parquet", index=False)
 
 
 def _sweep(root: Path) -> Path:

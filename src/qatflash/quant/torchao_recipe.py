@@ -142,7 +142,7 @@ def _int4(config: Any) -> Product:
 
 
 def _mx(config: Any) -> Product:
-    bits = "fp8" if config.weight_dtype.itemsize == 1 and "float8" in str(config.weight_dtype) else "fp4"
+    bits = "fp8" if "float8" in str(config.weight_dtype) else "fp4"
     if config.kernel_preference == KernelPreference.EMULATED:
         return Product(f"mx{bits}_emulated", ("cpu", "cuda"), "bfloat16", None, (config.block_size, 1))
     return Product(f"mx{bits}", ("cuda",), "bfloat16", (10, 0), (config.block_size, 1))

@@ -85,16 +85,21 @@ class Statistic(ABC):
         return verdict(delta, margins.of(self.name), higher_is_better=self.higher_is_better)
 
 
-class Accuracy(Statistic):
-    """The share of examples right; McNemar's exact test counts the examples the two disagree on."""
+class _OfLabels(Statistic):
+    """A statistic of predicted labels against their targets: in points, within [0, 1]."""
 
-    name = "accuracy"
     columns = ("target", "prediction")
     same = "target"
-    test_p = "mcnemar_p"
     unit = "pt"
     margin = 1.0
     within = (0.0, 1.0)
+
+
+class Accuracy(_OfLabels):
+    """The share of examples right; McNemar's exact test counts the examples the two disagree on."""
+
+    name = "accuracy"
+    test_p = "mcnemar_p"
 
     def measure(self, frame: pd.DataFrame, point: pd.Series) -> dict[str, Any]:
         return _columns(self.name, accuracy(_correct(frame)))
@@ -108,17 +113,12 @@ class Accuracy(Statistic):
         return paired_delta(correct, reference_correct), columns
 
 
-class MacroF1(Statistic):
+class MacroF1(_OfLabels):
     """The mean of the classes' F1: a class the model gives up on costs its whole share, however
     few examples it has, where accuracy loses only those examples."""
 
     name = "macro_f1"
-    columns = ("target", "prediction")
-    same = "target"
     test_p = "permutation_p"
-    unit = "pt"
-    margin = 1.0
-    within = (0.0, 1.0)
 
     def measure(self, frame: pd.DataFrame, point: pd.Series) -> dict[str, Any]:
         return _columns(self.name, macro_f1(frame["target"].to_numpy(), frame["prediction"].to_numpy()))
