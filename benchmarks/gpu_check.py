@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -239,6 +238,8 @@ class Outcome:
 def run(step: Step, out: Path) -> Outcome:
     """The step as a process of its own under its time limit; its log lands in `out`/<name>.log.
     It fails when its process fails, or when a point it timed failed (out of memory) where none may."""
+    from qatflash.results import read_results
+
     if step.requires_module and importlib.util.find_spec(step.requires_module) is None:
         return Outcome(step, "skipped", detail=f"{step.requires_module} is not installed")
     started = time.perf_counter()
@@ -249,7 +250,7 @@ def run(step: Step, out: Path) -> Outcome:
         except subprocess.TimeoutExpired:
             done = None
     seconds = time.perf_counter() - started
-    results = [json.loads(p.read_text()) for p in sorted((out / step.name).rglob("results.json"))]
+    results = [read_results(p) or {} for p in sorted((out / step.name).rglob("results.json"))]
     if done is None:
         return Outcome(step, "timed out", seconds, f"over its {step.limit_s} s limit", results)
     if done.returncode != 0:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from conftest import FAST, LM_FAST, TINY_DECODER
@@ -52,17 +53,12 @@ def test_a_format_whose_kernels_are_absent_is_refused_in_one_line_before_data(
     assert not results["metrics"] and not (tmp_path / "examples.parquet").exists()  # nothing ran
 
 
+# A tiny decoder's job, four optimizer steps.
+_LM = (*LM_FAST, "model=llama_tiny", *TINY_DECODER, "logger=none", "trainer.max_steps=4")
+
+
 def _lm(run_app, corpus: Path, folder: Path, *overrides: str) -> dict:
-    code, stderr = run_app(
-        *LM_FAST,
-        "model=llama_tiny",
-        *TINY_DECODER,
-        f"data.path={corpus}",
-        "logger=none",
-        "trainer.max_steps=4",
-        f"hydra.run.dir={folder}",
-        *overrides,
-    )
+    code, stderr = run_app(*_LM, f"data.path={corpus}", f"hydra.run.dir={folder}", *overrides)
     assert code == 0, stderr[-3000:]
     return read_results(folder)
 
@@ -78,7 +74,17 @@ def test_qat_of_a_format_this_machine_cannot_make_records_fake_quant_quality_and
     its fake-quantized model, and says why nothing was shipped; no headline figure, artifact or
     quantized latency row stands in for a model that was not built. (The tiny decoder's LM head,
     315 wide, is no multiple of FP8's 16, so the blocks are the targets.)"""
-    results = _lm(run_app, text_corpus, tmp_path, f"quant={recipe}", "quant/targets=encoder")
+    code, stderr = run_app(
+        "-m",
+        *_LM,
+        f"data.path={text_corpus}",
+        f"quant={recipe}",
+        "quant/targets=encoder",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert code == 0, stderr[-3000:]  # a sweep goes on: the sweeper's objective is NaN, not an error
+    (point,) = tmp_path.glob("*/results.json")
+    results = read_results(point)
     assert results["status"] == "ok"
     model, metrics = results["model"], results["metrics"]
     target = str(make_recipe(to_config_of(recipe)).target())
@@ -90,7 +96,12 @@ def test_qat_of_a_format_this_machine_cannot_make_records_fake_quant_quality_and
         and "test/ppl_quantized" not in metrics
     )
     assert [row["variant"] for row in results["latency"]] == ["float"]
-    assert not list(tmp_path.glob("quantized_model*")) and "artifact" not in model
+    assert not list(tmp_path.glob("*/quantized_model*")) and "artifact" not in model
+    from qatflash.report import write_report
+
+    write_report([tmp_path], tmp_path / "report")  # the float row is not shown as the shipped model's
+    (row,) = pd.read_csv(tmp_path / "report" / "results.csv").to_dict("records")
+    assert row["model.not_shipped"] == model["not_shipped"] and pd.isna(row["shipped_p50_ms"])
 
 
 def to_config_of(recipe: str):
@@ -99,6 +110,7 @@ def to_config_of(recipe: str):
     return to_config(compose_config("config", [f"quant={recipe}"])).quant
 
 
+@pytest.mark.e2e  # a decoder job of its own (seconds): CI runs it in make test-e2e
 def test_mxfp8_qat_ships_in_bfloat16_on_the_cpu_paired_with_float_in_bfloat16(
     run_app, text_corpus: Path, tmp_path: Path
 ) -> None:
@@ -225,6 +237,7 @@ def test_a_torchao_scheme_no_shipped_yaml_uses_runs_from_a_tests_only_yaml(
     assert model["quantized_bytes"] < model["float_bytes"] / 2
 
 
+@pytest.mark.e2e  # a decoder job of its own (seconds): CI runs it in make test-e2e
 def test_a_weight_only_int4_job_says_int8_nowhere(run_app, text_corpus: Path, tmp_path: Path) -> None:
     """Schema 2 names what a job made: a packed int4 job's metric names, result keys, latency
     variants, W&B summary keys and report columns say `quantized` and its format, never int8."""
@@ -255,6 +268,11 @@ def test_fp8_rowwise_keeps_an_all_zero_activation_row_finite_only_with_its_lower
 ) -> None:
     """A padding token's embedding is zero, and so is its normalized row: per-row FP8 scales it by
     0/448, and without `activation_value_lb` the row turns into NaN (0/0), which attention spreads."""
+    for shipped in ("ptq_fp8_rowwise", "qat_fp8_rowwise"):  # both recipes carry the bound
+        assert (
+            make_recipe(to_config(make_cfg(f"quant={shipped}")).quant).convert_config.activation_value_lb
+            == 1e-12
+        )
     cfg = to_config(make_cfg("quant=qat_fp8_rowwise", f"quant.torchao.convert.activation_value_lb={bound}"))
     model = make_recipe(cfg.quant).prepare(nn.Sequential(nn.Linear(64, 32)))
     rows = torch.randn(3, 64)
@@ -303,3 +321,33 @@ def test_tinygemm_int4_converted_on_the_gpu_computes_what_its_qat_simulated(make
     assert torch.equal(scale[..., 0][: 256 // group, :128].t(), fake.scale)
     assert torch.equal(zero[..., 0][: 256 // group, :128].t(), fake.zero_point)
     assert (shipped - simulated).abs().max() <= 0.02 * simulated.abs().max()
+
+
+@pytest.mark.parametrize(
+    ("precision", "autocast", "timed"),
+    [
+        (
+            "bf16-mixed",
+            torch.bfloat16,
+            {"float": "bfloat16 autocast", "quantized": "bfloat16", "float_at_target": "bfloat16"},
+        ),
+        ("bf16-true", None, {"float": "bfloat16", "quantized": "bfloat16"}),
+    ],
+)
+def test_a_float_model_under_autocast_is_not_the_like_of_a_bfloat16_target(
+    make_cfg, tmp_path: Path, precision: str, autocast: torch.dtype | None, timed: dict[str, str]
+) -> None:
+    """Under bf16 autocast the float model keeps float32 weights and casts them at every call: a
+    bfloat16 quantized model is paired with the float model cast to bfloat16, timed beside it."""
+    from qatflash.quant.ship import Shipped
+    from qatflash.timing.backends import JobTiming, TimingBackend
+
+    recipe = make_recipe(to_config(make_cfg("quant=qat_mxfp8")).quant)
+    model = nn.Sequential(nn.Linear(8, 8))
+    shipped = Shipped(model, True, recipe, None, copy.deepcopy(model).to(torch.bfloat16))
+    job = JobTiming(shipped, torch.device("cpu"), precision, autocast, tmp_path, {}, None, 1)
+    contenders = TimingBackend().job_models(job).timed
+    assert {variant: c.dtype for (variant, _), c in contenders.items()} == timed
+    if "float_at_target" in timed:
+        twin = contenders["float_at_target", "torch"].model
+        assert {p.dtype for p in twin.parameters()} == {torch.bfloat16} and twin is not model

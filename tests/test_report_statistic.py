@@ -242,3 +242,19 @@ def test_macro_f1_delta_and_permutation_test_by_hand() -> None:
     assert permutation(target, target, wrong) == pytest.approx(0.125)
     assert permutation(target, wrong, wrong) == 1.0
     assert macro_f1_delta(target, wrong, wrong) == Interval(0.0, 0.0, 0.0)
+
+
+def test_a_macro_f1_points_error_bars_are_its_shipped_models_macro_f1_interval(report: Path) -> None:
+    """The Pareto plot's bars (results.csv's headline_low/high) read the declared statistic's
+    interval of the model each point ships: macro-F1's, not accuracy's or none."""
+    table = pd.read_csv(report / "results.csv")
+    seeds = pd.read_csv(report / "quality_per_seed.csv")
+    shipped = seeds[(seeds["model"] == QUANTIZED) | (seeds["quant"] == REFERENCE_QUANT)]
+    bounds = {
+        Path(p).name: (lo, hi) for p, lo, hi in shipped[["point", "macro_f1_low", "macro_f1_high"]].to_numpy()
+    }
+    got = {
+        Path(p).name: (lo, hi) for p, lo, hi in table[["point", "headline_low", "headline_high"]].to_numpy()
+    }
+    assert len(got) == 4 and got.keys() == bounds.keys()
+    assert all(got[point] == pytest.approx(bounds[point]) for point in got)

@@ -62,7 +62,7 @@ def test_onnx_runtime_rows_of_schema_1_keep_its_own_int8() -> None:
             "ratio_to_fp32": 0.5,
             "ratio_reference": "fp32/onnxruntime",
         },
-        {"variant": "int8_qdq", "backend": "onnxruntime"},
+        {"variant": "int8_qdq", "backend": "onnxruntime", "torch_fp32_reference": "fp32_cpu/torch"},
         {"variant": "int8", "backend": "torch", "ratio_reference": "fp32_cpu/torch"},
     ]
     upgraded = upgrade({"schema": 1, "latency": rows})["latency"]
@@ -70,6 +70,8 @@ def test_onnx_runtime_rows_of_schema_1_keep_its_own_int8() -> None:
     assert upgraded[0]["torch_float_reference"] == "float/torch"
     assert upgraded[1]["ratio_to_float"] == 0.5 and upgraded[1]["ratio_reference"] == "float/onnxruntime"
     assert upgraded[3]["ratio_reference"] == "float_at_target/torch"
+    # after a CUDA fit an ONNX Runtime row's torch reference is the float model timed on the CPU
+    assert upgraded[2]["torch_float_reference"] == "float_at_target/torch"
 
 
 def test_a_schema_1_sweep_reports_under_the_schema_2_names(tmp_path: Path) -> None:

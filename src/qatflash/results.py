@@ -121,16 +121,21 @@ def _v1_metric(key: str) -> str:
 
 def _v1_latency_row(row: dict[str, Any]) -> dict[str, Any]:
     """A schema-1 latency row: its variant renamed, and every `fp32` in its field names and
-    references (ratio_to_fp32, ratio_reference fp32/torch) said as `float`."""
-    renames = _V1_ORT_VARIANTS if row.get("backend") == "onnxruntime" else _V1_MODELS
+    references (ratio_to_fp32, ratio_reference fp32/torch) said as `float`, each reference renamed
+    as the row it names is (an ONNX Runtime row's torch reference may be fp32_cpu/torch)."""
     out = {}
     for key, value in row.items():
         if isinstance(value, str) and key.endswith("reference"):
             variant, _, backend = value.partition("/")
-            value = f"{renames.get(variant, variant)}/{backend}" if backend else value
+            value = f"{_v1_variant(variant, backend)}/{backend}" if backend else value
         out[key.replace("fp32", FLOAT)] = value
-    out["variant"] = renames.get(row["variant"], row["variant"])
+    out["variant"] = _v1_variant(row["variant"], row.get("backend"))
     return out
+
+
+def _v1_variant(variant: str, backend: str | None) -> str:
+    renames = _V1_ORT_VARIANTS if backend == "onnxruntime" else _V1_MODELS
+    return renames.get(variant, variant)
 
 
 def read_examples(folder: Path) -> Any:

@@ -34,7 +34,9 @@ def check_bench(cfg: BenchAppConfig, probe_kernel: bool = True) -> PretrainedCon
     check_attention(cfg.attention, DTYPE_PRECISIONS[cfg.bench.dtype], device, probe_kernel=probe_kernel)
     if cfg.bench.artifact is not None:
         run = open_run(cfg.bench.artifact)
-        target = make_recipe(run.quant).target()
+        artifact_recipe = make_recipe(run.quant)
+        artifact_recipe.check_device(device.type)  # the compute capability its kernels need, too
+        target = artifact_recipe.target()
         if (device.type, cfg.bench.dtype) != (
             target.device,
             target.dtype,

@@ -223,8 +223,13 @@ class BitsAndBytesRecipe(WeightOnlyRecipe):
         _bitsandbytes()
 
     def devices(self) -> tuple[str, ...]:
-        """What bitsandbytes has a backend for in this install (the CPU first: where a job ships)."""
-        return tuple(sorted(_bitsandbytes().supported_torch_devices))
+        """What bitsandbytes has a backend for in this install, the CPU first: where a job ships."""
+        return tuple(sorted(_bitsandbytes().supported_torch_devices, key=lambda device: device != "cpu"))
+
+    def target(self) -> Target:
+        """On the first device of `devices()`: an install without a CPU backend ships on CUDA, and
+        is refused before data loads where there is none."""
+        return Target(self.formats[self.scheme.weight_dtype], self.devices()[0], "float32")
 
     def quantized_linear(self, linear: nn.Linear) -> nn.Module:
         bnb = _bitsandbytes()

@@ -33,6 +33,7 @@ _TRAIN_COLUMNS = {
     "headline_delta": "Δ vs float",
     "latency.float.torch.p50_ms": "float p50 ms",
     "model.format": "format",
+    "model.not_shipped": "not shipped",
     "shipped_p50_ms": "shipped p50 ms",
     "shipped_ratio_to_float": "shipped / float latency (paired)",
     "shipped_prefill_p50_ms": "shipped prefill p50 ms",

@@ -40,7 +40,8 @@ def shipped_latency(table: pd.DataFrame, figure: str = "p50_ms") -> pd.Series:
     """A latency `figure` (p50_ms, ratio_to_float, ...) of the model each job ships, NaN where it has none.
 
     The shipped model is chosen by which p50 exists, then every figure is read from that one row,
-    so a p50 and a ratio in the same report line always describe the same model.
+    so a p50 and a ratio in the same report line always describe the same model. A job whose
+    quantized model was not shipped (`model.not_shipped`) has none: its float row is not it.
     """
     out = pd.Series(None, index=table.index, dtype=object)  # numbers, or flags such as host_busy
     chosen = pd.Series(False, index=table.index)
@@ -52,6 +53,8 @@ def shipped_latency(table: pd.DataFrame, figure: str = "p50_ms") -> pd.Series:
         if prefix + figure in table:
             out[take] = table.loc[take, prefix + figure]
         chosen |= take
+    if "model.not_shipped" in table:
+        out[table["model.not_shipped"].notna()] = None
     return out.infer_objects()
 
 

@@ -48,7 +48,7 @@ from qatflash.results import EXAMPLES_FILE, FLOAT, read_examples
 REFERENCE_MODEL = FLOAT  # the model every other is compared with
 OTHER_WINDOWS = "no interval: the reference was tested on other examples"
 NO_EXAMPLES = f"no interval: the point has no {EXAMPLES_FILE} (recorded before per-example results)"
-NO_REFERENCE = "no interval: no FP32 point of the same config but quant and benchmark"
+NO_REFERENCE = "no interval: no float point of the same config but quant and benchmark"
 
 
 class Statistic(ABC):

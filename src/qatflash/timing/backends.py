@@ -79,7 +79,9 @@ class TimingBackend:
         conditions than the float one (on the CPU after a CUDA fit, in bfloat16 after a float32 fit,
         compiled), the float model is timed there too, so that its ratio pairs like with like."""
         shipped = job.shipped
-        float_dtype = PRECISIONS[job.precision]
+        # Under autocast the float model keeps float32 weights and casts them at every call: not
+        # the bfloat16 model a bfloat16 target is compared with, so it is not its like.
+        float_dtype = PRECISIONS[job.precision] + (" autocast" if job.autocast is not None else "")
         timed = {
             (FLOAT, self.name): Contender(
                 self.wrap(shipped.float_model, job.example, job.max_len),
