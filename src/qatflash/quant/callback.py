@@ -93,7 +93,9 @@ class QuantizationAwareTraining(L.Callback):
     on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = _evaluating
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.ships:
+        # Rank 0 alone ships (the other ranks of a DDP fit stop after it): converting on every rank
+        # would put a copy per rank on the target's device, the first GPU for a CUDA target.
+        if self.ships and trainer.is_global_zero:
             self.to_quantized(pl_module.model)
 
     def to_quantized(self, model: nn.Module) -> nn.Module:
