@@ -28,7 +28,15 @@ from qatflash.quant.weight_only import (
 )
 from qatflash.report import write_report
 from qatflash.report.figures import quality_vs_latency
-from qatflash.timing.generation import full_sequence_logits, generate, kv_cache_bytes, profile_decode
+from qatflash.timing.generation import (
+    CompiledDecoder,
+    Decoder,
+    compiled_graphs,
+    full_sequence_logits,
+    generate,
+    kv_cache_bytes,
+    profile_decode,
+)
 from qatflash.timing.latency import time_in_rounds
 
 CHOICES = {"task": "causal_lm", "model": "llama_tiny", "data": "text"}
@@ -42,7 +50,7 @@ def test_cached_decode_reproduces_the_full_forward(learned_decoder: LearnedDecod
     model = AutoModelForCausalLM.from_pretrained(learned_decoder.folder).eval()
     prompt = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        generated = generate(model, prompt, 32, kv_cache)
+        generated = generate(Decoder(model, kv_cache), prompt, 32)
         full = full_sequence_logits(model, prompt, generated)
     cached = torch.stack(generated.logits, dim=1)
     assert cached.shape == full.shape == (2, 33, model.config.vocab_size)
@@ -64,14 +72,49 @@ def _decoder(layers: int = 2, kv_heads: int = 2, head_dim: int = 16) -> torch.nn
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def test_compiled_decode_gives_eagers_tokens_from_one_graph() -> None:
+    """Compiled decode over a static cache chooses the tokens eager decode chooses (logits to 1e-5)
+    from one dynamo graph for every step of two generations: no recompilation per token (the
+    position is a tensor), nor per generation. Both generations use the one cache, reset: on the CPU
+    a new one would not recompile, but under CUDA graphs its new addresses re-record the graph."""
+    model, prompt = _decoder(), torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        eager = generate(Decoder(model, "static"), prompt, 12)
+        compiled = CompiledDecoder(model, torch.device("cpu"))
+        before = compiled_graphs()
+        runs = [generate(compiled, prompt, 12) for _ in range(2)]
+        assert compiled_graphs() - before == 1
+    assert runs[0].cache is runs[1].cache is compiled.cache
+    assert len(torch.unique(eager.tokens)) > 1
+    for generated in runs:
+        assert torch.equal(generated.tokens, eager.tokens)
+        torch.testing.assert_close(
+            torch.stack(generated.logits), torch.stack(eager.logits), rtol=0, atol=1e-5
+        )
+
+
+def test_a_decode_step_that_breaks_the_graph_is_refused_in_one_line() -> None:
+    model = _decoder()
+    model.model.layers[0].register_forward_hook(lambda *_: torch._dynamo.graph_break())
+    with (
+        torch.inference_mode(),
+        pytest.raises(
+            ConfigError,
+            match=r"decode=compiled: LlamaForCausalLM's decode step does not compile into one graph",
+        ),
+    ):
+        generate(CompiledDecoder(model, torch.device("cpu")), torch.zeros(1, 4, dtype=torch.long), 2)
+
+
 def test_kv_cache_bytes_are_keys_and_values_of_every_layer() -> None:
     """2 (keys, values) x layers x batch x kv heads x positions x head dim x 4 bytes; a static cache
     holds its whole preallocation, none holds nothing."""
     model, prompt = _decoder(layers=3, kv_heads=2), torch.zeros(2, 10, dtype=torch.long)
     with torch.inference_mode():
-        dynamic = generate(model, prompt, 5, "dynamic")
-        static = generate(model, prompt, 5, "static")
-        none = generate(model, prompt, 5, "none")
+        dynamic = generate(Decoder(model, "dynamic"), prompt, 5)
+        static = generate(Decoder(model, "static"), prompt, 5)
+        none = generate(Decoder(model, "none"), prompt, 5)
     per_position = 2 * 3 * 2 * 2 * 16 * 4
     assert kv_cache_bytes(dynamic.cache) == per_position * (10 + 5)  # the last token is never fed back
     assert kv_cache_bytes(static.cache) == per_position * (10 + 5)  # allocated up front, all used
@@ -85,10 +128,10 @@ def test_decode_feeds_one_token_with_a_cache_and_the_whole_sequence_without() ->
         lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
     with torch.inference_mode():
-        generate(model, torch.zeros(1, 6, dtype=torch.long), 3, "dynamic")
+        generate(Decoder(model, "dynamic"), torch.zeros(1, 6, dtype=torch.long), 3)
         assert seen == [6, 1, 1, 1]
         seen.clear()
-        generate(model, torch.zeros(1, 6, dtype=torch.long), 3, "none")
+        generate(Decoder(model, "none"), torch.zeros(1, 6, dtype=torch.long), 3)
     assert seen == [6, 7, 8, 9]
 
 
@@ -263,6 +306,49 @@ def test_a_benchmark_point_times_a_quantized_decoder_beside_its_float_one(
     assert "prefill p50 ms" in markdown and "quantized / float (paired)" in markdown
 
 
+def test_a_benchmark_point_times_compiled_decode_beside_eager_against_the_devices_ceilings(
+    make_bench_cfg, tmp_path: Path
+) -> None:
+    """decode=compiled: each model's compiled decode (one graph, none while timed) beside its eager
+    decode, paired; every row's bytes per token and prefill FLOPs, counted by hand for the tiny
+    decoder (hidden 64, FFN 128, 2 layers of 2 heads of 32 and 1 KV head, vocabulary 512, untied),
+    against the copy and matmul this process measured."""
+    rows = _bench(
+        make_bench_cfg,
+        tmp_path,
+        "quant=wo_packed_int8",
+        "bench.seq_lens=[16]",
+        "benchmark.new_tokens=4",
+        "benchmark.kv_cache=static",
+        "benchmark.decode=compiled",
+    )["latency"]
+    float_row, quantized = rows
+    for row in rows:
+        assert row["decode"] == "eager+compiled" and row["compiled_p50_ms"] > 0
+        assert row["compiled_graphs"] == 1 and row["compiled_graphs_while_timed"] == 0
+        assert row["compiled_rounds_to_eager"] >= 2
+        # keys and values: 2 x 2 layers x 1 KV head x 32 x 4 bytes per position, at the mean context
+        # of 4 decode steps after 16 prompt tokens: 16 + 5 / 2
+        assert row["kv_read_bytes"] == 2 * 2 * 32 * 4 * 18.5
+        assert row["bytes_per_token"] == row["weights_read_bytes"] + row["kv_read_bytes"]
+        assert row["decode_gb_per_s"] == pytest.approx(row["bytes_per_token"] / row["p50_ms"] / 1e6)
+        assert row["decode_bandwidth_share"] == pytest.approx(row["decode_gb_per_s"] / row["copy_gb_per_s"])
+        assert row["compiled_gb_per_s"] == pytest.approx(
+            row["bytes_per_token"] / row["compiled_p50_ms"] / 1e6
+        )
+        # Linears 2 x 16 tokens x 2 layers x 36,864 weights, the head 2 x 1 x 32,768, attention
+        # 2 x 2 x 2 layers x 2 heads x 32 x 16^2 / 2
+        assert row["prefill_flops"] == 2 * 16 * 2 * 36864 + 2 * 32768 + 4 * 2 * 2 * 32 * 16 * 16 // 2
+        assert row["prefill_flops_share"] == pytest.approx(row["prefill_tflops"] / row["matmul_tflops"])
+        assert row["matmul_dtype"] == "float32" and row["copy_bytes"] == 2**28
+    # float32: every parameter (139,584) but the embedding table, less the one row a step looks up
+    assert float_row["weights_read_bytes"] == 4 * (139584 - 512 * 64 + 64)
+    # int8 Linears (73,728 + the head's 32,768) with a float32 scale per output row (2 x 512 + the head's 512),
+    # float32 norms (2 x 128 + 64) and the embedding row
+    assert quantized["weights_read_bytes"] == (73728 + 32768) + 4 * (2 * 512 + 512) + 4 * (2 * 128 + 64 + 64)
+    assert quantized["compiled_rounds_to_float"] >= 2 and "compiled_ratio_to_float" in quantized
+
+
 def test_a_slow_schemes_breakdown_names_its_kernel() -> None:
     """The profile of a weight-only int8 decoder's decode steps shows where the time went: the
     packed int8 matmul, and none of the prefill that came before the profiler started."""
@@ -270,7 +356,8 @@ def test_a_slow_schemes_breakdown_names_its_kernel() -> None:
     recipe = PackedRecipe(to_config_quant("wo_packed_int8"))
     quantized = recipe.convert(recipe.prepare(model))
     ops = {
-        op["op"]: op for op in profile_decode(quantized, torch.zeros(1, 8, dtype=torch.long), 4, "dynamic")
+        op["op"]: op
+        for op in profile_decode(Decoder(quantized, "dynamic"), torch.zeros(1, 8, dtype=torch.long), 4)
     }
     assert "aten::_weight_int8pack_mm" in ops
     # 4 decode steps x (7 block Linears x 2 layers + the LM head); prefill's 15 calls are not counted
@@ -301,6 +388,14 @@ def to_config_quant(name: str):
         (
             ["benchmark.new_tokens=4", "benchmark.backends=[torch_compile]"],
             "generation with a KV cache runs through eager torch only",
+        ),
+        (
+            ["benchmark.new_tokens=4", "benchmark.decode=compiled"],
+            r"benchmark.decode=compiled with benchmark.kv_cache=dynamic: a compiled step needs shapes",
+        ),
+        (
+            ["benchmark.decode=compiled"],
+            r"benchmark.decode=compiled times decode steps: set benchmark.new_tokens > 0",
         ),
         (
             ["bench.seq_lens=[250]", "benchmark.new_tokens=8"],
@@ -389,3 +484,52 @@ def test_on_cuda_each_step_is_timed_by_events_read_after_one_sync(monkeypatch: p
         clock("decode", work(ms))
     assert clock.samples() == {"prefill": [30.0], "decode": [2.0, 3.0, 4.0]}
     assert syncs == [None]  # once, after the generation: never between its steps
+
+
+def test_the_7b_shape_is_refused_on_a_host_without_its_memory_before_a_weight_is_built(
+    make_bench_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model=llama_7b_shape on a CPU host of CI's size (24 GiB available): 6.74B float32 parameters
+    need 25.1 GiB, refused naming it; in bfloat16 (12.6 GiB) it passes the check. Nothing is built."""
+    from qatflash import models
+    from qatflash.bench.app import check_bench
+
+    monkeypatch.setattr(models, "host_memory_available", lambda: 24 * 2**30)
+    monkeypatch.setattr(models, "build_model_from_config", lambda *_: pytest.fail("a weight was built"))
+    cfg = lambda dtype: to_config(  # noqa: E731
+        make_bench_cfg("task=causal_lm", "model=llama_7b_shape", "logger=none", f"bench.dtype={dtype}")
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^bench.device=cpu bench.dtype=float32: the model's 6.74B parameters need 25.1 GiB as float32 "
+        r"weights alone; this host has 24.0 GiB available: run it on a GPU",
+    ):
+        run_benchmark(cfg("float32"), JobContext(folder=tmp_path, choices={}))
+    assert check_bench(cfg("bfloat16")).num_hidden_layers == 32
+
+
+def test_host_memory_available_reads_this_machine() -> None:
+    from qatflash.models import host_memory_available
+
+    assert 2**28 < host_memory_available() < 2**50
+
+
+def test_a_config_built_model_is_made_on_its_device_in_its_dtype() -> None:
+    """Every weight born in bfloat16: no float32 copy first (the 7B shape's would be 25 GiB)."""
+    from qatflash.config import AttentionConfig
+    from qatflash.models import build_model_from_config
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    created: list[torch.dtype] = []
+    original = torch.nn.Linear.reset_parameters
+    torch.nn.Linear.reset_parameters = lambda self: (created.append(self.weight.dtype), original(self))[1]
+    try:
+        model = build_model_from_config(
+            config, AttentionConfig(), AutoModelForCausalLM, torch.device("cpu"), torch.bfloat16
+        )
+    finally:
+        torch.nn.Linear.reset_parameters = original
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert created and set(created) == {torch.bfloat16}

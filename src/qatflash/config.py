@@ -474,6 +474,9 @@ class LoggerConfig:
 # How decode keeps its keys and values: transformers' DynamicCache (grows per token), StaticCache
 # (preallocated to the whole generation), or none (every token re-runs the full sequence).
 KV_CACHES = ("dynamic", "static", "none")
+# How decode steps run: the model's eager forward, or also one compiled graph over a static cache
+# (qatflash.timing.generation), timed beside the eager decode.
+DECODE_MODES = ("eager", "compiled")
 
 
 @dataclass
@@ -498,6 +501,9 @@ class TimingConfig:
     # then this many greedy decode steps, each its own sample, instead of a plain forward.
     new_tokens: int = 0
     kv_cache: str = "dynamic"
+    # eager, or compiled: each model's decode also through torch.compile (CUDA graphs on CUDA) over
+    # a static cache, in the same rounds as its eager decode (needs kv_cache=static, new_tokens > 0).
+    decode: str = "eager"
     # Stop timing once this long has passed, even short of min_iters (at least 2 rounds): a budget
     # that keeps 16k-token CPU points to minutes. null = no cap.
     max_duration_s: float | None = None
@@ -507,6 +513,18 @@ class TimingConfig:
             self.new_tokens >= 0, f"benchmark.new_tokens={self.new_tokens} must be >= 0 (0: forward only)"
         )
         _one_of("benchmark.kv_cache", self.kv_cache, KV_CACHES)
+        _one_of("benchmark.decode", self.decode, DECODE_MODES)
+        if self.decode == "compiled":
+            _require(
+                self.new_tokens > 0,
+                "benchmark.decode=compiled times decode steps: set benchmark.new_tokens > 0",
+            )
+            _require(
+                self.kv_cache == "static",
+                f"benchmark.decode=compiled with benchmark.kv_cache={self.kv_cache}: a compiled step needs "
+                "shapes that never change, which only kv_cache=static gives (a dynamic cache grows every "
+                "token and recompiles; none feeds the whole sequence)",
+            )
         _positive_or_null("benchmark.max_duration_s", self.max_duration_s)
         _require(
             bool(self.backends), "benchmark.backends is empty; allowed: " + ", ".join(TIMING_BACKENDS.names())

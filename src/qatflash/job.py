@@ -55,6 +55,7 @@ _ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("benchmark", "new_tokens"): 0,
     ("benchmark", "kv_cache"): "dynamic",
     ("benchmark", "max_duration_s"): None,
+    ("benchmark", "decode"): "eager",  # compiled decode: eager only before
     ("quant", "weight_only"): None,
 }
 # Mappings whose keys were declared after sweeps were recorded, each null where it was absent

@@ -176,8 +176,11 @@ def build_model(
     attention: AttentionConfig,
     hf_config: PretrainedConfig,
     auto: AutoModel = AutoModelForSequenceClassification,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
-    """The model with the chosen attention implementation, refused early if its class lacks it."""
+    """The model with the chosen attention implementation, refused early if its class lacks it;
+    a config-built one made directly on `device` in `dtype` where given."""
     check_model_supports(attention, model_class(hf_config, auto))
     if cfg.name_or_path is not None:
         return auto.from_pretrained(
@@ -185,16 +188,48 @@ def build_model(
             config=hf_config,
             attn_implementation=attention.implementation,
         )
-    return build_model_from_config(hf_config, attention, auto)
+    return build_model_from_config(hf_config, attention, auto, device, dtype)
 
 
 def build_model_from_config(
     hf_config: PretrainedConfig,
     attention: AttentionConfig,
     auto: AutoModel = AutoModelForSequenceClassification,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
-    """Random weights in the model's shape: a from-scratch model, or a skeleton to load a state_dict into."""
-    return auto.from_config(hf_config, attn_implementation=attention.implementation)
+    """Random weights in the model's shape: a from-scratch model, or a skeleton to load a state_dict
+    into. With `device` and `dtype` every weight is made there in that dtype (a 7B model in bfloat16
+    on a GPU never passes through a float32 copy on the host)."""
+    with torch.device(device or "cpu"):
+        return auto.from_config(hf_config, attn_implementation=attention.implementation, dtype=dtype)
+
+
+def parameter_count(hf_config: PretrainedConfig, auto: AutoModel) -> int:
+    """The model's parameters, counted on the meta device (nothing built)."""
+    return sum(p.numel() for p in model_on_meta(hf_config, auto).parameters())
+
+
+def host_memory_available() -> int:
+    """Bytes this host can still give a process (Linux's MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable line")
+
+
+def check_fits_host(hf_config: PretrainedConfig, auto: AutoModel, dtype: torch.dtype, key: str) -> None:
+    """Refuse, before any weight is built, a model whose weights in `dtype` (named by the config
+    `key` that chose it) need more memory than this host has available."""
+    parameters = parameter_count(hf_config, auto)
+    needed = parameters * torch.empty(0, dtype=dtype).element_size()
+    available = host_memory_available()
+    if needed > available:
+        raise ConfigError(
+            f"{key}: the model's {parameters / 1e9:.2f}B parameters need {needed / 2**30:.1f} GiB as "
+            f"{str(dtype).removeprefix('torch.')} weights alone; this host has {available / 2**30:.1f} GiB "
+            "available: run it on a GPU or choose a smaller model"
+        )
 
 
 def model_on_meta(

@@ -64,6 +64,7 @@ from qatflash.timing.backends import BackendModels, JobTiming, TimingBackend
 from qatflash.timing.generation import generation_figures, generation_rounds
 from qatflash.timing.latency import Contender, measure_side_by_side
 from qatflash.timing.pairing import Conditions, paired_ratios
+from qatflash.timing.roofline import generation_roofline, measure_ceilings, prefill_flops
 
 log = logging.getLogger(__name__)
 
@@ -473,16 +474,18 @@ def time_models(
         for key, c in backend.timed.items()
     }
     with forced_kernel(cfg.attention.sdpa_backend if generating else None):
-        return latency_rows(cfg, checked.task, timed, built.hf_config.vocab_size)
+        return latency_rows(cfg, checked.task, timed, built.hf_config)
 
 
 def latency_rows(
-    cfg: Config, task: Task, timed_models: dict[tuple[str, str], Contender], vocab_size: int
+    cfg: Config, task: Task, timed_models: dict[tuple[str, str], Contender], hf_config: PretrainedConfig
 ) -> list[dict[str, Any]]:
     """One latency record per (variant, backend): what was timed, how, under which host load, the
     figures, and its ratio to the float row timed under the same conditions, paired round by round
     (the figure a quantized-vs-float decision reads; `qatflash.timing.pairing`). A generation's row holds
-    decode per token as its own figures and ratios, prefill's under `prefill_`."""
+    decode per token as its own figures and ratios, prefill's under `prefill_`, compiled decode's
+    under `compiled_`, and each against its device's ceilings (`qatflash.timing.roofline`)."""
+    vocab_size = hf_config.vocab_size
     seq_len = cfg.benchmark.seq_len or cfg.data.max_length
     threads = cfg.benchmark.threads or torch.get_num_threads()
     conditions = {key: Conditions(c.device.type, key[1], threads, c.dtype) for key, c in timed_models.items()}
@@ -491,8 +494,22 @@ def latency_rows(
         generations = generation_rounds(timed_models, cfg.benchmark, inputs)
         timed = {key: g.decode for key, g in generations.items()}
         figures = {key: generation_figures(g) for key, g in generations.items()}
-        prefill = paired_ratios({key: g.prefill for key, g in generations.items()}, conditions)
-        extra = {key: {f"prefill_{k}": v for k, v in ratios.items()} for key, ratios in prefill.items()}
+        flops = prefill_flops(model_on_meta(hf_config, task.auto_model), hf_config, *inputs.shape)
+        ceilings = {device: measure_ceilings(device) for device in {c.device for c in timed_models.values()}}
+        for key, c in timed_models.items():
+            if (measured := ceilings[c.device]) is not None:
+                figures[key].update(
+                    generation_roofline(
+                        c.model, flops, inputs.shape, cfg.benchmark.new_tokens, figures[key], measured
+                    )
+                )
+        phases = {"prefill": {key: g.prefill for key, g in generations.items()}}
+        if cfg.benchmark.decode == "compiled":
+            phases["compiled"] = {key: g.compiled.decode for key, g in generations.items() if g.compiled}
+        extra = {key: {} for key in timed}
+        for phase, sides in phases.items():
+            for key, ratios in paired_ratios(sides, conditions).items():
+                extra[key].update({f"{phase}_{k}": v for k, v in ratios.items()})
     else:
         timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size, task.timing_inputs)
         figures = {key: {**t.stats.as_dict(), "scenario": "forward"} for key, t in timed.items()}

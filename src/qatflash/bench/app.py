@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 from qatflash.attention import check_attention, check_model_supports
@@ -20,7 +21,7 @@ from qatflash.bench.saved_run import open_run
 from qatflash.config import DTYPE_PRECISIONS, BenchAppConfig
 from qatflash.errors import ConfigError, require
 from qatflash.job import JobContext, environment, open_job, resolve_device
-from qatflash.models import check_positions, declared_config, model_class, timed_length_key
+from qatflash.models import check_fits_host, check_positions, declared_config, model_class, timed_length_key
 from qatflash.quant import make_recipe
 from qatflash.results import QUANTIZED
 from qatflash.tasks import TASKS
@@ -56,6 +57,9 @@ def check_bench(cfg: BenchAppConfig, probe_kernel: bool = True) -> PretrainedCon
     task.check_timing(cfg.benchmark, artifact_recipe)
     _check_quant(cfg)
     check_model_supports(cfg.attention, model_class(hf_config, task.auto_model))
+    if device.type == "cpu" and cfg.bench.artifact is None:
+        key = f"bench.device=cpu bench.dtype={cfg.bench.dtype}"
+        check_fits_host(hf_config, task.auto_model, getattr(torch, cfg.bench.dtype), key)
     # a generation's last decode step sits new_tokens past the prompt
     new_tokens = cfg.benchmark.new_tokens
     check_positions(

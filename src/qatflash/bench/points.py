@@ -24,7 +24,7 @@ from transformers import PretrainedConfig
 from qatflash.bench.saved_run import open_run
 from qatflash.config import AttentionConfig, BenchConfig, ModelConfig, QuantConfig, TaskConfig, TimingConfig
 from qatflash.job import resolve_device
-from qatflash.models import build_model, declared_config, max_positions
+from qatflash.models import build_model, declared_config, max_positions, model_on_meta
 from qatflash.placement import place
 from qatflash.quant import make_recipe
 from qatflash.quant.artifact import serialized_bytes
@@ -32,7 +32,13 @@ from qatflash.results import FLOAT, QUANTIZED
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
 from qatflash.timing.backends import CompiledBackend, TimingBackend
-from qatflash.timing.generation import generate, generation_figures, generation_rounds, profile_decode
+from qatflash.timing.generation import (
+    Decoder,
+    generate,
+    generation_figures,
+    generation_rounds,
+    profile_decode,
+)
 from qatflash.timing.latency import Contender, measure_side_by_side
 from qatflash.timing.memory import (
     address_space_bytes,
@@ -41,6 +47,7 @@ from qatflash.timing.memory import (
     steady_host_allocator,
 )
 from qatflash.timing.profile import top_ops
+from qatflash.timing.roofline import generation_roofline, measure_ceilings, prefill_flops
 
 OUT_OF_MEMORY = "out of memory"
 # How allocation failures read: CUDA's OutOfMemoryError, or the CPU allocator under an address-space cap.
@@ -98,8 +105,9 @@ def _subjects(
         return {QUANTIZED: run.load_quantized(recipe, job.attention)}, run.hf_config(), backend
     task = TASKS.load(job.task.name)
     hf_config = declared_config(job.model)
-    model = build_model(job.model, job.attention, hf_config, task.auto_model)
-    model = place(model.to(dtype=getattr(torch, job.sweep.dtype)), device).eval()
+    dtype = getattr(torch, job.sweep.dtype)
+    model = build_model(job.model, job.attention, hf_config, task.auto_model, device, dtype)
+    model = place(model.to(dtype=dtype), device).eval()  # a pretrained one loads on the CPU
     subjects = {FLOAT: model}
     if job.quant.method != "none":
         recipe = make_recipe(job.quant)
@@ -142,10 +150,19 @@ def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
     timing = replace(job.timing, batch_size=job.batch_size)
     contenders = {variant: Contender(model, device) for variant, model in models.items()}
     if generating:
+        prompt = inputs["input_ids"].shape
         times = generation_rounds(contenders, timing, inputs["input_ids"])
+        ceilings = measure_ceilings(device)
+        flops = prefill_flops(model_on_meta(hf_config, task.auto_model), hf_config, *prompt)
         figures = {v: generation_figures(t) for v, t in times.items()}
+        for variant, model in models.items():
+            if ceilings is not None:
+                figures[variant].update(
+                    generation_roofline(
+                        model, flops, prompt, job.timing.new_tokens, figures[variant], ceilings
+                    )
+                )
         timed = {v: t.decode for v, t in times.items()}
-        prefill = {v: t.prefill for v, t in times.items()}
     else:
         timed = measure_side_by_side(
             contenders,
@@ -176,8 +193,11 @@ def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
         if variant == QUANTIZED and FLOAT in timed:
             row.update({f"{k}_to_float": v for k, v in timed[QUANTIZED].ratio_to(timed[FLOAT]).items()})
             if generating:
-                paired = prefill[QUANTIZED].ratio_to(prefill[FLOAT])
+                paired = times[QUANTIZED].prefill.ratio_to(times[FLOAT].prefill)
                 row.update({f"prefill_{k}_to_float": v for k, v in paired.items()})
+                if (compiled := times[QUANTIZED].compiled) and (reference := times[FLOAT].compiled):
+                    paired = compiled.decode.ratio_to(reference.decode)
+                    row.update({f"compiled_{k}_to_float": v for k, v in paired.items()})
         rows.append(row)
     if len(rows) == 2 and rows[1]["ratio_to_float"] > 1:
         for row, model in zip(rows, models.values(), strict=True):
@@ -191,7 +211,7 @@ def _step(
     """One forward, or one whole generation (prefill + decode) when timing generation."""
     if generation is None:
         return lambda: model(**inputs)
-    return lambda: generate(model, inputs["input_ids"], generation.new_tokens, generation.kv_cache)
+    return lambda: generate(Decoder(model, generation.kv_cache), inputs["input_ids"], generation.new_tokens)
 
 
 def _breakdown(
@@ -204,7 +224,7 @@ def _breakdown(
     """Top ops over `PROFILED_TOKENS` decode steps after an unprofiled prefill, or over block_iters forwards."""
     if generating:
         return profile_decode(
-            model, inputs["input_ids"], min(timing.new_tokens, PROFILED_TOKENS), timing.kv_cache
+            Decoder(model, timing.kv_cache), inputs["input_ids"], min(timing.new_tokens, PROFILED_TOKENS)
         )
 
     def forwards(start: Callable[[], None]) -> None:

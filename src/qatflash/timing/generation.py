@@ -8,6 +8,13 @@ decode carries its spread per token. Decode keeps its keys and values in transfo
 DynamicCache (grown per token), a StaticCache preallocated to the whole generation, or none
 (every step re-runs the whole sequence: the baseline that shows what the cache buys).
 
+Eager decode measures Python as much as the device: a batch-1 step of a small model costs the same
+at every context, and on a GPU the kernel launches outlast the weights' reads. Compiled decode
+(`benchmark.decode=compiled`) runs every decode step through one `torch.compile(fullgraph=True)`
+graph over a StaticCache allocated once per model (CUDA graphs on CUDA: mode "reduce-overhead"), and is
+timed in the same rounds as the eager decode of the same model, so each row carries both and their
+ratio. Prefill runs eager in both.
+
 Several models are timed in interleaved rounds, one whole generation each per round, and their
 prefill and decode ratios are paired round by round (`SideBySide.ratio_to`), as forwards are.
 """
@@ -23,10 +30,12 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
 from qatflash.config import TimingConfig
+from qatflash.errors import ConfigError, first_line
 from qatflash.timing.host import HostWindow
 from qatflash.timing.latency import Contender, LatencyStats, SideBySide, over_budget, timing_mode
 from qatflash.timing.profile import top_ops
@@ -67,41 +76,102 @@ def _untimed(phase: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
     return step()
 
 
+def _last_only(model: nn.Module) -> dict[str, int]:
+    """Ask for the last position's logits only, as transformers' own generate does: a prompt's full
+    (tokens x vocabulary) logits would dominate prefill's memory (131 MB at 1k tokens, 32k vocab)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+class Decoder:
+    """Decode through the model's own forward, on a fresh cache of `kv_cache` per generation."""
+
+    def __init__(self, model: nn.Module, kv_cache: str) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.last_only = _last_only(model)
+
+    def new_cache(self, max_len: int) -> Cache | None:
+        return new_cache(self.model, self.kv_cache, max_len)
+
+    def forward(self, ids: torch.Tensor, cache: Cache | None, position: torch.Tensor) -> torch.Tensor:
+        """The last position's logits of `ids`, which sit at `position` (their cache positions)."""
+        out = self.model(
+            input_ids=ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            cache_position=position if cache is not None else None,
+            **self.last_only,
+        )
+        return out.logits[:, -1]
+
+    def step(self, ids: torch.Tensor, cache: Cache | None, position: torch.Tensor) -> torch.Tensor:
+        """One decode step's logits."""
+        return self.forward(ids, cache, position)
+
+
+class CompiledDecoder(Decoder):
+    """Decode steps through one `torch.compile(fullgraph=True)` graph over one StaticCache that every
+    generation resets: a new cache per generation would be new static addresses, and so a new graph.
+    Decode's shapes never change (one token in, a cache of fixed size, its position a tensor), so it
+    compiles once; CUDA graphs replay the step's kernels without a launch each on CUDA."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__(model, "static")
+        self.cache: StaticCache | None = None
+        self.max_len = 0
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.compiled = torch.compile(self.forward, fullgraph=True, mode=mode)
+
+    def new_cache(self, max_len: int) -> Cache:
+        if self.cache is None:
+            self.cache, self.max_len = StaticCache(config=self.model.config, max_cache_len=max_len), max_len
+        elif self.max_len != max_len:
+            raise ValueError(f"compiled decode holds a cache of {self.max_len} tokens, not {max_len}")
+        self.cache.reset()
+        return self.cache
+
+    def step(self, ids: torch.Tensor, cache: Cache | None, position: torch.Tensor) -> torch.Tensor:
+        try:
+            logits = self.compiled(ids, cache, position)
+        except torch._dynamo.exc.TorchDynamoException as error:  # a graph break, under fullgraph
+            raise ConfigError(
+                f"benchmark.decode=compiled: {type(self.model).__name__}'s decode step does not compile into "
+                f"one graph ({first_line(error)}); use benchmark.decode=eager"
+            ) from error
+        # CUDA graphs overwrite a replay's outputs at the next one; the logits are kept beyond it
+        return logits.clone()
+
+
+def decoder(model: nn.Module, kv_cache: str, mode: str, device: torch.device) -> Decoder:
+    """How `model` decodes in `mode` (config.DECODE_MODES: eager, compiled)."""
+    return CompiledDecoder(model, device) if mode == "compiled" else Decoder(model, kv_cache)
+
+
 def generate(
-    model: nn.Module,
+    decode: Decoder,
     input_ids: torch.Tensor,
     new_tokens: int,
-    kv_cache: str,
     timer: StepTimer = _untimed,
 ) -> GenerationRun:
-    """Prefill `input_ids`, then `new_tokens` greedy decode steps; `timer(phase, step)` runs each
-    step (phase "prefill" or "decode") and may time it. Run under inference mode by the caller."""
+    """Prefill `input_ids` (eager), then `new_tokens` greedy decode steps; `timer(phase, step)` runs
+    each step (phase "prefill" or "decode") and may time it. Run under inference mode by the caller."""
     # prefill writes the prompt, each decode step one token: the last chosen token is never fed
-    cache = new_cache(model, kv_cache, input_ids.shape[1] + new_tokens)
-    use_cache = cache is not None
+    prompt = input_ids.shape[1]
+    cache = decode.new_cache(prompt + new_tokens)
     sequence = input_ids
-    # Only the last position's logits, as transformers' own generate asks for: a prompt's full
-    # (tokens x vocabulary) logits would dominate prefill's memory (131 MB at 1k tokens, 32k vocab).
-    last_only = (
-        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    )
-
-    def forward(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, past_key_values=cache, use_cache=use_cache, **last_only).logits[:, -1]
-
-    logits = [timer("prefill", lambda: forward(input_ids))]
+    positions = torch.arange(prompt + new_tokens, device=input_ids.device)
+    logits = [timer("prefill", lambda: decode.forward(input_ids, cache, positions[:prompt]))]
     tokens = [logits[-1].argmax(-1, keepdim=True)]
-    for _ in range(new_tokens):
+    for step in range(new_tokens):
         sequence = torch.cat([sequence, tokens[-1]], dim=1)
-        fed = tokens[-1] if use_cache else sequence
-        logits.append(timer("decode", lambda fed=fed: forward(fed)))
+        fed = tokens[-1] if cache is not None else sequence
+        position = positions[prompt + step : prompt + step + 1]
+        logits.append(timer("decode", lambda fed=fed, position=position: decode.step(fed, cache, position)))
         tokens.append(logits[-1].argmax(-1, keepdim=True))
     return GenerationRun(torch.cat(tokens, dim=1), logits, cache)
 
 
-def profile_decode(
-    model: nn.Module, input_ids: torch.Tensor, new_tokens: int, kv_cache: str
-) -> list[dict[str, Any]]:
+def profile_decode(decode: Decoder, input_ids: torch.Tensor, new_tokens: int) -> list[dict[str, Any]]:
     """torch.profiler's top operators over `new_tokens` decode steps of one generation; its prefill
     runs before the profiler starts, so that a decode breakdown is not a prefill one."""
     device = input_ids.device
@@ -114,7 +184,7 @@ def profile_decode(
 
         started: list[None] = []
         with torch.inference_mode():
-            generate(model, input_ids, new_tokens, kv_cache, timer)
+            generate(decode, input_ids, new_tokens, timer)
 
     return top_ops(run, device)
 
@@ -160,61 +230,97 @@ class _PhaseClock:
 
 
 @dataclass(frozen=True)
+class CompiledTimes:
+    """A model's compiled decode per token (its round medians for pairing), its ratio to the same
+    model's eager decode in the same rounds, and the graphs dynamo built: at warm-up (1 when decode
+    compiles once) and while timed (0: a recompilation would be timed as decode)."""
+
+    decode: SideBySide
+    ratio_to_eager: dict[str, float | int]
+    graphs: int
+    graphs_while_timed: int
+
+
+@dataclass(frozen=True)
 class GenerationTimes:
-    """One model's generation figures: prefill per generation, decode per token (each with its
-    round medians, for pairing), and the KV cache's bytes at the end of a generation."""
+    """One model's generation figures: prefill per generation, eager decode per token (each with
+    its round medians, for pairing), compiled decode's where asked for, and the KV cache's bytes at
+    the end of a generation."""
 
     prefill: SideBySide
     decode: SideBySide
+    compiled: CompiledTimes | None
     kv_cache_bytes: int
 
 
 def _timed_generation(
-    contender: Contender, input_ids: torch.Tensor, cfg: TimingConfig
+    contender: Contender, decode: Decoder, input_ids: torch.Tensor, new_tokens: int
 ) -> tuple[dict[str, list[float]], int]:
     clock = _PhaseClock(contender.device)
     with contender.autocast():
-        run = generate(contender.model, input_ids, cfg.new_tokens, cfg.kv_cache, clock)
+        run = generate(decode, input_ids, new_tokens, clock)
     return clock.samples(), kv_cache_bytes(run.cache)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its `unique_graphs` counter)."""
+    return int(counters["stats"]["unique_graphs"])
 
 
 def generation_rounds(
     contenders: Mapping[K, Contender], cfg: TimingConfig, input_ids: torch.Tensor
 ) -> dict[K, GenerationTimes]:
     """Time whole generations of several models in interleaved rounds (each round starting with a
-    different model), after one untimed generation each (it loads kernels and allocates the cache
-    at every shape the rounds use). Rounds go on until every model has `min_iters` generations and
-    `min_duration_s` of them, or `max_duration_s` has passed (after at least 2 rounds)."""
+    different model), after one untimed generation each (it loads kernels, allocates the cache at
+    every shape the rounds use and compiles a compiled decode). Under `decode=compiled` each round
+    runs each model's eager and compiled generation. Rounds go on until every model has `min_iters`
+    generations and `min_duration_s` of them, or `max_duration_s` has passed (after at least 2 rounds)."""
     batch = input_ids.shape[0]
+    modes = ["eager", "compiled"] if cfg.decode == "compiled" else ["eager"]
+    runs = [(key, mode) for key in contenders for mode in modes]
     inputs = {key: input_ids.to(c.device) for key, c in contenders.items()}
+    decoders = {(k, m): decoder(contenders[k].model, cfg.kv_cache, m, contenders[k].device) for k, m in runs}
+    graphs = dict.fromkeys(runs, 0)
     with timing_mode(contenders, cfg):
-        for key, c in contenders.items():
-            _timed_generation(c, inputs[key], cfg)
-        samples = {key: {"prefill": [], "decode": []} for key in contenders}
-        blocks = {key: {"prefill": [], "decode": []} for key in contenders}
+        for key, mode in runs:
+            before = compiled_graphs()
+            _timed_generation(contenders[key], decoders[key, mode], inputs[key], cfg.new_tokens)
+            graphs[key, mode] = compiled_graphs() - before
+        warm = compiled_graphs()
+        samples = {run: {"prefill": [], "decode": []} for run in runs}
+        blocks = {run: {"prefill": [], "decode": []} for run in runs}
         cache_bytes = dict.fromkeys(contenders, 0)
-        order, window, started = list(contenders), HostWindow(), time.perf_counter()
+        order, window, started = list(runs), HostWindow(), time.perf_counter()
         while not _enough(samples, cfg) and not over_budget(
             cfg, time.perf_counter() - started, len(blocks[order[0]]["prefill"])
         ):
-            for key in order:
-                timed, cache_bytes[key] = _timed_generation(contenders[key], inputs[key], cfg)
+            for key, mode in order:
+                timed, cache_bytes[key] = _timed_generation(
+                    contenders[key], decoders[key, mode], inputs[key], cfg.new_tokens
+                )
                 for phase, values in timed.items():
-                    samples[key][phase].extend(values)
-                    blocks[key][phase].append(statistics.median(values))
+                    samples[key, mode][phase].extend(values)
+                    blocks[key, mode][phase].append(statistics.median(values))
             order = order[1:] + order[:1]
         host = window.load()
-    seq_len = input_ids.shape[1]
+        recompiled = compiled_graphs() - warm
+
+    def side_by_side(run: tuple[K, str], phase: str, tokens: int) -> SideBySide:
+        stats = LatencyStats.from_samples(samples[run][phase], 1, batch, tokens)
+        return SideBySide(stats, blocks[run][phase], host)
+
+    def compiled(key: K) -> CompiledTimes | None:
+        if "compiled" not in modes:
+            return None
+        decode = side_by_side((key, "compiled"), "decode", 1)
+        eager = side_by_side((key, "eager"), "decode", 1)
+        return CompiledTimes(decode, decode.ratio_to(eager), graphs[key, "compiled"], recompiled)
+
     return {
         key: GenerationTimes(
-            SideBySide(
-                LatencyStats.from_samples(samples[key]["prefill"], 1, batch, seq_len),
-                blocks[key]["prefill"],
-                host,
-            ),
-            SideBySide(
-                LatencyStats.from_samples(samples[key]["decode"], 1, batch, 1), blocks[key]["decode"], host
-            ),
+            side_by_side((key, "eager"), "prefill", input_ids.shape[1]),
+            side_by_side((key, "eager"), "decode", 1),
+            compiled(key),
             cache_bytes[key],
         )
         for key in contenders
@@ -222,23 +328,36 @@ def generation_rounds(
 
 
 def generation_figures(times: GenerationTimes) -> dict[str, Any]:
-    """A latency row's figures for a generation: decode per token as the row's own (p50_ms is ms
-    per generated token, tokens_per_s generated tokens per second), prefill's beside them under
-    `prefill_`, and the KV cache's bytes."""
-    prefill = {
-        f"prefill_{k}": v
-        for k, v in times.prefill.stats.as_dict().items()
-        if k not in ("warmup", "sequences_per_s")
-    }
+    """A latency row's figures for a generation: eager decode per token as the row's own (p50_ms is
+    ms per generated token, tokens_per_s generated tokens per second), prefill's beside them under
+    `prefill_`, compiled decode's under `compiled_` (with its ratio to eager decode and the graphs
+    it compiled), and the KV cache's bytes."""
+    prefill = {f"prefill_{k}": v for k, v in _phase_figures(times.prefill.stats).items()}
+    compiled: dict[str, Any] = {"decode": "eager"}
+    if times.compiled is not None:
+        c = times.compiled
+        compiled = {
+            "decode": "eager+compiled",
+            **{f"compiled_{k}": v for k, v in _phase_figures(c.decode.stats).items()},
+            **{f"compiled_{k}_to_eager": v for k, v in c.ratio_to_eager.items()},
+            "compiled_graphs": c.graphs,
+            "compiled_graphs_while_timed": c.graphs_while_timed,
+        }
     return {
         **times.decode.stats.as_dict(),
         **prefill,
+        **compiled,
         "kv_cache_bytes": times.kv_cache_bytes,
         "scenario": "generate",
     }
 
 
-def _enough(samples: Mapping[K, dict[str, list[float]]], cfg: TimingConfig) -> bool:
+def _phase_figures(stats: LatencyStats) -> dict[str, Any]:
+    """A phase's figures under a prefix, without what its row already says (warm-up, sequences per second)."""
+    return {k: v for k, v in stats.as_dict().items() if k not in ("warmup", "sequences_per_s")}
+
+
+def _enough(samples: Mapping[Any, dict[str, list[float]]], cfg: TimingConfig) -> bool:
     """Every model has min_iters generations, and min_duration_s of timed steps."""
     return all(
         len(s["prefill"]) >= cfg.min_iters
