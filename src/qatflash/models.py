@@ -222,7 +222,7 @@ def check_fits_host(hf_config: PretrainedConfig, auto: AutoModel, dtype: torch.d
     """Refuse, before any weight is built, a model whose weights in `dtype` (named by the config
     `key` that chose it) need more memory than this host has available."""
     parameters = parameter_count(hf_config, auto)
-    needed = parameters * torch.empty(0, dtype=dtype).element_size()
+    needed = parameters * dtype.itemsize
     available = host_memory_available()
     if needed > available:
         raise ConfigError(

@@ -64,7 +64,7 @@ from qatflash.timing.backends import BackendModels, JobTiming, TimingBackend
 from qatflash.timing.generation import generation_figures, generation_rounds
 from qatflash.timing.latency import Contender, measure_side_by_side
 from qatflash.timing.pairing import Conditions, paired_ratios
-from qatflash.timing.roofline import generation_roofline, measure_ceilings, prefill_flops
+from qatflash.timing.roofline import add_roofline
 
 log = logging.getLogger(__name__)
 
@@ -494,15 +494,8 @@ def latency_rows(
         generations = generation_rounds(timed_models, cfg.benchmark, inputs)
         timed = {key: g.decode for key, g in generations.items()}
         figures = {key: generation_figures(g) for key, g in generations.items()}
-        flops = prefill_flops(model_on_meta(hf_config, task.auto_model), hf_config, *inputs.shape)
-        ceilings = {device: measure_ceilings(device) for device in {c.device for c in timed_models.values()}}
-        for key, c in timed_models.items():
-            if (measured := ceilings[c.device]) is not None:
-                figures[key].update(
-                    generation_roofline(
-                        c.model, flops, inputs.shape, cfg.benchmark.new_tokens, figures[key], measured
-                    )
-                )
+        structure = model_on_meta(hf_config, task.auto_model)
+        add_roofline(figures, timed_models, structure, hf_config, inputs.shape, cfg.benchmark.new_tokens)
         phases = {"prefill": {key: g.prefill for key, g in generations.items()}}
         if cfg.benchmark.decode == "compiled":
             phases["compiled"] = {key: g.compiled.decode for key, g in generations.items() if g.compiled}

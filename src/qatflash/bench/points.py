@@ -47,7 +47,7 @@ from qatflash.timing.memory import (
     steady_host_allocator,
 )
 from qatflash.timing.profile import top_ops
-from qatflash.timing.roofline import generation_roofline, measure_ceilings, prefill_flops
+from qatflash.timing.roofline import add_roofline
 
 OUT_OF_MEMORY = "out of memory"
 # How allocation failures read: CUDA's OutOfMemoryError, or the CPU allocator under an address-space cap.
@@ -152,16 +152,9 @@ def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
     if generating:
         prompt = inputs["input_ids"].shape
         times = generation_rounds(contenders, timing, inputs["input_ids"])
-        ceilings = measure_ceilings(device)
-        flops = prefill_flops(model_on_meta(hf_config, task.auto_model), hf_config, *prompt)
         figures = {v: generation_figures(t) for v, t in times.items()}
-        for variant, model in models.items():
-            if ceilings is not None:
-                figures[variant].update(
-                    generation_roofline(
-                        model, flops, prompt, job.timing.new_tokens, figures[variant], ceilings
-                    )
-                )
+        structure = model_on_meta(hf_config, task.auto_model)
+        add_roofline(figures, contenders, structure, hf_config, prompt, job.timing.new_tokens)
         timed = {v: t.decode for v, t in times.items()}
     else:
         timed = measure_side_by_side(

@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
+
+from qatflash.timing.latency import Contender
+
+K = TypeVar("K")
 
 # The measured ceilings' sizes: large enough to leave the caches (a 1 GiB copy, an 8k^3 matmul on
 # CUDA), small enough for a 2-core host to measure in well under a second (256 MiB, 1k^3).
@@ -194,3 +198,23 @@ def generation_roofline(
     if "compiled_p50_ms" in figures:
         out.update(_bandwidth("compiled_", weights + kv, figures["compiled_p50_ms"], ceilings))
     return out
+
+
+def add_roofline(
+    figures: Mapping[K, dict[str, Any]],
+    contenders: Mapping[K, Contender],
+    float_structure: nn.Module,
+    config: PretrainedConfig,
+    prompt: torch.Size,
+    new_tokens: int,
+) -> None:
+    """Add every generation row's figures against the ceilings of its contender's device, each
+    device's measured once (none for a device without sizes). `float_structure`: the float model's
+    modules (`models.model_on_meta`), what prefill's FLOPs are counted on."""
+    flops = prefill_flops(float_structure, config, *prompt)
+    ceilings = {device: measure_ceilings(device) for device in {c.device for c in contenders.values()}}
+    for key, contender in contenders.items():
+        if (measured := ceilings[contender.device]) is not None:
+            figures[key].update(
+                generation_roofline(contender.model, flops, prompt, new_tokens, figures[key], measured)
+            )
