@@ -253,7 +253,8 @@ def steps(out: Path, data: Path) -> list[Step]:
         Step(
             "attention_head128",
             "prefill of 2 of llama_7b_shape's layers (32 heads of 128) in bf16 at 4k-32k tokens with "
-            "eager attention, SDPA's default, flash, cuDNN and flex_attention, under a 60 GB cap",
+            "eager attention, SDPA's default, flash, cuDNN and flex_attention, under a 60 GB cap; each row "
+            "names the kernel the profiler saw and the attention core's TFLOP/s against the bf16 matmul",
             "qatflash-bench",
             (
                 "-m",
@@ -399,7 +400,8 @@ def summary(outcomes: list[Outcome]) -> str:
         return "\n".join(lines)
     lines += [
         "",
-        f"{'row':<64}{'status':<8}{'metric':>10}{'prefill ms':>11}{'p50 ms':>9}{'tok/s':>9}{'x ref':>7}{'MiB':>8}",
+        f"{'row':<64}{'status':<8}{'metric':>10}{'prefill ms':>11}{'p50 ms':>9}{'tok/s':>9}{'x ref':>7}{'MiB':>8}"
+        f"  {'attention kernel':<19}{'attn TF/s':>10}{'of mm':>7}",
     ]
     for outcome in outcomes:
         for results in outcome.results:
@@ -417,6 +419,8 @@ def summary(outcomes: list[Outcome]) -> str:
                     f"{_figure(metrics.get(headline)):>10}{_figure(row.get('prefill_p50_ms')):>11}"
                     f"{_figure(row.get('p50_ms'), 3):>9}{_figure(row.get('tokens_per_s'), 0):>9}"
                     f"{_figure(ratio):>7}{_figure((row.get('peak_memory_bytes') or 0) / 2**20, 0):>8}"
+                    f"  {row.get('attention_kernel') or '-':<19}{_figure(row.get('attention_tflops'), 1):>10}"
+                    f"{_figure(row.get('attention_flops_share')):>7}"
                 )
     return "\n".join(lines)
 

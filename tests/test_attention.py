@@ -9,10 +9,11 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from qatflash.attention import (
+    PADDED_BATCHES,
     TrainingCall,
     check_attention,
+    check_mask_support,
     check_model_supports,
-    check_padding_support,
     forced_kernel,
 )
 from qatflash.config import AttentionConfig, to_config
@@ -96,7 +97,7 @@ def test_a_forced_kernel_is_probed_as_training_calls_it_with_the_models_dropout(
         "model's attention_probs_dropout_prob=0.1; set it to 0"
     )
     with pytest.raises(ConfigError, match="takes no attention dropout on cpu"):
-        check_padding_support(forced, "32-true", CPU, True, TrainingCall("attention_dropout", 0.1))
+        check_mask_support(forced, "32-true", CPU, PADDED_BATCHES, TrainingCall("attention_dropout", 0.1))
     check_attention(forced, "32-true", CPU, TrainingCall("attention_probs_dropout_prob", 0.0))
     check_attention(forced, "32-true", CPU)  # inference only (qatflash-bench): no dropout, no backward
     check_attention(AttentionConfig(sdpa_backend="math"), "32-true", CPU, TrainingCall("p", 0.1))
@@ -124,7 +125,7 @@ def test_sdpa_flash_kernel_runs_on_cuda_in_bf16() -> None:
     cuda = torch.device("cuda")
     check_attention(AttentionConfig(sdpa_backend="flash"), "bf16-mixed", cuda)
     with pytest.raises(ConfigError, match="cannot take a padding mask on cuda"):
-        check_padding_support(AttentionConfig(sdpa_backend="flash"), "bf16-mixed", cuda, padded=True)
+        check_mask_support(AttentionConfig(sdpa_backend="flash"), "bf16-mixed", cuda, PADDED_BATCHES)
     model = _bert("sdpa").cuda()
     batch = {k: v.cuda() for k, v in _padded_batch().items()}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), forced_kernel("flash"):
@@ -142,9 +143,13 @@ def test_half_precision_kernels_forced_in_fp32_are_refused_on_cuda(backend: str)
         check_attention(AttentionConfig(sdpa_backend=backend), "32-true", torch.device("cuda", 0))
 
 
-def test_forced_kernel_without_mask_support_is_refused_only_for_padded_batches(monkeypatch) -> None:
-    """CUDA's flash kernel takes no mask: fine for one-length inputs, refused up front for padded ones."""
+def test_forced_kernel_without_mask_support_is_refused_only_for_masked_calls(
+    monkeypatch, make_bench_cfg
+) -> None:
+    """CUDA's flash kernel takes no mask: fine for one-length inputs and a dynamic cache's decode,
+    refused up front for padded batches and for a static cache's decode (the bench's check too)."""
     from qatflash import attention
+    from qatflash.bench.app import check_bench
 
     real = attention._kernel_runs
     monkeypatch.setattr(
@@ -153,6 +158,14 @@ def test_forced_kernel_without_mask_support_is_refused_only_for_padded_batches(m
         lambda kernel, q, mask=None, *args, **kwargs: mask is None and real(kernel, q),
     )
     forced = AttentionConfig(sdpa_backend="flash")
-    attention.check_padding_support(forced, "32-true", CPU, padded=False)
+    attention.check_mask_support(forced, "32-true", CPU, None)
     with pytest.raises(ConfigError, match="sdpa_backend=flash cannot take a padding mask on cpu"):
-        attention.check_padding_support(forced, "32-true", CPU, padded=True)
+        attention.check_mask_support(forced, "32-true", CPU, attention.PADDED_BATCHES)
+    decoder = ["task=causal_lm", "model=llama_tiny", "attention=sdpa_flash", "benchmark.new_tokens=4"]
+    check_bench(to_config(make_bench_cfg(*decoder, "benchmark.kv_cache=dynamic")))
+    with pytest.raises(
+        ConfigError,
+        match=r"^attention.sdpa_backend=flash cannot take the mask of a static KV cache on cpu, and "
+        r"benchmark.kv_cache=static decodes through one; use attention.sdpa_backend=null",
+    ):
+        check_bench(to_config(make_bench_cfg(*decoder, "benchmark.kv_cache=static")))

@@ -104,6 +104,7 @@ def test_onnxruntime_point_times_the_exported_model(
         make_bench_cfg, tmp_path, "bench.seq_lens=[64]", "bench.isolate=false", "benchmark.backends=[torch]"
     )
     assert results["latency"][0]["status"] == "ok" and not sessions
+    assert results["latency"][0]["attention_kernel"] == "flash"
     results = _bench(
         make_bench_cfg,
         tmp_path,
@@ -113,6 +114,7 @@ def test_onnxruntime_point_times_the_exported_model(
     )
     (row,) = results["latency"]
     assert row["status"] == "ok" and row["backend"] == "onnxruntime"
+    assert "attention_kernel" not in row  # the profiler sees no kernel inside a session
     # the warm-up on a short input, the peak-memory forward, then the timed ones
     assert len(sessions) == 1 + 1 + row["warmup"] + row["iters"]
 

@@ -240,6 +240,10 @@ def test_a_job_times_prefill_and_decode_of_fp32_and_int8_side_by_side(
         assert row["tokens_per_s"] == pytest.approx(2 * 1000 / row["p50_ms"])  # generated tokens, both rows
         assert row["prefill_tokens_per_s"] == pytest.approx(2 * 24 * 1000 / row["prefill_p50_ms"])
         assert row["kv_cache_bytes"] == 2 * 2 * 2 * 1 * (24 + 4) * 32 * 4
+        # the prompt's forward, profiled: 2 x 2 FLOPs x 2 layers x 2 heads of 32 x batch 2 x 24^2 / 2
+        assert (
+            row["attention_kernel"] == "flash" and row["attention_flops"] == 4 * 2 * 2 * 32 * 2 * 24 * 24 // 2
+        )
     int8 = rows["quantized"]
     assert int8["ratio_reference"] == int8["prefill_ratio_reference"] == "float/torch"
     assert int8["ratio_to_float"] > 0 and int8["prefill_ratio_to_float"] > 0

@@ -60,7 +60,11 @@ def test_a_model_left_on_another_device_is_placed_on_its_contenders_before_it_is
     if not placed:
         monkeypatch.setattr(latency, "place", lambda model, device: model)
     rows = lambda: latency_rows(  # noqa: E731
-        cfg, TASKS.load("causal_lm")(cfg), {("float", "torch"): Contender(model, META)}, model.config
+        cfg,
+        TASKS.load("causal_lm")(cfg),
+        {("float", "torch"): Contender(model, META)},
+        model.config,
+        {"torch"},
     )
     if not placed:
         with pytest.raises(RuntimeError, match=r"on the same device, but found \['cpu', 'meta'\]"):

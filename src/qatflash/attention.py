@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qatflash import config
-from qatflash.config import HALF_PRECISIONS, PRECISIONS, AttentionConfig
+from qatflash.config import HALF_PRECISIONS, PRECISIONS, AttentionConfig, TimingConfig
 from qatflash.errors import ConfigError
 
 SDPA_KERNELS: dict[str, SDPBackend] = {
@@ -76,27 +76,47 @@ def check_attention(
         _check_forced_kernel(cfg.sdpa_backend, _probe_tensor(precision, device), training, mask=None)
 
 
-def check_padding_support(
+@dataclass(frozen=True)
+class MaskedCalls:
+    """Calls that reach SDPA with a mask: which mask, why a run makes them, and what avoids them."""
+
+    mask: str
+    why: str
+    instead: str
+
+
+# Unpadded batches reach SDPA with no mask (transformers drops an all-ones mask), so e.g. CUDA's
+# flash kernel serves them; a padded batch would fail at its first step instead.
+PADDED_BATCHES = MaskedCalls("a padding mask", "this run's batches are padded", "inputs of one length")
+# A static cache is preallocated to its full length: each decode step masks the positions not yet written.
+STATIC_CACHE_DECODE = MaskedCalls(
+    "the mask of a static KV cache",
+    "benchmark.kv_cache=static decodes through one",
+    "benchmark.kv_cache=dynamic",
+)
+
+
+def masked_decode(timing: TimingConfig) -> MaskedCalls | None:
+    """The masked calls a generation timing makes: those of a static cache's decode steps, if any."""
+    return STATIC_CACHE_DECODE if timing.new_tokens > 0 and timing.kv_cache == "static" else None
+
+
+def check_mask_support(
     cfg: AttentionConfig,
     precision: str,
     device: torch.device,
-    padded: bool,
+    masked: MaskedCalls | None,
     training: TrainingCall | None = None,
 ) -> None:
-    """Refuse a forced kernel that cannot take the padding mask this run's batches will carry.
-
-    Unpadded batches reach SDPA with no mask (transformers drops an all-ones mask), so e.g. CUDA's
-    flash kernel serves them; a padded batch would fail at its first step instead.
-    """
-    if cfg.sdpa_backend is None or not padded:
+    """Refuse a forced kernel that cannot take the mask of the `masked` calls this run will make."""
+    if cfg.sdpa_backend is None or masked is None:
         return
     q = _probe_tensor(precision, device)
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool, device=device).tril()
     if not _kernel_runs(SDPA_KERNELS[cfg.sdpa_backend], q, mask):
         raise ConfigError(
-            f"attention.sdpa_backend={cfg.sdpa_backend} cannot take a padding mask on {device.type}, and this "
-            "run's batches are padded; use attention.sdpa_backend=null (PyTorch picks per batch) or "
-            "inputs of one length"
+            f"attention.sdpa_backend={cfg.sdpa_backend} cannot take {masked.mask} on {device.type}, and "
+            f"{masked.why}; use attention.sdpa_backend=null (PyTorch picks per call) or {masked.instead}"
         )
     _check_forced_kernel(cfg.sdpa_backend, q, training, mask)
 

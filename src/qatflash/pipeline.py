@@ -25,7 +25,14 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from qatflash import slurm
-from qatflash.attention import TrainingCall, check_attention, check_padding_support, forced_kernel
+from qatflash.attention import (
+    PADDED_BATCHES,
+    TrainingCall,
+    check_attention,
+    check_mask_support,
+    forced_kernel,
+    masked_decode,
+)
 from qatflash.callbacks import FitStart
 from qatflash.config import PRECISIONS, Config
 from qatflash.errors import require
@@ -60,11 +67,12 @@ from qatflash.storage import SafeCheckpointIO
 from qatflash.tasks import TASKS
 from qatflash.tasks.task import Task
 from qatflash.timing import TIMING_BACKENDS
+from qatflash.timing.attention_profile import add_attention
 from qatflash.timing.backends import BackendModels, JobTiming, TimingBackend
 from qatflash.timing.generation import generation_figures, generation_rounds
 from qatflash.timing.latency import Contender, measure_side_by_side
 from qatflash.timing.pairing import Conditions, paired_ratios
-from qatflash.timing.roofline import add_roofline
+from qatflash.timing.roofline import add_roofline, device_ceilings
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +198,8 @@ def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
         if length is not None:
             check_positions(declared, name, length)
     check_attention(cfg.attention, str(cfg.trainer.precision), device, training, probe_kernel)
+    if probe_kernel and cfg.benchmark.enabled:
+        check_mask_support(cfg.attention, str(cfg.trainer.precision), device, masked_decode(cfg.benchmark))
     backends = (
         {name: TIMING_BACKENDS.create(name) for name in cfg.benchmark.backends}
         if cfg.benchmark.enabled
@@ -253,9 +263,8 @@ def load_data(cfg: Config, checked: Checked, trainer: L.Trainer) -> Data:
     if checked.qat is not None:
         checked.qat.check_schedule(plan)  # counted from the indexed rows, before tokenizing
     data.setup()
-    check_padding_support(
-        cfg.attention, str(cfg.trainer.precision), checked.device, data.pads_batches, checked.training
-    )
+    padded = PADDED_BATCHES if data.pads_batches else None
+    check_mask_support(cfg.attention, str(cfg.trainer.precision), checked.device, padded, checked.training)
     return Data(data, plan)
 
 
@@ -473,29 +482,41 @@ def time_models(
         for backend in evaluated.backends
         for key, c in backend.timed.items()
     }
+    torch_run = {backend.name for backend in checked.backends.values() if backend.runs_torch}
     with forced_kernel(cfg.attention.sdpa_backend if generating else None):
-        return latency_rows(cfg, checked.task, timed, built.hf_config)
+        return latency_rows(cfg, checked.task, timed, built.hf_config, torch_run)
 
 
 def latency_rows(
-    cfg: Config, task: Task, timed_models: dict[tuple[str, str], Contender], hf_config: PretrainedConfig
+    cfg: Config,
+    task: Task,
+    timed_models: dict[tuple[str, str], Contender],
+    hf_config: PretrainedConfig,
+    torch_run: set[str],
 ) -> list[dict[str, Any]]:
     """One latency record per (variant, backend): what was timed, how, under which host load, the
     figures, and its ratio to the float row timed under the same conditions, paired round by round
     (the figure a quantized-vs-float decision reads; `qatflash.timing.pairing`). A generation's row holds
     decode per token as its own figures and ratios, prefill's under `prefill_`, compiled decode's
-    under `compiled_`, and each against its device's ceilings (`qatflash.timing.roofline`)."""
+    under `compiled_`, and each against its device's ceilings (`qatflash.timing.roofline`). A row of
+    a backend in `torch_run` (one whose model torch runs) names its attention kernel and throughput
+    (`qatflash.timing.attention_profile`)."""
     vocab_size = hf_config.vocab_size
     seq_len = cfg.benchmark.seq_len or cfg.data.max_length
     threads = cfg.benchmark.threads or torch.get_num_threads()
     conditions = {key: Conditions(c.device.type, key[1], threads, c.dtype) for key, c in timed_models.items()}
+    inputs = task.timing_inputs(cfg.benchmark.batch_size, seq_len, vocab_size)
+    profiled = {key: c for key, c in timed_models.items() if key[1] in torch_run}
+    ceilings = device_ceilings(timed_models)
     if cfg.benchmark.new_tokens > 0:
-        inputs = task.timing_inputs(cfg.benchmark.batch_size, seq_len, vocab_size)["input_ids"]
-        generations = generation_rounds(timed_models, cfg.benchmark, inputs)
+        prompt = inputs["input_ids"]
+        generations = generation_rounds(timed_models, cfg.benchmark, prompt)
         timed = {key: g.decode for key, g in generations.items()}
         figures = {key: generation_figures(g) for key, g in generations.items()}
         structure = model_on_meta(hf_config, task.auto_model)
-        add_roofline(figures, timed_models, structure, hf_config, inputs.shape, cfg.benchmark.new_tokens)
+        add_roofline(
+            figures, timed_models, ceilings, structure, hf_config, prompt.shape, cfg.benchmark.new_tokens
+        )
         phases = {"prefill": {key: g.prefill for key, g in generations.items()}}
         if cfg.benchmark.decode == "compiled":
             phases["compiled"] = {key: g.compiled.decode for key, g in generations.items() if g.compiled}
@@ -507,6 +528,7 @@ def latency_rows(
         timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size, task.timing_inputs)
         figures = {key: {**t.stats.as_dict(), "scenario": "forward"} for key, t in timed.items()}
         extra = {key: {} for key in timed}
+    add_attention(figures, profiled, ceilings, hf_config, inputs, task.attends_causally)
     ratios = paired_ratios(timed, conditions)
     return [
         {

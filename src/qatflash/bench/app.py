@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from qatflash.attention import check_attention, check_model_supports
+from qatflash.attention import check_attention, check_mask_support, check_model_supports, masked_decode
 from qatflash.bench.points import PointJob, run_point
 from qatflash.bench.saved_run import open_run
 from qatflash.config import DTYPE_PRECISIONS, BenchAppConfig
@@ -32,7 +32,10 @@ def check_bench(cfg: BenchAppConfig, probe_kernel: bool = True) -> PretrainedCon
     """Refuse what cannot run here, before any point; returns the model's HF config. Without
     `probe_kernel` a forced SDPA kernel is not tried on the device (a dry run's CUDA is faked)."""
     device = resolve_device("bench.device", cfg.bench.device)
-    check_attention(cfg.attention, DTYPE_PRECISIONS[cfg.bench.dtype], device, probe_kernel=probe_kernel)
+    precision = DTYPE_PRECISIONS[cfg.bench.dtype]
+    check_attention(cfg.attention, precision, device, probe_kernel=probe_kernel)
+    if probe_kernel:
+        check_mask_support(cfg.attention, precision, device, masked_decode(cfg.benchmark))
     if cfg.bench.artifact is not None:
         run = open_run(cfg.bench.artifact)
         artifact_recipe = make_recipe(run.quant)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from qatflash.attention import forced_kernel
 from qatflash.bench.saved_run import open_run
 from qatflash.config import AttentionConfig, BenchConfig, ModelConfig, QuantConfig, TaskConfig, TimingConfig
 from qatflash.job import resolve_device
@@ -31,6 +32,7 @@ from qatflash.quant.artifact import serialized_bytes
 from qatflash.results import FLOAT, QUANTIZED
 from qatflash.tasks import TASKS
 from qatflash.timing import TIMING_BACKENDS
+from qatflash.timing.attention_profile import add_attention
 from qatflash.timing.backends import CompiledBackend, TimingBackend
 from qatflash.timing.generation import (
     Decoder,
@@ -47,7 +49,7 @@ from qatflash.timing.memory import (
     steady_host_allocator,
 )
 from qatflash.timing.profile import top_ops
-from qatflash.timing.roofline import add_roofline
+from qatflash.timing.roofline import add_roofline, device_ceilings
 
 OUT_OF_MEMORY = "out of memory"
 # How allocation failures read: CUDA's OutOfMemoryError, or the CPU allocator under an address-space cap.
@@ -117,9 +119,15 @@ def _subjects(
 
 def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
     """Build, warm up, take each model's peak memory of one forward (or generation), then time them
-    side by side; in this process, which is a fresh one of the point's own when `isolated`. One row
-    per model; a quantized row carries its ratio to the float one, paired round by round, and where
-    it is slower a profiler breakdown of both."""
+    side by side, under the attention's forced SDPA kernel if it has one; in this process, which is a
+    fresh one of the point's own when `isolated`. One row per model; a quantized row carries its
+    ratio to the float one, paired round by round, and where it is slower a profiler breakdown of
+    both."""
+    with forced_kernel(job.attention.sdpa_backend):
+        return _measure(job, isolated)
+
+
+def _measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
     device = resolve_device("bench.device", job.sweep.device)
     # Only a fresh process may switch its allocator, and before the model exists.
     exact = isolated and device.type == "cpu" and exact_host_allocator()
@@ -149,12 +157,13 @@ def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
         steady_host_allocator()
     timing = replace(job.timing, batch_size=job.batch_size)
     contenders = {variant: Contender(model, device) for variant, model in models.items()}
+    ceilings = device_ceilings(contenders) if generating or backend.runs_torch else {}
     if generating:
         prompt = inputs["input_ids"].shape
         times = generation_rounds(contenders, timing, inputs["input_ids"])
         figures = {v: generation_figures(t) for v, t in times.items()}
         structure = model_on_meta(hf_config, task.auto_model)
-        add_roofline(figures, contenders, structure, hf_config, prompt, job.timing.new_tokens)
+        add_roofline(figures, contenders, ceilings, structure, hf_config, prompt, job.timing.new_tokens)
         timed = {v: t.decode for v, t in times.items()}
     else:
         timed = measure_side_by_side(
@@ -165,6 +174,8 @@ def measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
             lambda *_: {k: v.cpu() for k, v in inputs.items()},
         )
         figures = {v: {**t.stats.as_dict(), "scenario": "forward"} for v, t in timed.items()}
+    if backend.runs_torch:
+        add_attention(figures, contenders, ceilings, hf_config, inputs, task.attends_causally)
     rows = []
     for variant, model in models.items():
         row = {

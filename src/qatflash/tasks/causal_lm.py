@@ -43,6 +43,7 @@ class CausalLMTask(Task):
     higher_is_better = False
     quality = "ppl"
     auto_model = AutoModelForCausalLM
+    attends_causally = True
 
     @classmethod
     def check_timing(cls, timing: TimingConfig, recipe: Recipe | None) -> None:

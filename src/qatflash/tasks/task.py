@@ -30,6 +30,8 @@ class Task(ABC):
     quality: ClassVar[str]
     # The transformers Auto class that builds the model with this task's head.
     auto_model: ClassVar[Any]
+    # Whether each token attends only to those before it (what attention's FLOPs are counted over).
+    attends_causally: ClassVar[bool] = False
 
     def __init__(self, cfg: SharedRoot) -> None:
         self.cfg = cfg

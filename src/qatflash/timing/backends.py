@@ -64,6 +64,8 @@ class TimingBackend:
     # Whether its first call at the timed shape does work a warm-up on a small input would not
     # (compilation), so a benchmark warms up at full size.
     warm_at_full_size: ClassVar[bool] = False
+    # Whether what it runs is torch's, so the profiler can name the attention kernel inside it.
+    runs_torch: ClassVar[bool] = True
 
     def check(self, device: str | None = None, dtype: str | None = None) -> None:
         """Refuse, before any work, what this backend cannot run (None: whatever the job trains on)."""
@@ -130,6 +132,7 @@ class OnnxRuntimeBackend(TimingBackend):
     quantization as a QDQ graph where it has one."""
 
     name = "onnxruntime"
+    runs_torch = False
 
     def check(self, device: str | None = None, dtype: str | None = None) -> None:
         from qatflash.ort import check_onnxruntime

@@ -154,8 +154,14 @@ def prefill_flops(model: nn.Module, config: PretrainedConfig, batch: int, tokens
         if isinstance(module, nn.Linear | Conv1D):
             weights = module.weight.shape[0] * module.weight.shape[1]
             flops += 2 * batch * weights * (1 if module is head else tokens)
-    attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * _head_dim(config)
-    return flops + attention * batch * tokens * tokens // 2
+    return flops + attention_flops(config, batch, tokens, causal=True)
+
+
+def attention_flops(config: PretrainedConfig, batch: int, tokens: int, causal: bool) -> int:
+    """FLOPs of attention's two products (QK^T and PV) in every layer: 2 per multiply-add over each
+    head's head_dim, for every pair of tokens attended (half of them when causal)."""
+    per_pair = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * _head_dim(config)
+    return per_pair * batch * tokens * tokens // (2 if causal else 1)
 
 
 def decode_context(prompt: int, new_tokens: int) -> float:
@@ -200,19 +206,24 @@ def generation_roofline(
     return out
 
 
+def device_ceilings(contenders: Mapping[K, Contender]) -> dict[torch.device, Ceilings | None]:
+    """Each contender device's ceilings, measured once (None for a device without sizes)."""
+    return {device: measure_ceilings(device) for device in {c.device for c in contenders.values()}}
+
+
 def add_roofline(
     figures: Mapping[K, dict[str, Any]],
     contenders: Mapping[K, Contender],
+    ceilings: Mapping[torch.device, Ceilings | None],
     float_structure: nn.Module,
     config: PretrainedConfig,
     prompt: torch.Size,
     new_tokens: int,
 ) -> None:
-    """Add every generation row's figures against the ceilings of its contender's device, each
-    device's measured once (none for a device without sizes). `float_structure`: the float model's
-    modules (`models.model_on_meta`), what prefill's FLOPs are counted on."""
+    """Add every generation row's figures against the ceilings of its contender's device
+    (`device_ceilings`). `float_structure`: the float model's modules (`models.model_on_meta`),
+    what prefill's FLOPs are counted on."""
     flops = prefill_flops(float_structure, config, *prompt)
-    ceilings = {device: measure_ceilings(device) for device in {c.device for c in contenders.values()}}
     for key, contender in contenders.items():
         if (measured := ceilings[contender.device]) is not None:
             figures[key].update(
