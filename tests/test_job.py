@@ -264,3 +264,15 @@ def test_data_files_declared_splits_left_null_hash_as_before_they_were_declared(
     )
     assert hashed(dict.fromkeys(("train", "validation", "test"))) == hashed(None) == hashed({})
     assert hashed({"train": "valid.txt", "validation": None, "test": None}) != hashed(None)
+
+
+def test_a_job_without_qat_hashes_the_null_fake_quant_start_as_the_zero_it_was() -> None:
+    """quant.fake_quant_start_step's default became null (by the job's kind): an FP32 or PTQ point
+    recorded under the default 0 keeps its hash; a QAT point, whose schedule it decides, does not."""
+
+    def hashed(method: str, start: int | None) -> str:
+        quant = {"method": method, "fake_quant_start_step": start}
+        return JobContext(Path("."), {}, resolved_config={"quant": quant}).config_hash
+
+    assert hashed("none", None) == hashed("none", 0) and hashed("ptq_static", None) == hashed("ptq_static", 0)
+    assert hashed("qat", None) != hashed("qat", 0)

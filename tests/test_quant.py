@@ -22,6 +22,7 @@ from qatflash.cli import config_dir
 from qatflash.config import AttentionConfig, TargetsConfig, to_config
 from qatflash.data import TextClassificationData
 from qatflash.errors import ConfigError
+from qatflash.fit_plan import FitPlan
 from qatflash.job import JobContext
 from qatflash.models import build_model_from_config, load_tokenizer
 from qatflash.module import SequenceClassifier
@@ -32,13 +33,14 @@ from qatflash.ort import (
     quantize_onnx,
     weight_matmul_coverage,
 )
-from qatflash.pipeline import run
+from qatflash.pipeline import preflight, run
 from qatflash.quant import make_recipe
-from qatflash.quant.callback import QuantizationAwareTraining
+from qatflash.quant.callback import FROM_SCRATCH_START, QuantizationAwareTraining, StartRule
 from qatflash.quant.eager import check_engine
 from qatflash.quant.float_output import Int8LinearFloatOutput
 from qatflash.quant.qdq import QuantDequant
 from qatflash.quant.targeting import linear_targets
+from qatflash.tasks import TASKS
 
 # Every recipe but FP32 and GPTQ (refused with its reason: tests/test_generation.py).
 RECIPES = sorted(
@@ -99,6 +101,9 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(
             tmp_path.glob("*.pt*")
         )
         return
+    if config.quant.method == "qat":  # a pretrained model (the learned one's folder): from step 0
+        assert results["params"]["fake_quant_start_from"] == "default: fine-tunes a pretrained model"
+        assert results["params"]["fake_quant_start_step"] == 0
     reference = metrics["test/acc_fakequant" if config.quant.method == "qat" else "test/acc_float"]
     assert reference >= 0.9, "the model converted to INT8 predicts no better than chance: nothing to compare"
     assert metrics["test/acc_quantized"] >= reference - INT8_ACCURACY_DROP
@@ -324,7 +329,11 @@ def test_engine_missing_from_the_build_is_refused() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("quant.freeze_observers_step=0", "must come after quant.fake_quant_start_step=0"),
+        ("quant.freeze_observers_step=0", "must come after quant.fake_quant_start_step=null (0 or later)"),
+        (
+            "quant.fake_quant_start_step=3 quant.freeze_observers_step=2",
+            "quant.freeze_observers_step=2 must come after quant.fake_quant_start_step=3",
+        ),
         ("quant.weight.observer=minmax", "needs a per-channel observer"),
         ("quant.activation.quant_min=300", "quant range [300, 255] is empty"),
         ("quant.embeddings=int4", "quant.embeddings='int4' is not allowed"),
@@ -332,8 +341,45 @@ def test_engine_missing_from_the_build_is_refused() -> None:
 )
 def test_bad_quant_values_are_refused(make_cfg, override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        to_config(make_cfg("quant=qat_x86", override))
+        to_config(make_cfg("quant=qat_x86", *override.split()))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start", "why", "steps_at_8"),
+    [
+        # tiny_bert built from its config: float for the first 75 % of steps
+        (["quant=qat_x86"], FROM_SCRATCH_START, "default: trains from scratch (float first)", 6),
+        (["quant=qat_torchao_int8"], FROM_SCRATCH_START, "default: trains from scratch (float first)", 6),
+        # MX's fake quantization has no switch: from step 0, and the record says why
+        (
+            ["quant=qat_mxfp8"],
+            0,
+            "default: trains from scratch, but quant.api=torchao's fake quantization cannot be switched off",
+            0,
+        ),
+        (["quant=qat_x86", "quant.fake_quant_start_step=3"], 3, "configured", 3),
+        (["quant=qat_x86", "quant.fake_quant_start_step=0.5"], 0.5, "configured", 4),
+        (["quant=qat_x86", "PRETRAINED"], 0, "default: fine-tunes a pretrained model", 0),
+    ],
+)
+def test_the_default_fake_quant_start_follows_what_the_job_trains(
+    make_cfg, tmp_path: Path, overrides: list[str], start: float, why: str, steps_at_8: int
+) -> None:
+    """From step 0 for a pretrained model, over the last 25 % from scratch; a configured start as given."""
+    if "PRETRAINED" in overrides:  # a model folder (a saved config is enough: preflight reads no weights)
+        arch = dict(to_config(make_cfg()).model.arch)
+        AutoConfig.for_model(arch.pop("model_type"), **arch).save_pretrained(tmp_path)
+        overrides = [o for o in overrides if o != "PRETRAINED"] + [f"model.name_or_path={tmp_path}"]
+    config = to_config(make_cfg(*overrides))
+    qat = preflight(config, TASKS.load("classification")(config), probe_kernel=False).qat
+    assert qat is not None and (qat.start, qat.start_why) == (start, why)
+    qat.check_schedule(FitPlan(256, 32, 1, 8, 1, 1, None))  # 8 optimizer steps
+    assert qat.schedule() == {
+        "fake_quant_start_step": steps_at_8,
+        "fake_quant_start_from": why,
+        "freeze_observers_step": None,
+    }
 
 
 def _data(config) -> TextClassificationData:
@@ -384,7 +430,7 @@ def test_observers_move_only_in_training_steps_and_stop_at_the_freeze_step(make_
     data = _data(config)
     module = SequenceClassifier(_tiny_bert(len(data.tokenizer)), config.model.optim, 2)
     kind, broken_facts = SCHEDULES[callback]
-    qat = kind(make_recipe(config.quant), fake_quant_start_step=2, freeze_observers_step=6)
+    qat = kind(make_recipe(config.quant), StartRule(2, "configured"), freeze_observers_step=6)
     before_step: dict[int, list[torch.Tensor]] = {}
     validations: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 

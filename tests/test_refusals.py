@@ -143,7 +143,7 @@ ROWS: list[tuple[str, list[str], Callable[[Path], object] | None, int, str]] = [
         ["quant=qat_x86", "quant.freeze_observers_step=0"],
         None,
         REFUSED,
-        "must come after quant.fake_quant_start_step=0",
+        "must come after quant.fake_quant_start_step=null (0 or later)",
     ),
     (
         "float Linear outputs without the kernel",

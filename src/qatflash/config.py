@@ -365,8 +365,9 @@ class QuantConfig:
     # qat: train in float for this many optimizer steps before fake quantization starts ...
     # (Lightning's convention for limit_*_batches: an int counts steps, a float in [0, 1) is a
     # fraction of the fit's steps, e.g. 0.75 = fake-quantize the last 25 %; typed Any because
-    # OmegaConf cannot merge an int | float union)
-    fake_quant_start_step: Any = 0
+    # OmegaConf cannot merge an int | float union); null = by what the job trains
+    # (`quant.callback.default_fake_quant_start`: 0 for a pretrained model, 0.75 from scratch)
+    fake_quant_start_step: Any = None
     # ... and stop updating observers (scales, zero points) from this step (or fraction) on; null = never.
     freeze_observers_step: Any = None
     # qat (eager api, attention=eager): also fake-quantize the inputs of QKᵀ and probabilities·V.
@@ -385,14 +386,17 @@ class QuantConfig:
         _require(
             self.calibration_batches > 0, f"quant.calibration_batches={self.calibration_batches} must be > 0"
         )
-        _check_step("quant.fake_quant_start_step", self.fake_quant_start_step)
+        start = self.fake_quant_start_step
+        if start is not None:
+            _check_step("quant.fake_quant_start_step", start)
         if self.freeze_observers_step is not None:
             _check_step("quant.freeze_observers_step", self.freeze_observers_step)
+            earliest = 0 if start is None else start  # a default start resolves to step 0 or later
             _require(
-                type(self.freeze_observers_step) is not type(self.fake_quant_start_step)
-                or self.freeze_observers_step > self.fake_quant_start_step,
+                type(self.freeze_observers_step) is not type(earliest)
+                or self.freeze_observers_step > earliest,
                 f"quant.freeze_observers_step={self.freeze_observers_step} must come after "
-                f"quant.fake_quant_start_step={self.fake_quant_start_step}",
+                f"quant.fake_quant_start_step={'null (0 or later)' if start is None else start}",
             )
         _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
         if self.method != "none":

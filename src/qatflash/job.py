@@ -62,6 +62,9 @@ _ADDED_KEYS: dict[tuple[str, ...], Any] = {
 # before (data.files' splits: null is "found by name"): their null entries are left out of the
 # hash, and a mapping of nothing but nulls is the null it was.
 _NULL_ENTRIES_ADDED = (("data", "files"),)
+# A key whose default changed, with the earlier default: it hashes as that value in a job that never
+# reads it (quant.fake_quant_start_step, 0 until null meant "by the job's kind", is read by QAT only).
+_DEFAULTS_CHANGED = {("quant", "fake_quant_start_step"): 0}
 # Overrides that never name a point's folder: paths would nest folders; the experiment and the
 # logger name the sweep, not a point.
 _PATH_KEYS = ("data.path", "data.cache_dir", "model.name_or_path")
@@ -118,12 +121,19 @@ class JobContext:
 
 
 def _without_added_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` less each key of `_ADDED_KEYS` that holds the value reproducing the earlier behaviour."""
+    """`config` less each key of `_ADDED_KEYS` that holds the value reproducing the earlier behaviour,
+    with each `_DEFAULTS_CHANGED` key a job that does not train QAT holds at null as its earlier value."""
     config = copy.deepcopy(config)
     for path in _NULL_ENTRIES_ADDED:
         section, key = _parent(config, path)
         if isinstance(section, dict) and isinstance(section.get(key), dict):
             section[key] = {k: v for k, v in section[key].items() if v is not None} or None
+    quant = config.get("quant")
+    if isinstance(quant, dict) and quant.get("method") != "qat":
+        for path, earlier in _DEFAULTS_CHANGED.items():
+            section, key = _parent(config, path)
+            if isinstance(section, dict) and section.get(key, earlier) is None:
+                section[key] = earlier
     for path, earlier in _ADDED_KEYS.items():
         section, key = _parent(config, path)
         if isinstance(section, dict) and section.get(key, object()) == earlier:

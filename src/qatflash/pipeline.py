@@ -59,7 +59,7 @@ from qatflash.models import (
     training_call,
 )
 from qatflash.quant import make_recipe
-from qatflash.quant.callback import QuantizationAwareTraining
+from qatflash.quant.callback import QuantizationAwareTraining, fake_quant_start
 from qatflash.quant.recipe import Recipe
 from qatflash.quant.ship import Shipped, saved, ship
 from qatflash.results import FAKEQUANT, FLOAT, MODEL_CONFIG_FILE, QUANTIZED, RunRecord, summary_figures
@@ -218,9 +218,9 @@ def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
         task.check_timing(cfg.benchmark, recipe)
     qat = None
     if recipe is not None and cfg.quant.method == "qat":
-        qat = QuantizationAwareTraining(
-            recipe, cfg.quant.fake_quant_start_step, cfg.quant.freeze_observers_step, unshipped is None
-        )
+        pretrained = cfg.model.name_or_path is not None
+        start = fake_quant_start(cfg.quant.fake_quant_start_step, pretrained, recipe)
+        qat = QuantizationAwareTraining(recipe, start, cfg.quant.freeze_observers_step, unshipped is None)
     return Checked(task, device, training, recipe, qat, backends, unshipped)
 
 
@@ -297,7 +297,9 @@ def fit(
     shared = cfg.reuse_fp32 and checked.qat is None and job.sweep_dir is not None
     cache = FinetuneCache(job.sweep_dir, cfg) if shared else None
     metrics = cache.load(module.model) if cache is not None else None
-    record: dict[str, Any] = {"model": {}, "resumed_from": None, "timing": {}}
+    record: dict[str, Any] = {"model": {}, "resumed_from": None, "timing": {}, "params": {}}
+    if checked.qat is not None:
+        record["params"] = checked.qat.schedule()
     if metrics is not None:
         record["model"]["float_reused_from"] = str(cache.path)
     else:
@@ -562,7 +564,7 @@ def record_results(
     bench_s: float | None,
 ) -> None:
     """What each stage measured, into results.json's sections (written `ok` when the job ends)."""
-    record.update("params", {"optimizer_steps": data.plan.steps})
+    record.update("params", {"optimizer_steps": data.plan.steps, **fitted.record["params"]})
     record.update("model", {"parameters": sum(p.numel() for p in built.model.parameters())})
     record.update(
         "model", {"num_labels": built.hf_config.num_labels, **fitted.record["model"], **shipped.record}

@@ -78,6 +78,11 @@ class Recipe(ABC):
         """Why this machine cannot make or run the quantized model (None: it can)."""
         return self.target().unreachable()
 
+    def delays_fake_quant(self) -> bool:
+        """Whether its fake quantization can be switched off until a later step (the QAT schedule's
+        start); a recipe whose prepared modules have no switch fake-quantizes from step 0."""
+        return True
+
     def fake_quant_unreachable(self) -> str | None:
         """Why this machine cannot run even the fake quantization (None: it can, as it can for
         every format whose fake quantization is float arithmetic)."""

@@ -217,9 +217,9 @@ class TorchaoRecipe(Recipe):
         if section.weight is None:  # derived from what ships
             probe = _probe_prepare(qat.QATConfig(convert, step="prepare"))
             require(
-                bool(_switches(probe)) or cfg.fake_quant_start_step == 0,
+                bool(_switches(probe)) or cfg.fake_quant_start_step in (0, None),
                 f"quant.fake_quant_start_step={cfg.fake_quant_start_step}: torchao's fake quantization "
-                f"for {type(convert).__name__} cannot be switched off, so it runs from step 0; use 0",
+                f"for {type(convert).__name__} cannot be switched off, so it runs from step 0; use 0 or null",
             )
             return
         weight = build("quant.torchao.weight", section.weight)
@@ -244,6 +244,11 @@ class TorchaoRecipe(Recipe):
 
     def devices(self) -> tuple[str, ...]:
         return self.product.devices
+
+    def delays_fake_quant(self) -> bool:
+        """Spelled-out fake quantizers have a switch; one derived from the convert config may not
+        (MX's and NVFP4's modules)."""
+        return self.section.weight is not None or bool(_switches(_probe_prepare(self._qat_config())))
 
     def fake_quant_unreachable(self) -> str | None:
         if not self.product.fake_quant_on_kernels:
