@@ -346,6 +346,25 @@ class WeightOnlyConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Quantization-aware distillation (`qatflash.distill`): QAT's loss becomes alpha x the task's
+    loss + (1 - alpha) x temperature^2 x KL(teacher || student) at that temperature."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    # null: the sweep's shared FP32 fine-tune (its quant=fp32 point runs first); else a folder: a
+    # shared fine-tune's (<sweep>/.fp32_models/<key>) or a Hugging Face model's
+    teacher: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            0 <= self.alpha < 1,
+            f"quant.distill.alpha={self.alpha} must be in [0, 1) (1 leaves the teacher out: use quant.distill=null)",
+        )
+        _require(self.temperature > 0, f"quant.distill.temperature={self.temperature} must be > 0")
+
+
+@dataclass
 class QuantConfig:
     method: str = "none"
     # A name of qatflash.quant.RECIPES (eager: torch.ao eager mode; torchao: quantize_ with its
@@ -370,6 +389,8 @@ class QuantConfig:
     fake_quant_start_step: Any = None
     # ... and stop updating observers (scales, zero points) from this step (or fraction) on; null = never.
     freeze_observers_step: Any = None
+    # qat: also learn the float model's outputs (quantization-aware distillation); null = the task's loss only.
+    distill: DistillConfig | None = None
     # qat (eager api, attention=eager): also fake-quantize the inputs of QKᵀ and probabilities·V.
     attention_matmuls: bool = False
     # eager ptq_static/qat: `quantized` = each INT8 Linear rounds its output to uint8 (torch.ao's
@@ -399,6 +420,11 @@ class QuantConfig:
                 f"quant.fake_quant_start_step={'null (0 or later)' if start is None else start}",
             )
         _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
+        if self.distill is not None:
+            _require(
+                self.method == "qat",
+                f"quant.distill needs quant.method=qat (a model that trains quantized), not {self.method}",
+            )
         if self.method != "none":
             self._check_eager_features()
             RECIPES.load(self.api).check_config(self)

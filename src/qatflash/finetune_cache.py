@@ -30,23 +30,38 @@ CACHE_FOLDER = ".fp32_models"
 
 
 class FinetuneCache:
-    def __init__(self, sweep_dir: Path, cfg: Config) -> None:
+    """One entry: a folder holding the fine-tuned weights (`WEIGHTS`) and, written last, their
+    validation metrics (`METRICS`)."""
+
+    WEIGHTS = "model.pt"
+    METRICS = "val_metrics.json"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def of(cls, sweep_dir: Path, cfg: Config) -> FinetuneCache:
+        """The entry of `cfg`'s fine-tune among the sweep's."""
         relevant = {k: getattr(cfg, k) for k in KEY_SECTIONS}
         relevant = {k: asdict(v) if k != "seed" else v for k, v in relevant.items()}
         key = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.path = sweep_dir / CACHE_FOLDER / key
+        return cls(sweep_dir / CACHE_FOLDER / key)
 
     @property
     def _weights(self) -> Path:
-        return self.path / "model.pt"
+        return self.path / self.WEIGHTS
 
     @property
     def _metrics(self) -> Path:
-        return self.path / "val_metrics.json"
+        return self.path / self.METRICS
+
+    @property
+    def complete(self) -> bool:
+        return self._weights.is_file() and self._metrics.is_file()
 
     def load(self, model: nn.Module) -> dict[str, float] | None:
         """Fill `model` with the cached fine-tune and return its validation metrics; None if absent."""
-        if not (self._weights.is_file() and self._metrics.is_file()):
+        if not self.complete:
             return None
         model.load_state_dict(load_tensors(self._weights, "shared FP32 fine-tune"))
         return json.loads(self._metrics.read_text())

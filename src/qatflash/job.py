@@ -57,6 +57,7 @@ _ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("benchmark", "max_duration_s"): None,
     ("benchmark", "decode"): "eager",  # compiled decode: eager only before
     ("quant", "weight_only"): None,
+    ("quant", "distill"): None,  # quantization-aware distillation: none before
 }
 # Mappings whose keys were declared after sweeps were recorded, each null where it was absent
 # before (data.files' splits: null is "found by name"): their null entries are left out of the

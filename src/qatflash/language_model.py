@@ -52,18 +52,19 @@ class CausalLanguageModel(TrainableModule):
         with forced_kernel(self.sdpa_backend):
             return self.model(input_ids=input_ids).logits
 
+    def _next_token_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of every position that predicts a next token, and the targets they predict."""
+        return self(batch["input_ids"])[:, :-1].float(), batch["labels"][:, 1:]
+
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's summed next-token NLL over its scored labels, and how many it scored."""
-        logits = self(batch["input_ids"])[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-        return nll.sum(dim=1), (targets != IGNORE).sum(dim=1)
+        return _summed_nll(*self._next_token_logits(batch))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll, tokens = self._nll(batch)
-        loss = nll.sum() / tokens.sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        logits, targets = self._next_token_logits(batch)
+        nll, tokens = _summed_nll(logits, targets)
+        inputs = {"input_ids": batch["input_ids"]}
+        return self._training_loss(nll.sum() / tokens.sum(), logits, inputs, scored=targets != IGNORE)
 
     def _accumulate(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         nll, tokens = self._nll(batch)
@@ -93,3 +94,8 @@ class CausalLanguageModel(TrainableModule):
         nll, tokens = self._log_perplexity("test")
         words = self.test_words * tokens / self.test_tokens
         self.log_dict({"test/word_ppl": math.exp(nll / words), "test/tokens": tokens, "test/words": words})
+
+
+def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    return nll.sum(dim=1), (targets != IGNORE).sum(dim=1)

@@ -24,6 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from qatflash.attention import forced_kernel
 from qatflash.config import OptimConfig
+from qatflash.distill import Distillation
 
 # Parameters that AdamW should not decay (standard BERT practice).
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -40,6 +41,39 @@ class TrainableModule(L.LightningModule):
         self.sdpa_backend = sdpa_backend
         # Training throughput, over the training steps only (forward, backward, optimizer).
         self.trained_tokens, self.train_seconds = 0, 0.0
+        # A frozen float teacher whose outputs the model also learns (QAD); not a submodule, so
+        # neither the optimizer, the checkpoints nor the shipped model hold it.
+        self.distillation: Distillation | None = None
+
+    def on_fit_start(self) -> None:
+        if self.distillation is not None:
+            self.distillation.teacher.to(self.device)
+
+    def _teacher_logits(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on the student's inputs, without gradients, under the forced kernel."""
+        assert self.distillation is not None
+        with torch.no_grad(), forced_kernel(self.sdpa_backend):
+            return self.distillation.teacher(**inputs).logits
+
+    def _training_loss(
+        self,
+        task_loss: torch.Tensor,
+        logits: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
+        scored: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The task's loss, or with a teacher the distilled one (`qatflash.distill`), logged."""
+        size = inputs["input_ids"].shape[0]
+        if self.distillation is None:
+            self.log("train/loss", task_loss, prog_bar=True, batch_size=size)
+            return task_loss
+        teacher = self._teacher_logits(**inputs)
+        if scored is not None:  # a language model's: the positions whose next token is scored
+            teacher = teacher[:, :-1]
+        loss, kl = self.distillation.loss(task_loss, logits, teacher, scored)
+        self.log_dict({"train/task_loss": task_loss, "train/distill_kl": kl}, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -116,9 +150,9 @@ class SequenceClassifier(TrainableModule):
         return logits, F.cross_entropy(logits.float(), batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        _, loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
-        return loss
+        logits, loss = self._loss(batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return self._training_loss(loss, logits, inputs)
 
     def _evaluate(
         self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection

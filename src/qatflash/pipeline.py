@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -35,6 +36,7 @@ from qatflash.attention import (
 )
 from qatflash.callbacks import FitStart
 from qatflash.config import PRECISIONS, Config
+from qatflash.distill import load_teacher, teacher_source
 from qatflash.errors import require
 from qatflash.finetune_cache import FinetuneCache
 from qatflash.fit_plan import FitPlan
@@ -128,6 +130,7 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
     params = job_params(cfg, job.overrides)
     with open_job(job, cfg.logger, cfg.seed, params) as opened:
         checked = preflight(cfg, task)
+        teacher = teacher_source(cfg, job.sweep_dir) if cfg.quant.distill is not None else None
         slurm.refuse_hpc_checkpoints(job.folder)
         opened.record.update("env", environment(checked.device))
         trainer = _trainer(cfg, job, checked)
@@ -138,7 +141,7 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         name = job.run_name(*forced, f"L{cfg.data.max_length}", f"s{cfg.seed}")
         tracker = opened.track(name, "train", _tracked_config(cfg, job, params))
         trainer.logger = tracker.logger
-        fitted = fit(cfg, job, opened.record.previous, checked, trainer, data, built)
+        fitted = fit(cfg, job, opened.record.previous, checked, trainer, data, built, teacher)
         if not trainer.is_global_zero:  # one task of a multi-task (srun) DDP fit
             log.info("rank %d of %d: fit done; rank 0 goes on alone", trainer.global_rank, trainer.world_size)
             return opened.record.data
@@ -284,22 +287,30 @@ def fit(
     trainer: L.Trainer,
     data: Data,
     built: Built,
+    teacher: Path | None = None,
 ) -> Fitted:
     """Train the built model (the fit owns it from here), resuming an unfinished attempt, or load the
-    sweep's shared FP32 fine-tune. QAT keeps the FP32 twin of the model before training."""
+    sweep's shared FP32 fine-tune. QAT keeps the FP32 twin of the model before training, and with
+    `quant.distill` learns from the float teacher in `teacher` too."""
     started = time.perf_counter()
     twin = copy.deepcopy(built.model) if checked.qat is not None else None
     module = checked.task.lightning_module(built.model, data.module)
+    if teacher is not None:
+        assert cfg.quant.distill is not None
+        student_like = build_model(cfg.model, cfg.attention, built.hf_config, checked.task.auto_model)
+        module.distillation = load_teacher(teacher, student_like, cfg.quant.distill)
     if checked.qat is not None:
         # Prepared now, not only in the callback's setup: a spawned (DDP) fit hands its trained
         # weights back by loading them, non-strictly, into this process's modules.
         checked.qat.prepare(module)
     shared = cfg.reuse_fp32 and checked.qat is None and job.sweep_dir is not None
-    cache = FinetuneCache(job.sweep_dir, cfg) if shared else None
+    cache = FinetuneCache.of(job.sweep_dir, cfg) if shared else None
     metrics = cache.load(module.model) if cache is not None else None
     record: dict[str, Any] = {"model": {}, "resumed_from": None, "timing": {}, "params": {}}
     if checked.qat is not None:
         record["params"] = checked.qat.schedule()
+    if teacher is not None:
+        record["params"]["distill"] = {**asdict(cfg.quant.distill), "teacher": str(teacher)}
     if metrics is not None:
         record["model"]["float_reused_from"] = str(cache.path)
     else:
