@@ -75,6 +75,8 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(
     make_cfg, learned_model, tmp_path: Path, recipe: str
 ) -> None:
     overrides = (*learned_model.overrides, "logger=none", f"quant={recipe}", "quant.calibration_batches=2")
+    if recipe == "qad_x86":  # a single run: its teacher from a folder (a sweep's is tests/test_distill.py's)
+        overrides += (f"quant.distill.teacher={learned_model.folder}",)
     config = to_config(make_cfg(*overrides))
     recipe_here = make_recipe(config.quant)
     if recipe_here.unshippable() is not None and (

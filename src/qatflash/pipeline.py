@@ -362,7 +362,7 @@ def ship_stage(
         return Shipped(fitted.model, True)
     if checked.unshipped is not None:
         assert fitted.twin is not None, "only QAT trains where its target does not run"
-        record = {**checked.recipe.target().record(), "not_shipped": checked.unshipped}
+        record = {**checked.recipe.product_record(), "not_shipped": checked.unshipped}
         return Shipped(fitted.twin, False, checked.recipe, fitted.model, record=record)
     batches = partial(_calibration_batches, data, cfg.quant.calibration_batches)
     shipped = ship(checked.recipe, fitted.model, checked.qat, fitted.twin, batches)

@@ -11,10 +11,13 @@ any data is loaded, so that adding an API changes neither the schema nor the pip
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -24,6 +27,18 @@ from qatflash.placement import place
 from qatflash.quant.artifact import load_state, save_state
 from qatflash.quant.target import Target
 from qatflash.quant.targeting import embedding_targets, linear_targets
+
+# QuantConfig's fields that decide how a model's scales are found (by calibration or by training,
+# when, from whom), not what numbers it ships: left out of `Recipe.scheme`. `targets` is there as
+# the modules it selected.
+HOW_SCALES_ARE_FOUND = (
+    "method",
+    "calibration_batches",
+    "fake_quant_start_step",
+    "freeze_observers_step",
+    "distill",
+    "targets",
+)
 
 
 class Recipe(ABC):
@@ -56,6 +71,26 @@ class Recipe(ABC):
     def target(self) -> Target:
         """What `convert` makes and where: the format, the device its kernels run on, and the dtype
         around them; a job ships, tests and times its quantized model there."""
+
+    def scheme(self) -> dict[str, Any]:
+        """What decides the shipped model's numbers, whichever way its scales were found: the target,
+        the modules quantized, and the recipe's config less `HOW_SCALES_ARE_FOUND` (and observer
+        kinds). A PTQ and a QAT of one scheme give the same; a QAT's recovery over PTQ is read
+        between those two only (`qatflash.report.recovery`)."""
+        numbers = {k: v for k, v in asdict(self.cfg).items() if k not in HOW_SCALES_ARE_FOUND}
+        for tensor in ("activation", "weight"):
+            if numbers[tensor] is not None:
+                numbers[tensor].pop("observer")
+        if numbers["torchao"] is not None:  # QAT's fake-quantize configs; `convert` is what ships
+            numbers["torchao"] = {
+                k: v for k, v in numbers["torchao"].items() if k not in ("activation", "weight")
+            }
+        return {"target": str(self.target()), "modules": sorted(self.selected), **numbers}
+
+    def product_record(self) -> dict[str, str]:
+        """What results.json's model section says of the product: target, format and scheme key."""
+        encoded = json.dumps(self.scheme(), sort_keys=True, default=str).encode()
+        return {**self.target().record(), "scheme": hashlib.sha256(encoded).hexdigest()[:16]}
 
     def devices(self) -> tuple[str, ...]:
         """The devices its quantized kernels run on (a benchmark may time it on any of them)."""

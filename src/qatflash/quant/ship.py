@@ -114,7 +114,7 @@ def saved(
     spread = check_reload(quantized, reloaded, on_device(example, recipe.target().torch_device), path)
     float_bytes = serialized_bytes(shipped.float_model)
     record = {
-        **recipe.target().record(),
+        **recipe.product_record(),
         "artifact": path.name,
         "quantized_bytes": quantized_bytes,
         "float_bytes": float_bytes,

@@ -19,6 +19,7 @@ import pandas as pd
 from qatflash.report.collect import Collected, collect
 from qatflash.report.figures import FIGURES, shipped_latency
 from qatflash.report.quality import STATISTICS, Margins, over_seeds, per_seed
+from qatflash.report.recovery import recovery_over_seeds, recovery_per_seed
 from qatflash.results import FLOAT, QUANTIZED
 
 # The columns of the Markdown/HTML summary tables (the CSV keeps every column).
@@ -108,16 +109,29 @@ def write_report(sweeps: list[Path], out: Path, margins: Margins | None = None) 
     collected = collect(sweeps)
     out.mkdir(parents=True, exist_ok=True)
     table = _table(collected)
-    seeds, groups = _quality(table, margins)
+    training = _training(table)
+    seeds, groups = _quality(training, margins)
+    recovered = recovery_per_seed(training, seeds) if not training.empty else pd.DataFrame()
     if not seeds.empty:
         table = _with_intervals(table, seeds, groups)
     files = [out / "results.csv"]
     table.to_csv(files[0], index=False)
-    for name, frame in (("quality_per_seed.csv", seeds), ("quality.csv", groups)):
+    recovered_groups = recovery_over_seeds(recovered)
+    tables = (
+        ("quality_per_seed.csv", seeds),
+        ("quality.csv", groups),
+        ("recovery_per_seed.csv", recovered),
+        ("recovery.csv", recovered_groups),
+    )
+    for name, frame in tables:
         if not frame.empty:
             files.append(out / name)
             frame.to_csv(files[-1], index=False)
-    summaries = {**_quality_summaries(seeds, groups, sweeps, margins), **_summaries(table, sweeps)}
+    summaries = {
+        **_quality_summaries(seeds, groups, sweeps, margins),
+        **_recovery_summaries(recovered, recovered_groups, sweeps),
+        **_summaries(table, sweeps),
+    }
     images: dict[str, Path] = {}
     for name, plot in FIGURES.items():
         figure = plot(table) if not table.empty else None
@@ -132,16 +146,21 @@ def write_report(sweeps: list[Path], out: Path, margins: Margins | None = None) 
     return Report(out, files, len(table), collected.skipped)
 
 
-def _quality(table: pd.DataFrame, margins: Margins) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per seed and over seeds, every tested model's quality figure and delta with their intervals."""
+def _training(table: pd.DataFrame) -> pd.DataFrame:
+    """The finished training points, one row each (benchmark points have no quality figures)."""
     if table.empty:
-        return pd.DataFrame(), pd.DataFrame()
+        return table
     training = table[table["status"] == "ok"]
     if "bench.seq_len" in training:
         training = training[training["bench.seq_len"].isna()]
+    return training.drop_duplicates("point")
+
+
+def _quality(training: pd.DataFrame, margins: Margins) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per seed and over seeds, every tested model's quality figure and delta with their intervals."""
     if training.empty:
         return pd.DataFrame(), pd.DataFrame()
-    seeds = per_seed(training.drop_duplicates("point"), margins)
+    seeds = per_seed(training, margins)
     return seeds, over_seeds(seeds, margins)
 
 
@@ -200,6 +219,23 @@ def _quality_summaries(
     return out
 
 
+def _recovery_summaries(
+    per_seed: pd.DataFrame, groups: pd.DataFrame, sweeps: list[Path]
+) -> dict[str, pd.DataFrame]:
+    """Recovery over PTQ as a reader reads it: percent of PTQ's loss, the changes in points or percent."""
+    out = {}
+    if not groups.empty:
+        title = (
+            "Recovery over PTQ of the same scheme, over seeds ((PTQ − QAT) / (PTQ − float), %; t-interval)"
+        )
+        out[title] = _readable(groups.drop(columns=["seed_group_hash"]))
+    if not per_seed.empty:
+        readable = per_seed.assign(point=[_short(p, sweeps) for p in per_seed["point"]])
+        title = "Recovery over PTQ per seed (paired bootstrap CI over the test examples)"
+        out[title] = _readable(readable.drop(columns=["seed_group_hash"]))
+    return out
+
+
 def _readable(frame: pd.DataFrame) -> pd.DataFrame:
     """Each figure with its interval beside it: accuracies and deltas ×100 (points, percent),
     perplexities as they are; the rest as it is."""
@@ -208,15 +244,19 @@ def _readable(frame: pd.DataFrame) -> pd.DataFrame:
         ("accuracy", 100, 2),
         ("macro_f1", 100, 2),
         ("delta", 100, 2),
+        ("ptq_delta", 100, 2),
+        ("qat_delta", 100, 2),
+        ("recovery", 100, 1),
         ("ppl", 1, 2),
         ("word_ppl", 1, 1),
     ):
         if name in frame:
+            bounds = [frame.get(f"{name}_{b}", pd.Series(np.nan, index=frame.index)) for b in ("low", "high")]
             frame[name] = [
                 _with_interval(v, lo, hi, scale, decimals)
-                for v, lo, hi in zip(frame[name], frame[f"{name}_low"], frame[f"{name}_high"], strict=True)
+                for v, lo, hi in zip(frame[name], *bounds, strict=True)
             ]
-            frame = frame.drop(columns=[f"{name}_low", f"{name}_high"])
+            frame = frame.drop(columns=[f"{name}_low", f"{name}_high"], errors="ignore")
     if "word_delta" in frame:
         frame["word_delta"] = (100 * frame["word_delta"]).round(2)
     for column in ("t", "mcnemar_p", "wilcoxon_p", "permutation_p"):
@@ -350,7 +390,7 @@ def log_to_wandb(report: Report, project: str, mode: str) -> str:
     run = wandb.init(project=project, job_type="report", mode=mode, dir=str(report.folder))
     try:
         logged: dict[str, Any] = {"results": wandb.Table(dataframe=table)}
-        for name in ("quality", "quality_per_seed"):
+        for name in ("quality", "quality_per_seed", "recovery", "recovery_per_seed"):
             if (report.folder / f"{name}.csv").is_file():
                 logged[name] = wandb.Table(dataframe=pd.read_csv(report.folder / f"{name}.csv"))
         pareto = report.folder / "pareto.png"

@@ -31,6 +31,7 @@ from qatflash.report.stats import (
     IDENTICAL,
     Interval,
     SeedSpread,
+    _macro_f1,
     accuracy,
     macro_f1,
     macro_f1_delta,
@@ -38,6 +39,7 @@ from qatflash.report.stats import (
     paired_delta,
     permutation,
     perplexity,
+    recovery,
     relative_perplexity,
     t_interval,
     verdict,
@@ -80,6 +82,11 @@ class Statistic(ABC):
         """The paired delta to the reference's rows of the same examples (in `frame`'s order) with
         its CI, and the paired test's columns beside it."""
 
+    @abstractmethod
+    def recovery(self, float_frame: pd.DataFrame, ptq: pd.DataFrame, qat: pd.DataFrame) -> Interval:
+        """(PTQ − QAT) / (PTQ − float) of this figure, the three frames holding the same examples in
+        the same order (`qatflash.report.recovery`), with its paired bootstrap CI."""
+
     def verdict(self, delta: Interval, margins: Margins) -> str:
         """The verdict of a delta at this statistic's own margin, read in its direction."""
         return verdict(delta, margins.of(self.name), higher_is_better=self.higher_is_better)
@@ -112,6 +119,10 @@ class Accuracy(_OfLabels):
         columns = {"mcnemar_b": test.b, "mcnemar_c": test.c, "mcnemar_p": test.p, "note": test.note}
         return paired_delta(correct, reference_correct), columns
 
+    def recovery(self, float_frame: pd.DataFrame, ptq: pd.DataFrame, qat: pd.DataFrame) -> Interval:
+        samples = tuple(_correct(frame) for frame in (float_frame, ptq, qat))
+        return recovery(samples, lambda *correct, axis: tuple(c.mean(axis=axis) for c in correct))
+
 
 class MacroF1(_OfLabels):
     """The mean of the classes' F1: a class the model gives up on costs its whole share, however
@@ -133,6 +144,13 @@ class MacroF1(_OfLabels):
             "note": IDENTICAL if np.array_equal(prediction, theirs) else None,
         }
         return macro_f1_delta(target, prediction, theirs), columns
+
+    def recovery(self, float_frame: pd.DataFrame, ptq: pd.DataFrame, qat: pd.DataFrame) -> Interval:
+        predictions = tuple(frame["prediction"].to_numpy() for frame in (float_frame, ptq, qat))
+        return recovery(
+            (qat["target"].to_numpy(), *predictions),
+            lambda target, *said, axis: tuple(_macro_f1(target, p, axis) for p in said),
+        )
 
 
 class Perplexity(Statistic):
@@ -170,6 +188,13 @@ class Perplexity(Statistic):
             "wilcoxon_p": wilcoxon(nll, reference_nll, tokens),
         }
         return delta, columns
+
+    def recovery(self, float_frame: pd.DataFrame, ptq: pd.DataFrame, qat: pd.DataFrame) -> Interval:
+        nll = tuple(frame["nll"].to_numpy() for frame in (float_frame, ptq, qat))
+        return recovery(
+            (*nll, qat["tokens"].to_numpy()),
+            lambda *sums, axis: tuple(np.exp(n.sum(axis=axis) / sums[-1].sum(axis=axis)) for n in sums[:-1]),
+        )
 
 
 # Every statistic a task may declare, by name: the one vocabulary of `task.quality`.

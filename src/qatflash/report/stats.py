@@ -14,6 +14,8 @@
   (`relative_perplexity`, paired bootstrap) and the Wilcoxon signed-rank test of the windows'
   per-token NLL differences (`wilcoxon`).
 - A verdict for a shipping decision from a delta's interval and a non-inferiority margin (`verdict`).
+- The share of PTQ's loss a QAT of the same scheme recovers, (PTQ − QAT) / (PTQ − float) of the
+  quality figure, with its paired bootstrap CI over the examples (`recovery`).
 
 All take and give fractions (0.01 = one accuracy or F1 point, or 1 % of a perplexity), except the
 margin, which is in points or percent as a reader states it.
@@ -21,6 +23,7 @@ margin, which is in points or percent as a reader states it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +127,22 @@ def relative_perplexity(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.n
         lambda n, r, t, axis: np.expm1((n.sum(axis=axis) - r.sum(axis=axis)) / t.sum(axis=axis)),
         paired=True,
     )
+
+
+def recovery(samples: tuple[np.ndarray, ...], figures: Callable[..., tuple[Any, Any, Any]]) -> Interval:
+    """(PTQ − QAT) / (PTQ − float), where `figures(*samples, axis)` gives the float, PTQ and QAT
+    models' quality figures (any statistic: accuracy, perplexity, macro-F1) on the same examples:
+    1 when QAT scores what float does, 0 when it scores what PTQ does. Paired bootstrap percentile
+    CI over the examples, each resampled with all three models' results. A resample on which PTQ
+    scores what float does gives ±inf, which lands in the tails (a denominator near zero shows as a
+    wide interval, never a narrow one), or NaN where QAT does too, which leaves no interval."""
+
+    def statistic(*arrays: np.ndarray, axis: int) -> Any:
+        float_figure, ptq, qat = figures(*arrays, axis=axis)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (ptq - qat) / (ptq - float_figure)
+
+    return _bootstrap(tuple(np.asarray(a, dtype=float) for a in samples), statistic, paired=True)
 
 
 def wilcoxon(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray) -> float:

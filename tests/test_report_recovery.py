@@ -1,0 +1,143 @@
+"""Recovery over PTQ, (PTQ − QAT) / (PTQ − float), on a sweep written by hand (results.json and
+examples.parquet, no training), so every figure is known in advance; and the scheme key that pairs
+a QAT point with its PTQ point.
+
+400 examples, every target 1. Per seed: float right on 360 (90 %); scheme A's PTQ right on 300 for
+seed 0 (75 %) and 310 for seed 1 (77.5 %), its QAT on 345 (86.25 %: recovery (75 − 86.25) /
+(75 − 90) = 0.75) and 330 (82.5 %: (77.5 − 82.5) / (77.5 − 90) = 0.4); a QAT read against the
+other seed's PTQ would get other numbers. Scheme B: PTQ right on 359 (its change's interval
+contains 0: nothing to recover). Scheme C: a QAT with no PTQ point of its scheme.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_report_seeds import _write_point
+from test_report_statistic import _describe
+
+from qatflash.config import to_config
+from qatflash.models import declared_config, model_on_meta
+from qatflash.quant import make_recipe
+from qatflash.report import write_report
+from qatflash.report.recovery import NO_PTQ
+from qatflash.tasks import TASKS
+
+EXAMPLES = 400
+RIGHT = {
+    "float": 360,
+    "ptq_a": {0: 300, 1: 310},
+    "qat_a": {0: 345, 1: 330},
+    "ptq_b": 359,
+    "qat_b": 350,
+    "qat_c": 340,
+}
+T_1 = 12.706205  # t(0.975, 1): two seeds
+
+
+def _examples(model: str, right: int) -> pd.DataFrame:
+    """The first `right` examples right, the rest wrong: each model's errors nest in the worse one's."""
+    prediction = np.where(np.arange(EXAMPLES) < right, 1, 0)
+    return pd.DataFrame({"model": model, "index": range(EXAMPLES), "target": 1, "prediction": prediction})
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("recovery")
+    task = _describe("classification")
+    for seed in (0, 1):
+        points = {
+            "fp32": ("none", None, [_examples("float", RIGHT["float"])]),
+            "ptq_static": ("ptq_static", "A", [_examples("quantized", RIGHT["ptq_a"][seed])]),
+            "qat_x86": ("qat", "A", [_examples("quantized", RIGHT["qat_a"][seed])]),
+            "ptq_dynamic": ("ptq_dynamic", "B", [_examples("quantized", RIGHT["ptq_b"])]),
+            "qat_b": ("qat", "B", [_examples("quantized", RIGHT["qat_b"])]),
+            "qat_x86_a8w7": ("qat", "C", [_examples("quantized", RIGHT["qat_c"])]),
+        }
+        for quant, (method, scheme, frames) in points.items():
+            _write_point(
+                root / f"quant={quant},seed={seed}",
+                quant,
+                seed,
+                task,
+                pd.concat(frames),
+                params={"seed": seed, "quant_method": method},
+                model={"scheme": scheme} if scheme else {},
+            )
+    write_report([root], root / "report")
+    return root
+
+
+def test_recovery_is_read_between_ptq_and_qat_of_one_scheme_with_its_interval(report: Path) -> None:
+    rows = pd.read_csv(report / "report" / "recovery_per_seed.csv").set_index(["quant", "seed"])
+    for seed, ptq_delta, expected in ((0, -0.15, 0.75), (1, -0.125, 0.4)):
+        row = rows.loc[("qat_x86", seed)]
+        assert row["ptq_quant"] == "ptq_static" and row["statistic"] == "accuracy"
+        assert row["ptq_delta"] == pytest.approx(ptq_delta) and row["recovery"] == pytest.approx(expected)
+        # paired: the same resampled examples for the three models, checked against a bootstrap
+        # written here; one that draws each model's examples apart is far wider
+        rights = (RIGHT["float"], RIGHT["ptq_a"][seed], RIGHT["qat_a"][seed])
+        low, high = _bootstrap(*rights, paired=True)
+        assert (row["recovery_low"], row["recovery_high"]) == pytest.approx((low, high), abs=0.03)
+        apart = _bootstrap(*rights, paired=False)
+        assert row["recovery_high"] - row["recovery_low"] < 0.75 * (apart[1] - apart[0])
+    assert rows.loc[("qat_b", 0), "note"].startswith("no recovery to measure: PTQ's change [")
+    assert np.isnan(rows.loc[("qat_b", 0), "recovery"])
+    assert rows.loc[("qat_x86_a8w7", 0), "note"] == NO_PTQ
+
+
+def _bootstrap(float_right: int, ptq_right: int, qat_right: int, paired: bool) -> tuple[float, float]:
+    """The 95 % percentile interval of the recovery over 4,000 resamples of the examples, drawn once
+    for all three models (paired) or for each apart."""
+    rng = np.random.default_rng(1)
+    index = np.arange(EXAMPLES)
+    draws = [rng.integers(0, EXAMPLES, size=(4000, EXAMPLES)) for _ in range(1 if paired else 3)] * (
+        3 if paired else 1
+    )
+    f, p, q = (
+        (index < right)[d].mean(axis=1)
+        for right, d in zip((float_right, ptq_right, qat_right), draws, strict=True)
+    )
+    ratios = (p - q) / (p - f)
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def test_recovery_over_seeds_is_the_mean_with_its_t_interval(report: Path) -> None:
+    groups = pd.read_csv(report / "report" / "recovery.csv").set_index("quant")
+    row = groups.loc["qat_x86"]
+    half = T_1 * 0.175  # the standard error of 0.75 and 0.4: their difference / 2
+    assert (row["seeds"], row["seeds_without"]) == (2, 0)
+    assert (row["recovery"], row["recovery_low"], row["recovery_high"]) == pytest.approx(
+        (0.575, 0.575 - half, 0.575 + half)
+    )
+    assert groups.loc["qat_b", "seeds_without"] == 2
+    markdown = (report / "report" / "report.md").read_text()
+    assert "## Recovery over PTQ of the same scheme, over seeds" in markdown
+    assert "57.5 [" in markdown  # the mean recovery in percent with its interval
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "same"),
+    [
+        ("qat_x86", "ptq_static", True),  # observer kinds and the schedule differ, the numbers do not
+        ("qat_x86", "ptq_dynamic", False),  # dynamic activations
+        ("qat_x86_a8w7", "ptq_static", False),  # 7-bit weights, 8-bit activations without reduce_range
+        ("qad_x86", "ptq_static", True),  # distillation changes how scales are found only
+        ("qat_torchao_8da4w", "ptq_torchao_8da4w", False),  # the PTQ keeps its embeddings float
+    ],
+)
+def test_a_scheme_key_is_shared_by_ptq_and_qat_of_the_same_numbers_only(
+    make_cfg, one: str, other: str, same: bool
+) -> None:
+    def key(quant: str) -> str:
+        config = to_config(make_cfg(f"quant={quant}"))
+        recipe = make_recipe(config.quant)
+        recipe.select_targets(
+            model_on_meta(declared_config(config.model), TASKS.load("classification").auto_model)
+        )
+        return recipe.product_record()["scheme"]
+
+    assert (key(one) == key(other)) is same
