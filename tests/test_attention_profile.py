@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bench import QUICK
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qatflash.bench.app import run_benchmark
@@ -23,19 +24,11 @@ from qatflash.timing.attention_profile import (
 from qatflash.timing.latency import Contender
 
 CPU = torch.device("cpu")
-QUICK = [
-    "model=tiny_bert",
-    "logger=none",
-    "bench.isolate=false",
-    "bench.seq_lens=[64]",
-    "benchmark.warmup=1",
-    "benchmark.min_iters=3",
-    "benchmark.min_duration_s=0",
-]
+ONE_POINT = [*QUICK, "bench.isolate=false", "bench.seq_lens=[64]"]
 
 
 def _row(make_bench_cfg, folder: Path, *overrides: str) -> dict:
-    config = to_config(make_bench_cfg(*QUICK, *overrides))
+    config = to_config(make_bench_cfg(*ONE_POINT, *overrides))
     (row,) = run_benchmark(config, JobContext(folder=folder, choices={}))["latency"]
     return row
 
@@ -60,7 +53,8 @@ def test_a_benchmark_row_names_the_kernel_that_ran_and_its_throughput(
     assert (row["attention_kernel"], row["attention_kernel_event"]) == (kernel, event)
     # tiny_bert at 64 tokens, batch 1: 2 layers x 2 heads of 64, every pair (not causal), 2 x 2 FLOPs
     assert row["attention_flops"] == 2 * 2 * 2 * 2 * 64 * 64 * 64
-    assert 0 < row["attention_ms"] < row["p50_ms"]
+    # both from the profiled forward (the profiler's overhead weighs on eager's many small operators)
+    assert 0 < row["attention_share_of_forward"] < 1
     assert row["attention_tflops"] == pytest.approx(row["attention_flops"] / row["attention_ms"] / 1e9)
     assert row["attention_flops_share"] == pytest.approx(row["attention_tflops"] / row["matmul_tflops"])
     assert len(row["attention_costliest_ms"]) == 3

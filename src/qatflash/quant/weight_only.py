@@ -132,7 +132,7 @@ class WeightOnlyRecipe(Recipe):
     def __init__(self, cfg: QuantConfig) -> None:
         super().__init__(cfg)
         assert cfg.weight_only is not None, "check_config requires a quant.weight_only section"
-        self.scheme: WeightOnlyConfig = cfg.weight_only
+        self.weight_only: WeightOnlyConfig = cfg.weight_only
 
     def select_targets(self, model: nn.Module) -> list[str]:
         """The targets, each checked against the kernel's shape rules (before any training)."""
@@ -145,17 +145,17 @@ class WeightOnlyRecipe(Recipe):
 
     def check_shape(self, name: str, out_features: int, in_features: int) -> None:
         """Refuse a Linear whose shape the kernel cannot pack, naming it (exclude it by quant.targets)."""
-        group = self.scheme.group_size
+        group = self.weight_only.group_size
         require(
             group is None or in_features % group == 0,
             f"quant.weight_only.group_size={group} does not divide {name}'s {in_features} input channels; "
             f"choose a divisor, or leave it out with quant.targets.exclude=[{name}]",
         )
-        rows = self.output_multiple.get(self.scheme.weight_dtype, 1)
+        rows = self.output_multiple.get(self.weight_only.weight_dtype, 1)
         require(
             out_features % rows == 0,
             f"{name} has {out_features} outputs; quant.api={self.cfg.api} packs "
-            f"{self.scheme.weight_dtype} weights {rows} output rows at a time; leave it out with "
+            f"{self.weight_only.weight_dtype} weights {rows} output rows at a time; leave it out with "
             f"quant.targets.exclude=[{name}]",
         )
 
@@ -173,7 +173,7 @@ class WeightOnlyRecipe(Recipe):
     formats: ClassVar[dict[str, str]]
 
     def target(self) -> Target:
-        return Target(self.formats[self.scheme.weight_dtype], "cpu", "float32")
+        return Target(self.formats[self.weight_only.weight_dtype], "cpu", "float32")
 
     def convert(self, model: nn.Module) -> nn.Module:
         model.eval()
@@ -200,10 +200,10 @@ class PackedRecipe(WeightOnlyRecipe):
     group_sizes: ClassVar[dict[str, tuple[int, ...]]] = {"int4": (32, 64, 128, 256)}
 
     def quantized_linear(self, linear: nn.Linear) -> nn.Module:
-        if self.scheme.weight_dtype == "int8":
+        if self.weight_only.weight_dtype == "int8":
             return Int8WeightOnlyLinear(linear)
-        assert self.scheme.group_size is not None, "WeightOnlyConfig requires a group size for int4"
-        return Int4WeightOnlyLinear(linear, self.scheme.group_size)
+        assert self.weight_only.group_size is not None, "WeightOnlyConfig requires a group size for int4"
+        return Int4WeightOnlyLinear(linear, self.weight_only.group_size)
 
     def count_quantized(self, model: nn.Module) -> int:
         return sum(isinstance(m, Int8WeightOnlyLinear | Int4WeightOnlyLinear) for m in model.modules())
@@ -229,19 +229,19 @@ class BitsAndBytesRecipe(WeightOnlyRecipe):
     def target(self) -> Target:
         """On the first device of `devices()`: an install without a CPU backend ships on CUDA, and
         is refused before data loads where there is none."""
-        return Target(self.formats[self.scheme.weight_dtype], self.devices()[0], "float32")
+        return Target(self.formats[self.weight_only.weight_dtype], self.devices()[0], "float32")
 
     def quantized_linear(self, linear: nn.Linear) -> nn.Module:
         bnb = _bitsandbytes()
         weight = linear.weight.detach().float().clone()
         bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(), False)
-        if self.scheme.weight_dtype == "int8":
+        if self.weight_only.weight_dtype == "int8":
             module = bnb.nn.Linear8bitLt(
                 linear.in_features,
                 linear.out_features,
                 bias=bias is not None,
                 has_fp16_weights=False,
-                threshold=self.scheme.outlier_threshold,
+                threshold=self.weight_only.outlier_threshold,
             )
             module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         else:
@@ -253,7 +253,7 @@ class BitsAndBytesRecipe(WeightOnlyRecipe):
                 quant_type="nf4",
             )
             module.weight = bnb.nn.Params4bit(
-                weight, requires_grad=False, quant_type="nf4", blocksize=self.scheme.group_size
+                weight, requires_grad=False, quant_type="nf4", blocksize=self.weight_only.group_size
             )
         if bias is not None:
             module.bias = bias

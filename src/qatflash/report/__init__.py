@@ -207,32 +207,38 @@ def _quality_summaries(
 ) -> dict[str, pd.DataFrame]:
     """The quality tables as a reader reads them: accuracies and deltas in points (perplexity's
     delta in percent), intervals as [low, high]."""
-    out = {}
     margin = f"margins {margins.describe()}"
-    if not groups.empty:
-        title = f"Quality over seeds (95 % intervals, accuracy's clipped to [0, 100]; verdict at {margin})"
-        out[title] = _readable(groups.drop(columns=["seed_group_hash"]))
-    if not seeds.empty:
-        readable = seeds.assign(point=[_short(p, sweeps) for p in seeds["point"]])
-        title = "Quality per seed (paired bootstrap CI; McNemar's exact test, a permutation test of macro-F1, or Wilcoxon over windows)"
-        out[title] = _readable(readable.drop(columns=["seed_group_hash"]))
-    return out
+    return _over_and_per_seed(
+        {
+            f"Quality over seeds (95 % intervals, accuracy's clipped to [0, 100]; verdict at {margin})": groups,
+            "Quality per seed (paired bootstrap CI; McNemar's exact test, a permutation test of macro-F1, or Wilcoxon over windows)": seeds,
+        },
+        sweeps,
+    )
 
 
 def _recovery_summaries(
     per_seed: pd.DataFrame, groups: pd.DataFrame, sweeps: list[Path]
 ) -> dict[str, pd.DataFrame]:
     """Recovery over PTQ as a reader reads it: percent of PTQ's loss, the changes in points or percent."""
+    return _over_and_per_seed(
+        {
+            "Recovery over PTQ of the same scheme, over seeds ((PTQ − QAT) / (PTQ − float), %; t-interval)": groups,
+            "Recovery over PTQ per seed (paired bootstrap CI over the test examples)": per_seed,
+        },
+        sweeps,
+    )
+
+
+def _over_and_per_seed(tables: dict[str, pd.DataFrame], sweeps: list[Path]) -> dict[str, pd.DataFrame]:
+    """The non-empty tables under their titles, readable, points named relative to their sweep."""
     out = {}
-    if not groups.empty:
-        title = (
-            "Recovery over PTQ of the same scheme, over seeds ((PTQ − QAT) / (PTQ − float), %; t-interval)"
-        )
-        out[title] = _readable(groups.drop(columns=["seed_group_hash"]))
-    if not per_seed.empty:
-        readable = per_seed.assign(point=[_short(p, sweeps) for p in per_seed["point"]])
-        title = "Recovery over PTQ per seed (paired bootstrap CI over the test examples)"
-        out[title] = _readable(readable.drop(columns=["seed_group_hash"]))
+    for title, frame in tables.items():
+        if frame.empty:
+            continue
+        if "point" in frame:
+            frame = frame.assign(point=[_short(p, sweeps) for p in frame["point"]])
+        out[title] = _readable(frame.drop(columns=["seed_group_hash"]))
     return out
 
 

@@ -32,6 +32,9 @@ from qatflash.report.quality import (
     _reference_examples,
     _same_examples,
 )
+from qatflash.report.quality import (
+    _identity as _point_identity,
+)
 from qatflash.report.stats import Interval, t_interval
 from qatflash.results import QUANTIZED, read_examples
 
@@ -64,13 +67,7 @@ def recovery_per_seed(training: pd.DataFrame, seeds: pd.DataFrame) -> pd.DataFra
 
 
 def _identity(qat: pd.Series) -> dict[str, Any]:
-    return {
-        "point": qat["point"],
-        "quant": qat.get("choices.quant"),
-        "seed": qat.get("params.seed"),
-        "seed_group_hash": qat.get("seed_group_hash"),
-        "scheme": qat["model.scheme"],
-    }
+    return {**_point_identity(qat), "scheme": qat["model.scheme"]}
 
 
 def _paired(

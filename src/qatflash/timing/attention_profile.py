@@ -47,6 +47,7 @@ ATTENTION_KERNELS: tuple[tuple[str, str], ...] = (
     ("aten::_softmax", "eager"),
 )
 UNRECOGNIZED = "unrecognized"
+_FORWARD_RANGE = "qatflash::forward"
 _ATTENTION_RANGE = "qatflash::attention"
 _CHILD_RANGE = "qatflash::attention_child"
 # How many of the costliest events inside the attention a row lists, as evidence; name length kept.
@@ -66,6 +67,7 @@ class AttentionProfile:
     event: str | None
     costliest: dict[str, float]
     core_ms: float | None
+    forward_ms: float  # the profiled forward's own time, measured as the core's (profiler overhead alike)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -145,9 +147,11 @@ def profile_attention(contender: Contender, inputs: Mapping[str, torch.Tensor]) 
         contender.autocast(),
         _ranges(modules),
         profile(activities=activities) as prof,
+        record_function(_FORWARD_RANGE),
     ):
         model(**placed)
     events = list(prof.events())
+    (forward,) = [e for e in events if e.name == _FORWARD_RANGE]
     attention = [e for e in events if e.name == _ATTENTION_RANGE]
     inside = [inner for e in attention for inner in _inside(e)] if attention else events
     kernel, event = kernel_of([e.name for e in inside])
@@ -156,6 +160,7 @@ def profile_attention(contender: Contender, inputs: Mapping[str, torch.Tensor]) 
         event=event[:EVIDENCE_NAME_CHARS] if event else None,
         costliest=_costliest(inside, on_cuda),
         core_ms=_core_ms(attention, on_cuda) if attention else None,
+        forward_ms=_total_us(forward, on_cuda) / 1000.0,
     )
 
 
@@ -197,6 +202,7 @@ def attention_figures(found: AttentionProfile, flops: int, ceilings: Ceilings | 
     }
     if found.core_ms:
         tflops = flops / found.core_ms / 1e9
+        row["attention_share_of_forward"] = found.core_ms / found.forward_ms
         row["attention_tflops"] = tflops
         if ceilings is not None:
             row.update(ceilings.as_dict())
