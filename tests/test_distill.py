@@ -38,16 +38,18 @@ def test_the_distilled_loss_is_the_hand_computed_one() -> None:
     """alpha x task + (1 - alpha) x T^2 x KL(teacher || student): the direction, the weights and the
     T^2 each change the number (the two distributions are not mirror images)."""
     student, teacher = [[1.0, 0.0, -1.0], [0.5, 0.5, 3.0]], [[0.0, 2.0, 0.0], [1.0, -1.0, 0.0]]
-    temperature, alpha, task = 2.0, 0.25, torch.tensor(0.7)
+    temperature, alpha, task = 3.0, 0.25, torch.tensor(0.7)
     kls = [_kl(t, s, temperature) for t, s in zip(teacher, student, strict=True)]
     distillation = Distillation(torch.nn.Identity(), alpha, temperature)
     loss, kl = distillation.loss(task, torch.tensor(student), torch.tensor(teacher), scored=None)
     assert kl.item() == pytest.approx(sum(kls) / 2, rel=1e-6)
-    assert loss.item() == pytest.approx(0.25 * 0.7 + 0.75 * 4 * sum(kls) / 2, rel=1e-6)
+    assert loss.item() == pytest.approx(0.25 * 0.7 + 0.75 * 9 * sum(kls) / 2, rel=1e-6)
     # a language model's positions that predict no scored token do not count
     scored = torch.tensor([[True, False]])
     only_first = distillation_kl(torch.tensor([student]), torch.tensor([teacher]), temperature, scored)
     assert only_first.item() == pytest.approx(kls[0], rel=1e-6)
+    both = distillation_kl(torch.tensor([student]), torch.tensor([teacher]), temperature, ~scored | scored)
+    assert both.item() == pytest.approx(sum(kls) / 2, rel=1e-6)  # a mean over positions, not a sum
 
 
 def _trained(

@@ -332,6 +332,7 @@ def test_engine_missing_from_the_build_is_refused() -> None:
     ("override", "message"),
     [
         ("quant.freeze_observers_step=0", "must come after quant.fake_quant_start_step=null (0 or later)"),
+        ("quant.freeze_observers_step=0.0", "must come after quant.fake_quant_start_step=null (0 or later)"),
         (
             "quant.fake_quant_start_step=3 quant.freeze_observers_step=2",
             "quant.freeze_observers_step=2 must come after quant.fake_quant_start_step=3",
@@ -353,6 +354,8 @@ def test_bad_quant_values_are_refused(make_cfg, override: str, message: str) -> 
         # tiny_bert built from its config: float for the first 75 % of steps
         (["quant=qat_x86"], FROM_SCRATCH_START, "default: trains from scratch (float first)", 6),
         (["quant=qat_torchao_int8"], FROM_SCRATCH_START, "default: trains from scratch (float first)", 6),
+        # derived from its convert config, with a switch
+        (["quant=qat_fp8_rowwise"], FROM_SCRATCH_START, "default: trains from scratch (float first)", 6),
         # MX's fake quantization has no switch: from step 0, and the record says why
         (
             ["quant=qat_mxfp8"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -119,7 +120,14 @@ def test_quality_intervals_come_from_each_points_own_examples(sweep: Path, tmp_p
 def test_report_logs_a_summary_run_to_offline_wandb(sweep: Path, tmp_path: Path) -> None:
     report_main([str(sweep), "--out", str(tmp_path), "--wandb"])
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    history = [r.history for r in records(run_file) if r.WhichOneof("record_type") == "history"]
+    # wandb-core may still be writing the run's log when finish() returns (once seen on a loaded CI
+    # machine: a file without its history record); wait a little for it
+    deadline = time.monotonic() + 20
+    while True:
+        history = [r.history for r in records(run_file) if r.WhichOneof("record_type") == "history"]
+        if history or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     logged = {item.key or item.nested_key[0] for h in history for item in h.item}
     assert {"results", "quality", "quality_per_seed", "pareto"} <= logged  # the report's tables, the plot
 

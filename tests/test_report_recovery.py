@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_report_seeds import _write_point
-from test_report_statistic import _describe
+from test_report_seeds import _windows, _write_point
+from test_report_statistic import _describe, _predictions
 
 from qatflash.config import to_config
 from qatflash.models import declared_config, model_on_meta
 from qatflash.quant import make_recipe
 from qatflash.report import write_report
+from qatflash.report.quality import STATISTICS
 from qatflash.report.recovery import NO_PTQ
 from qatflash.tasks import TASKS
 
@@ -67,15 +68,34 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 params={"seed": seed, "quant_method": method},
                 model={"scheme": scheme} if scheme else {},
             )
+        # ptq_static calibrated on other batches: the same scheme and quant choice, another configuration
+        _write_point(
+            root / f"quant=ptq_static,calibration_batches=8,seed={seed}",
+            "ptq_static",
+            seed,
+            task,
+            _examples("quantized", RIGHT["ptq_a"][seed]),
+            params={"seed": seed, "quant_method": "ptq_static"},
+            model={"scheme": "A"},
+            seed_group_hash="config-ptq_static-calibration_batches=8",
+        )
     write_report([root], root / "report")
     return root
 
 
 def test_recovery_is_read_between_ptq_and_qat_of_one_scheme_with_its_interval(report: Path) -> None:
-    rows = pd.read_csv(report / "report" / "recovery_per_seed.csv").set_index(["quant", "seed"])
+    table = pd.read_csv(report / "report" / "recovery_per_seed.csv")
+    # each QAT seed pairs with both PTQ configurations of its scheme, and only with its own seed's
+    pairs = table[table["quant"] == "qat_x86"].groupby("seed")["ptq_seed_group_hash"].apply(sorted)
+    assert pairs.to_dict() == {
+        s: ["config-ptq_static", "config-ptq_static-calibration_batches=8"] for s in (0, 1)
+    }
+    rows = table[table["ptq_seed_group_hash"] != "config-ptq_static-calibration_batches=8"].set_index(
+        ["quant", "seed"]
+    )
     for seed, ptq_delta, expected in ((0, -0.15, 0.75), (1, -0.125, 0.4)):
         row = rows.loc[("qat_x86", seed)]
-        assert row["ptq_quant"] == "ptq_static" and row["statistic"] == "accuracy"
+        assert row["ptq_quant"] == "ptq_static" and row["statistic"] == "accuracy" and pd.isna(row["note"])
         assert row["ptq_delta"] == pytest.approx(ptq_delta) and row["recovery"] == pytest.approx(expected)
         # paired: the same resampled examples for the three models, checked against a bootstrap
         # written here; one that draws each model's examples apart is far wider
@@ -106,7 +126,13 @@ def _bootstrap(float_right: int, ptq_right: int, qat_right: int, paired: bool) -
 
 
 def test_recovery_over_seeds_is_the_mean_with_its_t_interval(report: Path) -> None:
-    groups = pd.read_csv(report / "report" / "recovery.csv").set_index("quant")
+    groups = pd.read_csv(report / "report" / "recovery.csv").set_index(["quant", "ptq_seed_group_hash"])
+    # one row per PTQ configuration, each over its two seeds (not the four pairs pooled)
+    assert groups.loc["qat_x86"]["seeds"].to_dict() == {
+        "config-ptq_static": 2,
+        "config-ptq_static-calibration_batches=8": 2,
+    }
+    groups = groups.reset_index().drop_duplicates("quant").set_index("quant")
     row = groups.loc["qat_x86"]
     half = T_1 * 0.175  # the standard error of 0.75 and 0.4: their difference / 2
     assert (row["seeds"], row["seeds_without"]) == (2, 0)
@@ -122,7 +148,12 @@ def test_recovery_over_seeds_is_the_mean_with_its_t_interval(report: Path) -> No
 @pytest.mark.parametrize(
     ("one", "other", "same"),
     [
-        ("qat_x86", "ptq_static", True),  # observer kinds and the schedule differ, the numbers do not
+        ("qat_x86", "ptq_static", True),  # observer kinds differ, the numbers do not
+        (
+            "qat_x86 quant.fake_quant_start_step=0.5 quant.freeze_observers_step=0.9",
+            "ptq_static quant.calibration_batches=8",
+            True,
+        ),
         ("qat_x86", "ptq_dynamic", False),  # dynamic activations
         ("qat_x86_a8w7", "ptq_static", False),  # 7-bit weights, 8-bit activations without reduce_range
         ("qad_x86", "ptq_static", True),  # distillation changes how scales are found only
@@ -133,7 +164,8 @@ def test_a_scheme_key_is_shared_by_ptq_and_qat_of_the_same_numbers_only(
     make_cfg, one: str, other: str, same: bool
 ) -> None:
     def key(quant: str) -> str:
-        config = to_config(make_cfg(f"quant={quant}"))
+        choice, *overrides = quant.split()
+        config = to_config(make_cfg(f"quant={choice}", *overrides))
         recipe = make_recipe(config.quant)
         recipe.select_targets(
             model_on_meta(declared_config(config.model), TASKS.load("classification").auto_model)
@@ -141,3 +173,21 @@ def test_a_scheme_key_is_shared_by_ptq_and_qat_of_the_same_numbers_only(
         return recipe.product_record()["scheme"]
 
     assert (key(one) == key(other)) is same
+
+
+def test_each_statistic_reads_recovery_off_its_own_figure() -> None:
+    """Perplexity's from the windows' perplexities (not their mean NLL), macro-F1's from the three
+    models' macro-F1 in the order float, PTQ, QAT."""
+    f, p, q = (
+        _windows(model, scale) for model, scale in (("float", 1.0), ("quantized", 1.2), ("quantized", 1.05))
+    )
+    assert STATISTICS["ppl"].recovery(f, p, q).estimate == pytest.approx((1.2 - 1.05) / (1.2 - 1.0))
+
+    def frame(confused: int, class_2_as: int) -> pd.DataFrame:
+        target, prediction = _predictions(confused, class_2_as)
+        return pd.DataFrame({"target": target, "prediction": prediction})
+
+    # macro-F1: float 19/21, PTQ 29/45 (gives class 2 up), QAT 20/21 (10 confusions each way)
+    found = STATISTICS["macro_f1"].recovery(frame(20, 2), frame(0, 0), frame(10, 2))
+    assert found.estimate == pytest.approx((29 / 45 - 20 / 21) / (29 / 45 - 19 / 21))
+    assert found.low < found.estimate < found.high

@@ -385,7 +385,7 @@ class QuantConfig:
     # (Lightning's convention for limit_*_batches: an int counts steps, a float in [0, 1) is a
     # fraction of the fit's steps, e.g. 0.75 = fake-quantize the last 25 %; typed Any because
     # OmegaConf cannot merge an int | float union); null = by what the job trains
-    # (`quant.callback.default_fake_quant_start`: 0 for a pretrained model, 0.75 from scratch)
+    # (`quant.callback.fake_quant_start`: 0 for a pretrained model, 0.75 from scratch)
     fake_quant_start_step: Any = None
     # ... and stop updating observers (scales, zero points) from this step (or fraction) on; null = never.
     freeze_observers_step: Any = None
@@ -412,10 +412,11 @@ class QuantConfig:
             _check_step("quant.fake_quant_start_step", start)
         if self.freeze_observers_step is not None:
             _check_step("quant.freeze_observers_step", self.freeze_observers_step)
-            earliest = 0 if start is None else start  # a default start resolves to step 0 or later
+            freeze = self.freeze_observers_step
+            # a default start resolves to step 0 or later: a freeze at step 0 comes after none
+            after = freeze > 0 if start is None else type(freeze) is not type(start) or freeze > start
             _require(
-                type(self.freeze_observers_step) is not type(earliest)
-                or self.freeze_observers_step > earliest,
+                after,
                 f"quant.freeze_observers_step={self.freeze_observers_step} must come after "
                 f"quant.fake_quant_start_step={'null (0 or later)' if start is None else start}",
             )

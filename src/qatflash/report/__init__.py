@@ -238,7 +238,9 @@ def _over_and_per_seed(tables: dict[str, pd.DataFrame], sweeps: list[Path]) -> d
             continue
         if "point" in frame:
             frame = frame.assign(point=[_short(p, sweeps) for p in frame["point"]])
-        out[title] = _readable(frame.drop(columns=["seed_group_hash"]))
+        out[title] = _readable(
+            frame.drop(columns=["seed_group_hash", "ptq_seed_group_hash"], errors="ignore")
+        )
     return out
 
 

@@ -78,7 +78,11 @@ def _paired(
     examples: dict[str, pd.DataFrame | None],
 ) -> dict[str, Any]:
     """The QAT point's recovery over the PTQ point `ptq` (of its scheme and reference)."""
-    row = {**_identity(qat), "ptq_quant": ptq.get("choices.quant")}
+    row = {
+        **_identity(qat),
+        "ptq_quant": ptq.get("choices.quant"),
+        "ptq_seed_group_hash": ptq.get("seed_group_hash"),
+    }
     if qat["point"] not in deltas.index or ptq["point"] not in deltas.index:
         return {**row, "note": NOT_SHIPPED}
     for name, point in (("ptq", ptq), ("qat", qat)):
@@ -128,19 +132,20 @@ def _aligned(
 
 
 def recovery_over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Per QAT configuration and the PTQ it pairs with: the seeds' mean recovery with its
+    """Per QAT configuration and PTQ configuration (each's points over seeds) it pairs with: the seeds' mean recovery with its
     t-interval (one seed: its bootstrap CI), and how many seeds had none to measure."""
     if per_seed.empty or "recovery" not in per_seed:
         return pd.DataFrame()
     rows = []
-    for (group, quant, ptq_quant), seeds in per_seed.groupby(
-        ["seed_group_hash", "quant", "ptq_quant"], sort=False, dropna=False
-    ):
+    keys = ["seed_group_hash", "quant", "ptq_seed_group_hash", "ptq_quant"]
+    present = per_seed.reindex(columns=[*per_seed.columns, *(k for k in keys if k not in per_seed)])
+    for (group, quant, ptq_group, ptq_quant), seeds in present.groupby(keys, sort=False, dropna=False):
         measured = seeds.dropna(subset=["recovery"])
         row = {
             "quant": quant,
             "ptq_quant": ptq_quant,
             "seed_group_hash": group,
+            "ptq_seed_group_hash": ptq_group,
             "seeds": len(measured),
             "seeds_without": len(seeds) - len(measured),
         }
