@@ -96,6 +96,7 @@ def test_a_language_models_teacher_is_read_at_the_positions_that_predict(make_cf
     assert trainer.callback_metrics["train/distill_kl"].item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.e2e  # two trainings, about 15 s: `make test-e2e` (CI runs it)
 def test_a_sweeps_qat_point_distils_from_its_fp32_points_fine_tune(
     make_cfg, learned_model, tmp_path: Path
 ) -> None:

@@ -145,19 +145,20 @@ def _measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
     steps = {
         variant: _step(model, inputs, job.timing if generating else None) for variant, model in models.items()
     }
+    contenders = {variant: Contender(model, device) for variant, model in models.items()}
     with torch.inference_mode():
         for variant, model in models.items():
             if backend.warm_at_full_size:
                 steps[variant]()  # compile at this shape; compilation's own memory is not the model's
             else:  # load lazily initialised kernels and libraries, at a size that costs no memory
                 model(**{k: v[:1, :8] for k, v in inputs.items()})
+        # Before the memory cap: the copy and the matmul are the device's calibration, not the point's.
+        ceilings = device_ceilings(contenders) if generating or backend.runs_torch else {}
         cap_memory(job.sweep.max_memory_gb, device)
         memory = {variant: peak_memory(step, device, exact) for variant, step in steps.items()}
     if exact:
         steady_host_allocator()
     timing = replace(job.timing, batch_size=job.batch_size)
-    contenders = {variant: Contender(model, device) for variant, model in models.items()}
-    ceilings = device_ceilings(contenders) if generating or backend.runs_torch else {}
     if generating:
         prompt = inputs["input_ids"].shape
         times = generation_rounds(contenders, timing, inputs["input_ids"])

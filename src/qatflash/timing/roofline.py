@@ -94,6 +94,8 @@ def measure_ceilings(device: torch.device) -> Ceilings | None:
     size, n, dtype = COPY_BYTES[device.type], MATMUL_N[device.type], MATMUL_DTYPE[device.type]
     with torch.inference_mode():
         copy_ms, matmul_ms = _copy_ms(device, size), _matmul_ms(device, n, dtype)
+    if device.type == "cuda":  # the calibration's buffers go back: a memory cap set next counts the cache
+        torch.cuda.empty_cache()
     return Ceilings(
         copy_gb_per_s=2 * size / copy_ms / 1e6,
         copy_bytes=size,
