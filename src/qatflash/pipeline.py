@@ -297,7 +297,8 @@ def fit(
     module = checked.task.lightning_module(built.model, data.module)
     if teacher is not None:
         assert cfg.quant.distill is not None
-        student_like = build_model(cfg.model, cfg.attention, built.hf_config, checked.task.auto_model)
+        # a skeleton (no pretrained weights read): the teacher's own weights replace every parameter
+        student_like = build_model_from_config(built.hf_config, cfg.attention, checked.task.auto_model)
         module.distillation = load_teacher(teacher, student_like, cfg.quant.distill)
     if checked.qat is not None:
         # Prepared now, not only in the callback's setup: a spawned (DDP) fit hands its trained
