@@ -391,6 +391,10 @@ class QuantConfig:
     freeze_observers_step: Any = None
     # qat: also learn the float model's outputs (quantization-aware distillation); null = the task's loss only.
     distill: DistillConfig | None = None
+    # qat: learn the quantization ranges (scales, zero points: LSQ) with the weights, at this
+    # learning rate and without weight decay, from where observers (eager: until
+    # freeze_observers_step) or the weights (torchao) set them; null = observers set them.
+    range_lr: float | None = None
     # qat (eager api, attention=eager): also fake-quantize the inputs of QKᵀ and probabilities·V.
     attention_matmuls: bool = False
     # eager ptq_static/qat: `quantized` = each INT8 Linear rounds its output to uint8 (torch.ao's
@@ -421,11 +425,12 @@ class QuantConfig:
                 f"quant.fake_quant_start_step={'null (0 or later)' if start is None else start}",
             )
         _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
-        if self.distill is not None:
+        for name in ("distill", "range_lr"):
             _require(
-                self.method == "qat",
-                f"quant.distill needs quant.method=qat (a model that trains quantized), not {self.method}",
+                getattr(self, name) is None or self.method == "qat",
+                f"quant.{name} needs quant.method=qat (a model that trains quantized), not {self.method}",
             )
+        _positive_or_null("quant.range_lr", self.range_lr, " (observers set the ranges)")
         if self.method != "none":
             self._check_eager_features()
             RECIPES.load(self.api).check_config(self)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -30,6 +32,16 @@ from qatflash.distill import Distillation
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
+@dataclass(frozen=True)
+class LearnedRanges:
+    """Quantization ranges (scales, zero points) that train with the weights, at their own rate:
+    a scale is a thousandth of its weights, which the model's rate would move past zero."""
+
+    lr: float
+    # The prepared model's range parameters (`Recipe.range_parameters`).
+    of: Callable[[nn.Module], list[nn.Parameter]]
+
+
 class TrainableModule(L.LightningModule):
     """A wrapped HF model, trained with AdamW and a linear warm-up schedule, any SDPA kernel forced."""
 
@@ -44,6 +56,7 @@ class TrainableModule(L.LightningModule):
         # A frozen float teacher whose outputs the model also learns (QAD); not a submodule, so
         # neither the optimizer, the checkpoints nor the shipped model hold it.
         self.distillation: Distillation | None = None
+        self.learned_ranges: LearnedRanges | None = None
 
     def on_fit_start(self) -> None:
         if self.distillation is not None:
@@ -112,7 +125,10 @@ class TrainableModule(L.LightningModule):
         return {"index": np.arange(len(next(iter(columns.values())))), **columns}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        # Learned ranges in a group of their own (whether they learn yet or not: they switch on later).
+        ranges = self.learned_ranges.of(self.model) if self.learned_ranges is not None else []
+        apart = {id(p) for p in ranges}
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in apart]
         groups = [
             {
                 "params": [p for n, p in named if not n.endswith(_NO_DECAY)],
@@ -120,6 +136,8 @@ class TrainableModule(L.LightningModule):
             },
             {"params": [p for n, p in named if n.endswith(_NO_DECAY)], "weight_decay": 0.0},
         ]
+        if self.learned_ranges is not None:
+            groups.append({"params": ranges, "lr": self.learned_ranges.lr, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.optim.warmup_ratio * total), total)

@@ -60,6 +60,7 @@ from qatflash.models import (
     timed_length_key,
     training_call,
 )
+from qatflash.module import LearnedRanges
 from qatflash.quant import make_recipe
 from qatflash.quant.callback import QuantizationAwareTraining, fake_quant_start
 from qatflash.quant.recipe import Recipe
@@ -304,12 +305,20 @@ def fit(
         # Prepared now, not only in the callback's setup: a spawned (DDP) fit hands its trained
         # weights back by loading them, non-strictly, into this process's modules.
         checked.qat.prepare(module)
+        if cfg.quant.range_lr is not None:
+            module.learned_ranges = LearnedRanges(cfg.quant.range_lr, checked.qat.recipe.range_parameters)
     shared = cfg.reuse_fp32 and checked.qat is None and job.sweep_dir is not None
     cache = FinetuneCache.of(job.sweep_dir, cfg) if shared else None
     metrics = cache.load(module.model) if cache is not None else None
     record: dict[str, Any] = {"model": {}, "resumed_from": None, "timing": {}, "params": {}}
     if checked.qat is not None:
         record["params"] = checked.qat.schedule()
+    if module.learned_ranges is not None:
+        ranges = module.learned_ranges.of(module.model)
+        record["params"]["learned_ranges"] = {
+            "tensors": len(ranges),
+            "values": sum(p.numel() for p in ranges),
+        }
     if teacher is not None:
         record["params"]["distill"] = {**asdict(cfg.quant.distill), "teacher": str(teacher)}
     if metrics is not None:

@@ -122,6 +122,8 @@ class QuantizationAwareTraining(L.Callback):
     ) -> None:
         step = trainer.global_step
         self.recipe.set_phase(pl_module.model, fake_quant=step >= self.start, observe=self.observing(step))
+        if step == self.start:
+            self.recipe.initialize_ranges(pl_module.model)
         if self.freeze is not None and step >= self.freeze:
             # Batch-norm statistics (conv-bn QAT modules; transformers have none) freeze with the observers.
             pl_module.model.apply(nniqat.freeze_bn_stats)

@@ -5,6 +5,11 @@ quantization never depends on how the model's forward is called: Hugging Face mo
 arguments, which the Lightning 1.x callback's single-input wrapper around the whole model broke.
 Embedding tables can be quantized weight-only (most of a BERT's bytes): fake-quantized per row
 during QAT, so training sees the rounding that conversion applies, and quantized at conversion.
+
+Learned ranges (`quant.range_lr`, LSQ) use torch.ao's `_LearnableFakeQuantize` for every Linear's
+weights and activations: its observer sets the range until `quant.freeze_observers_step`, then the
+scale (and an affine zero point) train by gradient, and conversion ships them as they are. The
+embedding table keeps its per-row observer (torch.ao learns no float per-row zero points).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch.ao import quantization as tq
 from torch.ao.nn import qat as nnqat
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized import dynamic as nnqd
+from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
 from qatflash.config import OBSERVERS, ObserverConfig, QuantConfig
 from qatflash.errors import ConfigError, require
@@ -54,6 +60,24 @@ def _observer(cfg: ObserverConfig, fake_quant: bool) -> Any:
     )
 
 
+def _learnable(cfg: ObserverConfig, channels: int = -1) -> Any:
+    """An LSQ fake quantizer whose observer (`cfg`'s) sets its range until learning takes over, over
+    the observer's own integer range (reduce_range halves it); `channels` scales for per-channel."""
+    observer = _observer(cfg, fake_quant=False)()
+    return _LearnableFakeQuantize.with_args(
+        observer=type(observer),
+        quant_min=observer.quant_min,
+        quant_max=observer.quant_max,
+        dtype=observer.dtype,
+        qscheme=observer.qscheme,
+        channel_len=channels,
+        # No LSQ gradient scale (1/sqrt(elements x quant_max)): AdamW normalises each parameter's
+        # step anyway, and the scale put some activation ranges' gradients (1e-11 on tiny_bert)
+        # under AdamW's eps of 1e-8, which left them unlearned.
+        use_grad_scaling=False,
+    )
+
+
 def check_engine(engine: str) -> None:
     supported = torch.backends.quantized.supported_engines
     if engine not in supported:
@@ -79,32 +103,53 @@ class EagerRecipe(Recipe):
             f"float-output kernel), not {cfg.engine}",
         )
 
+    @classmethod
+    def ranges_unlearnable(cls, cfg: QuantConfig) -> str | None:
+        if cfg.freeze_observers_step is None:
+            return (
+                "quant.api=eager learns the ranges its observers hand over at quant.freeze_observers_step, "
+                "which is null; set it (a step, or a fraction of the fit's steps)"
+            )
+        return None
+
     def __init__(self, cfg: QuantConfig) -> None:
         check_engine(cfg.engine)
         super().__init__(cfg)
         qat = cfg.method == "qat"
+        self.learns = cfg.range_lr is not None
         assert cfg.weight is not None, "QuantConfig checks that every method but none has weight observers"
         activation = _DYNAMIC_ACTIVATION
         if cfg.method != "ptq_dynamic":
             assert cfg.activation is not None, (
                 "QuantConfig checks that static PTQ and QAT have activation observers"
             )
-            activation = _observer(cfg.activation, qat)
-        self.qconfig = tq.QConfig(activation=activation, weight=_observer(cfg.weight, qat))
+            activation = _learnable(cfg.activation) if self.learns else _observer(cfg.activation, qat)
+        weight = _learnable(cfg.weight) if self.learns else _observer(cfg.weight, qat)
+        self.qconfig = tq.QConfig(activation=activation, weight=weight)
         # The Linear inside each wrapper: its output is rounded like every activation, or stays float.
         self.linear_qconfig = self.qconfig
         if cfg.linear_output == "float":
             self.linear_qconfig = tq.QConfig(activation=nn.Identity, weight=self.qconfig.weight)
+
+    def _qconfig_of(self, linear: nn.Linear) -> tq.QConfig:
+        """A targeted Linear's qconfig: learned per-channel weight ranges need its output channels."""
+        assert self.cfg.weight is not None, (
+            "QuantConfig checks that every method but none has weight observers"
+        )
+        if not (self.learns and self.cfg.weight.qscheme.startswith("per_channel")):
+            return self.linear_qconfig
+        return self.linear_qconfig._replace(weight=_learnable(self.cfg.weight, linear.out_features))
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap the targeted Linears and insert observers (static PTQ) or fake quantization (QAT)."""
         self.select_targets(model)
         if self.cfg.method == "ptq_dynamic":
             return model  # dynamic quantization observes nothing ahead of conversion
+        linear_qconfigs = {name: self._qconfig_of(model.get_submodule(name)) for name in self.targets}
         for name in self.targets:
             wrapper = tq.QuantWrapper(model.get_submodule(name))
             wrapper.qconfig = self.qconfig
-            wrapper.module.qconfig = self.linear_qconfig
+            wrapper.module.qconfig = linear_qconfigs[name]
             replace_module(model, name, wrapper)
         if self.cfg.method == "qat":
             # Train against the per-row int8 table that conversion will ship: left to conversion
@@ -125,18 +170,29 @@ class EagerRecipe(Recipe):
             if getattr(module, "qconfig", None) is not None:
                 module.qconfig = _EMBEDDING_QAT if isinstance(module, nnqat.Embedding) else self.qconfig
         for name in self.targets:
-            model.get_submodule(name).module.qconfig = self.linear_qconfig
+            model.get_submodule(name).module.qconfig = linear_qconfigs[name]
         if self.cfg.attention_matmuls:
-            assert self.cfg.activation is not None, "QuantConfig checks that QAT has activation observers"
-            add_attention_fake_quant(model, _observer(self.cfg.activation, fake_quant=True))
+            add_attention_fake_quant(model, self.qconfig.activation)  # QAT's: fake quantization
         return model
 
     def is_prepared(self, model: nn.Module) -> bool:
         return any(isinstance(m, tq.FakeQuantizeBase | tq.ObserverBase) for m in model.modules())
 
     def set_phase(self, model: nn.Module, fake_quant: bool, observe: bool) -> None:
+        """Learned ranges train whenever fake quantization runs without observers (after the freeze)."""
         model.apply(tq.enable_fake_quant if fake_quant else tq.disable_fake_quant)
         model.apply(tq.enable_observer if observe else tq.disable_observer)
+        for module in model.modules():
+            if isinstance(module, _LearnableFakeQuantize):
+                module.toggle_qparam_learning(fake_quant and not observe)
+
+    def range_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [
+            parameter
+            for module in model.modules()
+            if isinstance(module, _LearnableFakeQuantize)
+            for parameter in (module.scale, module.zero_point)
+        ]
 
     def target(self) -> Target:
         return Target("int8", "cpu", "float32")  # torch.ao's quantized CPU kernels

@@ -40,7 +40,7 @@ class _Grid:
         self.quant_min, self.quant_max = quantizer.quant_min, quantizer.quant_max
         self.axis: int | None = quantizer.ch_axis if scale.numel() > 1 else None
         self.scale = scale.detach().double()
-        self.zero_point = zero_point.detach().long()
+        self.zero_point = zero_point.detach().round().long()  # a learned (LSQ) zero point is float
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.axis is None:

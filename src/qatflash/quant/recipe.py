@@ -37,6 +37,7 @@ HOW_SCALES_ARE_FOUND = (
     "fake_quant_start_step",
     "freeze_observers_step",
     "distill",
+    "range_lr",
     "targets",
 )
 
@@ -65,6 +66,17 @@ class Recipe(ABC):
         require(
             cfg.engine in cls.engines,
             f"quant.engine={cfg.engine}: quant.api={cfg.api} targets {', '.join(cls.engines)}",
+        )
+        if cfg.range_lr is not None:
+            reason = cls.ranges_unlearnable(cfg)
+            require(reason is None, f"quant.range_lr={cfg.range_lr}: {reason}")
+
+    @classmethod
+    def ranges_unlearnable(cls, cfg: QuantConfig) -> str | None:
+        """Why this API cannot learn the ranges of `cfg`'s quantization (None: it can)."""
+        return (
+            f"quant.api={cfg.api} has no learnable quantization ranges; eager learns weights' and "
+            "activations', torchao weights'"
         )
 
     @abstractmethod
@@ -163,6 +175,15 @@ class Recipe(ABC):
     @abstractmethod
     def set_phase(self, model: nn.Module, fake_quant: bool, observe: bool) -> None:
         """Switch fake quantization and observer updates; recipes without observers ignore `observe`."""
+
+    def range_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The prepared model's learnable ranges (scales, zero points), trained at `quant.range_lr`."""
+        return []
+
+    def initialize_ranges(self, model: nn.Module) -> None:
+        """Set learnable ranges from the model as it is where fake quantization starts; a recipe
+        whose observers set them first (or that learns none) has nothing to do."""
+        return None
 
     @abstractmethod
     def convert(self, model: nn.Module) -> nn.Module:

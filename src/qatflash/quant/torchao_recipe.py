@@ -9,6 +9,11 @@ its fake quantization from the convert config itself (`QATConfig(base_config)`),
 simulates what ships by construction. Fake quantization is dynamic: scales are computed at every
 step, so there are no observers to freeze.
 
+Learned ranges (`quant.range_lr`) make the weights' fake quantization static with trainable
+scales (`IntxFakeQuantizeConfig(is_dynamic=False, range_learning=True)`), set from the weights when
+the model is prepared and again where fake quantization starts, and ship them through
+`QATConfig(base_config, step="convert")`, which hands them to the convert config as its scales.
+
 What a convert config produces, and what it asks of a machine, is decided by its class (`product`):
 FP8 rowwise needs a CUDA GPU of compute capability 8.9 and bfloat16 weights, tinygemm's int4 a
 CUDA GPU, NVFP4 compute capability 10.0 (its fake quantization too), MX emulated runs anywhere in
@@ -32,6 +37,7 @@ from torch import nn
 from torchao.quantization import qat
 from torchao.quantization.quant_primitives import ZeroPointDomain
 from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
 from torchao.utils import TorchAOBaseTensor
 
 from qatflash.config import QuantConfig
@@ -222,7 +228,7 @@ class TorchaoRecipe(Recipe):
                 f"for {type(convert).__name__} cannot be switched off, so it runs from step 0; use 0 or null",
             )
             return
-        weight = build("quant.torchao.weight", section.weight)
+        weight = _weight_config(cfg)
         if section.activation is not None:
             build("quant.torchao.activation", section.activation)
         gaps = _simulation_gaps(weight, convert)
@@ -231,6 +237,23 @@ class TorchaoRecipe(Recipe):
             f"quant.torchao.weight fake-quantizes otherwise than quant.torchao.convert "
             f"({type(convert).__name__}) ships: {'; '.join(gaps)}; QAT must simulate what ships",
         )
+
+    @classmethod
+    def ranges_unlearnable(cls, cfg: QuantConfig) -> str | None:
+        section = cfg.torchao
+        if section is None or section.weight is None or section.convert is None:
+            return "quant.api=torchao learns ranges of a quant.torchao.weight fake-quantize config; spell one out"
+        weight = build("quant.torchao.weight", section.weight)
+        if not isinstance(weight, qat.IntxFakeQuantizeConfig) or not weight.is_symmetric:
+            return f"torchao learns the ranges of a symmetric IntxFakeQuantizeConfig only, not {weight}"
+        convert = build("quant.torchao.convert", section.convert)
+        handler = _QUANTIZE_CONFIG_HANDLER.get(type(convert))
+        if handler is None or "custom_scale" not in inspect.signature(handler).parameters:
+            return (
+                f"{type(convert).__name__} takes no learned scales (torchao ships them into "
+                "IntxWeightOnlyConfig and Int8DynamicActivationIntxWeightConfig)"
+            )
+        return None
 
     def __init__(self, cfg: QuantConfig) -> None:
         super().__init__(cfg)
@@ -284,6 +307,11 @@ class TorchaoRecipe(Recipe):
         self.select_targets(model)
         if self.cfg.method == "qat":
             ao.quantize_(model, self._qat_config(), filter_fn=self._is_target)
+        if self.cfg.range_lr is not None:
+            # The scales become parameters here, before Lightning builds the optimizer.
+            example = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)
+            with torch.no_grad():
+                qat.initialize_fake_quantizers(model, (example,))
         return model
 
     def _qat_config(self) -> qat.QATConfig:
@@ -292,9 +320,29 @@ class TorchaoRecipe(Recipe):
         activation = self.section.activation
         return qat.QATConfig(
             activation_config=build("quant.torchao.activation", activation) if activation else None,
-            weight_config=build("quant.torchao.weight", self.section.weight),
+            weight_config=_weight_config(self.cfg),
             step="prepare",
         )
+
+    def range_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [
+            tensor
+            for quantizer, _ in _learning(model)
+            for tensor in (quantizer.scale, quantizer.zero_point)
+            if isinstance(tensor, nn.Parameter)
+        ]
+
+    def initialize_ranges(self, model: nn.Module) -> None:
+        """The learned scales recomputed, in place (the optimizer holds them), by torchao's own
+        rule from the weights as they are now: a model trained in float first has moved since."""
+        for quantizer, weight in _learning(model):
+            learned = quantizer.scale, quantizer.zero_point
+            _set_ranges(quantizer, None, None)  # torchao computes them afresh on a forward
+            with torch.no_grad():
+                quantizer(weight)
+                for tensor, fresh in zip(learned, (quantizer.scale, quantizer.zero_point), strict=True):
+                    tensor.copy_(fresh)
+            _set_ranges(quantizer, *learned)
 
     def is_prepared(self, model: nn.Module) -> bool:
         """Whether `model` holds torchao's fake-quantized Linears (FakeQuantizedLinear, and MX's and
@@ -310,9 +358,13 @@ class TorchaoRecipe(Recipe):
 
     def convert(self, model: nn.Module) -> nn.Module:
         model.eval()
-        if self.is_prepared(model):
-            ao.quantize_(model, qat.QATConfig(step="convert"))  # back to plain Linear, trained weights
-        ao.quantize_(model, self.convert_config, filter_fn=self._is_target)
+        # From QAT: back to plain Linear with the trained weights (and learned scales), then converted.
+        config = (
+            qat.QATConfig(self.convert_config, step="convert")
+            if self.is_prepared(model)
+            else self.convert_config
+        )
+        ao.quantize_(model, config, filter_fn=self._is_target)
         if self.tables:
             tables = set(self.tables)
             weight_only = ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
@@ -332,6 +384,33 @@ class TorchaoRecipe(Recipe):
 
     def count_quantized(self, model: nn.Module) -> int:
         return sum(_quantized(m) for m in model.modules() if isinstance(m, nn.Linear | nn.Embedding))
+
+
+def _weight_config(cfg: QuantConfig) -> Any:
+    """QAT's weight fake-quantize config; with learned ranges, static with trainable scales."""
+    assert cfg.torchao is not None and cfg.torchao.weight is not None, "the caller checks it is spelled out"
+    spec = cfg.torchao.weight
+    if cfg.range_lr is not None:
+        spec = {**spec, "is_dynamic": False, "range_learning": True}
+    return build("quant.torchao.weight", spec)
+
+
+def _set_ranges(quantizer: nn.Module, scale: torch.Tensor | None, zero_point: torch.Tensor | None) -> None:
+    """Replace a fake quantizer's scale and zero point, parameters or not (a module refuses a
+    plain tensor, or None turned into a tensor, under a name registered as a parameter)."""
+    for name, value in (("scale", scale), ("zero_point", zero_point)):
+        delattr(quantizer, name)
+        setattr(quantizer, name, value)
+
+
+def _learning(model: nn.Module) -> list[tuple[qat.IntxFakeQuantizer, torch.Tensor]]:
+    """Each weight fake quantizer that learns its range, with the weight it quantizes."""
+    return [
+        (module.weight_fake_quantizer, module.weight)
+        for module in model.modules()
+        if isinstance(getattr(module, "weight_fake_quantizer", None), qat.IntxFakeQuantizer)
+        and module.weight_fake_quantizer.config.range_learning
+    ]
 
 
 def _quantized(module: nn.Module) -> bool:
