@@ -12,6 +12,7 @@ imports no torch.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -365,6 +366,25 @@ class DistillConfig:
 
 
 @dataclass
+class LoraConfig:
+    """QAT with LoRA (`qatflash.quant.lora`): rank-`r` adapters beside each quantized Linear, their
+    product scaled by alpha / r, on a frozen fake-quantized base; merged into it before conversion."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, f"quant.lora.r={self.r} must be > 0")
+        _require(self.alpha > 0, f"quant.lora.alpha={self.alpha} must be > 0")
+        _require(0 <= self.dropout < 1, f"quant.lora.dropout={self.dropout} must be in [0, 1)")
+        _require(
+            importlib.util.find_spec("peft") is not None,
+            "quant.lora needs peft, which is not installed: pip install 'qatflash[lora]'",
+        )
+
+
+@dataclass
 class QuantConfig:
     method: str = "none"
     # A name of qatflash.quant.RECIPES (eager: torch.ao eager mode; torchao: quantize_ with its
@@ -395,6 +415,8 @@ class QuantConfig:
     # learning rate and without weight decay, from where observers (eager: until
     # freeze_observers_step) or the weights (torchao) set them; null = observers set them.
     range_lr: float | None = None
+    # qat: train low-rank adapters on the frozen fake-quantized Linears instead of their weights; null = full QAT.
+    lora: LoraConfig | None = None
     # qat (eager api, attention=eager): also fake-quantize the inputs of QKᵀ and probabilities·V.
     attention_matmuls: bool = False
     # eager ptq_static/qat: `quantized` = each INT8 Linear rounds its output to uint8 (torch.ao's
@@ -425,12 +447,17 @@ class QuantConfig:
                 f"quant.fake_quant_start_step={'null (0 or later)' if start is None else start}",
             )
         _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
-        for name in ("distill", "range_lr"):
+        for name in ("distill", "range_lr", "lora"):
             _require(
                 getattr(self, name) is None or self.method == "qat",
                 f"quant.{name} needs quant.method=qat (a model that trains quantized), not {self.method}",
             )
         _positive_or_null("quant.range_lr", self.range_lr, " (observers set the ranges)")
+        _require(
+            self.lora is None or self.range_lr is None,
+            "quant.lora with quant.range_lr: ranges learned for the frozen base weights no longer fit "
+            "them once the adapters are merged; use one",
+        )
         if self.method != "none":
             self._check_eager_features()
             RECIPES.load(self.api).check_config(self)

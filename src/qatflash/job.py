@@ -58,6 +58,8 @@ _ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("benchmark", "decode"): "eager",  # compiled decode: eager only before
     ("quant", "weight_only"): None,
     ("quant", "distill"): None,  # quantization-aware distillation: none before
+    ("quant", "range_lr"): None,  # learned ranges: observers set every range before
+    ("quant", "lora"): None,  # QAT with LoRA: full QAT before
 }
 # Mappings whose keys were declared after sweeps were recorded, each null where it was absent
 # before (data.files' splits: null is "found by name"): their null entries are left out of the

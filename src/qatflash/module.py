@@ -27,6 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 from qatflash.attention import forced_kernel
 from qatflash.config import OptimConfig
 from qatflash.distill import Distillation
+from qatflash.timing.memory import peak_since, reset_peak
 
 # Parameters that AdamW should not decay (standard BERT practice).
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -51,8 +52,10 @@ class TrainableModule(L.LightningModule):
         self.model = model.train()
         self.optim = optim
         self.sdpa_backend = sdpa_backend
-        # Training throughput, over the training steps only (forward, backward, optimizer).
+        # Training throughput, over the training steps only (forward, backward, optimizer), and
+        # the fit's peak memory above what it started with (None: this process trained nothing).
         self.trained_tokens, self.train_seconds = 0, 0.0
+        self.train_memory: dict[str, int | str] | None = None
         # A frozen float teacher whose outputs the model also learns (QAD); not a submodule, so
         # neither the optimizer, the checkpoints nor the shipped model hold it.
         self.distillation: Distillation | None = None
@@ -87,6 +90,12 @@ class TrainableModule(L.LightningModule):
         self.log_dict({"train/task_loss": task_loss, "train/distill_kl": kl}, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
+
+    def on_train_start(self) -> None:
+        self._memory_before = reset_peak(self.device)
+
+    def on_train_end(self) -> None:
+        self.train_memory = peak_since(self._memory_before, self.device)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -313,6 +313,10 @@ def fit(
     record: dict[str, Any] = {"model": {}, "resumed_from": None, "timing": {}, "params": {}}
     if checked.qat is not None:
         record["params"] = checked.qat.schedule()
+    if cfg.quant.lora is not None:
+        assert checked.qat is not None, "QuantConfig refuses quant.lora without QAT"
+        trainable = checked.qat.trainable_parameters
+        record["params"]["lora"] = {**asdict(cfg.quant.lora), "trainable_parameters": trainable}
     if module.learned_ranges is not None:
         ranges = module.learned_ranges.of(module.model)
         record["params"]["learned_ranges"] = {
@@ -326,6 +330,8 @@ def fit(
     else:
         metrics, record["resumed_from"] = _train(cfg, job, previous, trainer, module, data)
         record["timing"]["train_tokens_per_s"] = module.train_tokens_per_s
+        if module.train_memory is not None:
+            record["timing"].update({f"train_{k}": v for k, v in module.train_memory.items()})
         if cache is not None and trainer.is_global_zero:
             cache.save(module.model, metrics)
     return Fitted(module.model, twin, metrics, record, round(time.perf_counter() - started, 3))

@@ -18,6 +18,7 @@ from torch.ao.nn.intrinsic import qat as nniqat
 
 from qatflash.errors import ConfigError
 from qatflash.fit_plan import FitPlan
+from qatflash.quant.lora import add_adapters, merge_adapters
 from qatflash.quant.recipe import Recipe
 
 # Where fake quantization starts when `quant.fake_quant_start_step` is null, by what the job trains.
@@ -70,6 +71,8 @@ class QuantizationAwareTraining(L.Callback):
         self.start_why = fake_quant_start.why
         self.freeze: int | float | None = freeze_observers_step
         self.quantized_model: nn.Module | None = None
+        # With LoRA: the parameters that train (adapters and the float head), counted at prepare.
+        self.trainable_parameters: int | None = None
 
     def observing(self, step: int) -> bool:
         return step >= self.start and (self.freeze is None or step < self.freeze)
@@ -115,6 +118,10 @@ class QuantizationAwareTraining(L.Callback):
         """Swap in the prepared model (fake quantization off until the start step); idempotent."""
         if not self.recipe.is_prepared(pl_module.model):
             pl_module.model = self.recipe.prepare(pl_module.model)
+            lora = self.recipe.cfg.lora
+            if lora is not None:
+                linears = [self.recipe.prepared_linear(name) for name in self.recipe.targets]
+                self.trainable_parameters = add_adapters(pl_module.model, linears, lora)
             self.recipe.set_phase(pl_module.model, fake_quant=False, observe=False)
 
     def on_train_batch_start(
@@ -136,17 +143,26 @@ class QuantizationAwareTraining(L.Callback):
     on_validation_start = on_test_start = on_predict_start = on_sanity_check_start = _evaluating
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.merge(pl_module.model)
         # Rank 0 alone ships (the other ranks of a DDP fit stop after it): converting on every rank
         # would put a copy per rank on the target's device, the first GPU for a CUDA target.
         if self.ships and trainer.is_global_zero:
             self.to_quantized(pl_module.model)
 
+    def merge(self, model: nn.Module) -> None:
+        """LoRA's adapters merged into the fake-quantized base in place, its weight ranges set
+        again for the merged weights; nothing once merged, or without LoRA."""
+        if merge_adapters(model):
+            self.recipe.reobserve_weights(model)
+
     def to_quantized(self, model: nn.Module) -> nn.Module:
-        """Convert a copy; the fake-quant model stays in place for its own evaluation.
+        """Convert a copy (adapters merged first); the fake-quant model stays in place for its own
+        evaluation.
 
         Called at fit end, or by the caller after a spawned (DDP) fit, whose callbacks ran in the
         worker processes and handed back only the trained weights.
         """
+        self.merge(model)
         self.recipe.set_phase(model, fake_quant=True, observe=False)
         self.quantized_model = self.recipe.converted(copy.deepcopy(model))
         return self.quantized_model

@@ -186,6 +186,20 @@ class EagerRecipe(Recipe):
             if isinstance(module, _LearnableFakeQuantize):
                 module.toggle_qparam_learning(fake_quant and not observe)
 
+    def prepared_linear(self, target: str) -> str:
+        return f"{target}.module"  # inside its QuantWrapper
+
+    def reobserve_weights(self, model: nn.Module) -> None:
+        """Each QAT Linear's weight observer restarted on its weight as it is, once."""
+        for module in model.modules():
+            if isinstance(module, nnqat.Linear):
+                quantizer = module.weight_fake_quant
+                quantizer.activation_post_process.reset_min_max_vals()
+                quantizer.enable_observer()
+                with torch.no_grad():
+                    quantizer(module.weight)
+                quantizer.disable_observer()
+
     def range_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [
             parameter

@@ -57,6 +57,10 @@ class Pt2eRecipe(Recipe):
             cfg.embeddings == "float",
             "quant.embeddings=int8: the x86 Inductor quantizer (quant.api=pt2e) keeps embeddings float",
         )
+        require(
+            cfg.lora is None,
+            "quant.lora: quant.api=pt2e trains an exported graph, which has no module tree to wrap adapters in",
+        )
 
     def __init__(self, cfg: QuantConfig) -> None:
         check_compiler()

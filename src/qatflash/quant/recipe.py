@@ -38,6 +38,7 @@ HOW_SCALES_ARE_FOUND = (
     "freeze_observers_step",
     "distill",
     "range_lr",
+    "lora",
     "targets",
 )
 
@@ -179,6 +180,15 @@ class Recipe(ABC):
     def range_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The prepared model's learnable ranges (scales, zero points), trained at `quant.range_lr`."""
         return []
+
+    def prepared_linear(self, target: str) -> str:
+        """Where a target's fake-quantized Linear sits in the prepared model (LoRA wraps it there)."""
+        return target
+
+    def reobserve_weights(self, model: nn.Module) -> None:
+        """Set the weights' ranges again from the weights as they are (LoRA's merge moved them); a
+        recipe whose fake quantization computes them on every call has nothing to do."""
+        return None
 
     def initialize_ranges(self, model: nn.Module) -> None:
         """Set learnable ranges from the model as it is where fake quantization starts; a recipe

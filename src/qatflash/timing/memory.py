@@ -74,22 +74,33 @@ def peak_memory(
 
     `exact`: the process runs under `exact_host_allocator` (said in the method).
     """
+    before = reset_peak(device)
+    step()
+    return peak_since(before, device, exact)
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start a peak-memory measurement on `device`; returns the bytes in use now, its baseline."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
+        return torch.cuda.memory_allocated(device)
+    before = rss_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    return before
+
+
+def peak_since(before: int, device: torch.device, exact: bool = False) -> dict[str, int | str]:
+    """The peak memory on `device` above `before` since `reset_peak`, and how it was measured."""
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         return {
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) - before,
             "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
-            "memory_method": "cuda: max_memory_allocated - memory_allocated before the forward",
+            "memory_method": "cuda: max_memory_allocated - memory_allocated at the start",
         }
-    before = rss_bytes()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    step()
     return {
         "peak_memory_bytes": _status_kib("VmHWM") * 1024 - before,
-        "memory_method": "cpu: VmHWM - VmRSS before the forward (peak reset via /proc/self/clear_refs)"
+        "memory_method": "cpu: VmHWM - VmRSS at the start (peak reset via /proc/self/clear_refs)"
         + ("; glibc one arena, mmap threshold 128 KiB" if exact else ""),
     }

@@ -1,0 +1,101 @@
+"""QAT with LoRA (`quant.lora`): adapters train beside a frozen fake-quantized base, are merged into it
+before conversion, and the converted model is the merged float model quantized."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from conftest import FAST
+from peft.tuners.lora import LoraLayer
+from test_quant import _data, _quiet_trainer, _tiny_bert
+from torch.ao.nn import quantized as nnq
+
+from qatflash.config import to_config
+from qatflash.errors import ConfigError
+from qatflash.module import SequenceClassifier
+from qatflash.quant import make_recipe
+from qatflash.quant.callback import QuantizationAwareTraining
+
+RANK, ALPHA = 4, 8.0
+
+
+def _fit(make_cfg) -> dict[str, Any]:
+    """tiny_bert's QAT with rank-4 adapters for 6 steps; its parameters before, at the end of
+    training (adapters not yet merged) and after the fit, and the converted model."""
+    config = to_config(
+        make_cfg(
+            *FAST,
+            "quant=qat_x86_lora",
+            f"quant.lora.r={RANK}",
+            f"quant.lora.alpha={ALPHA}",
+            "data.batch_size=16",
+        )
+    )
+    data = _data(config)
+    module = SequenceClassifier(_tiny_bert(len(data.tokenizer)), config.model.optim, 2)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    callback = QuantizationAwareTraining(make_recipe(config.quant))
+    trained: dict[str, Any] = {}
+
+    class Watch(L.Callback):  # training's end comes before the fit's, where the adapters merge
+        def on_train_end(self, trainer, pl_module) -> None:
+            model = pl_module.model
+            trained["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+            trained["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    trainer = _quiet_trainer(
+        max_steps=6, limit_val_batches=0, enable_checkpointing=False, callbacks=[callback, Watch()]
+    )
+    trainer.fit(module, datamodule=data)
+    return {"before": before, **trained, "model": module.model, "callback": callback}
+
+
+def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(make_cfg) -> None:
+    fit = _fit(make_cfg)
+    before, params, recipe = fit["before"], fit["params"], fit["callback"].recipe
+    targets = recipe.targets
+    assert len(targets) == 13  # tiny_bert's all_linears
+    adapters = {f"{t}.module.lora_{ab}.default.weight" for t in targets for ab in "AB"}
+    # Only the adapters and the float head (the classifier, which no recipe quantizes) train.
+    assert fit["trainable"] == adapters | {"classifier.weight", "classifier.bias"}
+    assert fit["callback"].trainable_parameters == sum(params[n].numel() for n in fit["trainable"])
+    assert not torch.equal(params["classifier.weight"], before["classifier.weight"])
+    merged = {}
+    for target in targets:
+        base = params[f"{target}.module.base_layer.weight"]
+        assert torch.equal(base, before[f"{target}.weight"]), f"{target}: the base weight trained"
+        a, b = (params[f"{target}.module.lora_{ab}.default.weight"] for ab in "AB")
+        assert b.abs().sum() > 0, f"{target}: B stayed at its zero initialisation"
+        merged[target] = base + (ALPHA / RANK) * b @ a
+    model = fit["model"]
+    assert not any(isinstance(m, LoraLayer) for m in model.modules()), "merged at the fit's end"
+    converted = fit["callback"].quantized_model
+    for target in targets:
+        torch.testing.assert_close(model.get_submodule(f"{target}.module").weight, merged[target])
+        # The converted Linear is the merged weight quantized: per-channel symmetric int8 with its
+        # scale from the merged weight's own range, not from the base weight the observer watched.
+        linear = converted.get_submodule(f"{target}.module")
+        assert isinstance(linear, nnq.Linear)
+        scale = merged[target].abs().amax(dim=1) / 127.5
+        torch.testing.assert_close(linear.weight().q_per_channel_scales().float(), scale, rtol=1e-6, atol=0)
+        zeros = torch.zeros(len(scale), dtype=torch.long)
+        expected = torch.quantize_per_channel(merged[target], scale.double(), zeros, 0, torch.qint8)
+        assert torch.equal(linear.weight().int_repr(), expected.int_repr()), target
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["quant.method=ptq_static"], r"quant.lora needs quant.method=qat .*, not ptq_static"),
+        (["quant.api=pt2e", "quant.embeddings=float"], r"quant.lora: quant.api=pt2e .* no module tree"),
+        (["quant.range_lr=1e-5", "quant.freeze_observers_step=2"], r"quant.lora with quant.range_lr"),
+        (["quant.lora.r=0"], r"quant.lora.r=0 must be > 0"),
+        (["quant.lora.dropout=1.0"], r"quant.lora.dropout=1.0 must be in \[0, 1\)"),
+    ],
+)
+def test_lora_is_refused_where_it_cannot_apply(make_cfg, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        to_config(make_cfg("quant=qat_x86_lora", *overrides))
