@@ -25,8 +25,7 @@ def add_adapters(model: nn.Module, linears: list[str], cfg: LoraConfig) -> int:
 
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=linears)
     peft.inject_adapter_in_model(config, model)
-    # Everything frozen but plain float Linears: the adapters, and the head the recipe leaves float.
-    model.requires_grad_(False)
+    # peft freezes all but the adapters; the head the recipe leaves float trains too.
     tied = model.get_input_embeddings().weight
     for module in model.modules():
         if type(module) is nn.Linear and module.weight is not tied:
