@@ -12,12 +12,15 @@ from conftest import FAST
 from peft.tuners.lora import LoraLayer
 from test_quant import _data, _quiet_trainer, _tiny_bert
 from torch.ao.nn import quantized as nnq
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from qatflash.config import to_config
+from qatflash.config import AttentionConfig, to_config
 from qatflash.errors import ConfigError
+from qatflash.models import build_model_from_config
 from qatflash.module import SequenceClassifier
 from qatflash.quant import make_recipe
 from qatflash.quant.callback import QuantizationAwareTraining
+from qatflash.quant.lora import add_adapters
 
 RANK, ALPHA = 4, 8.0
 
@@ -99,3 +102,30 @@ def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(make_cfg
 def test_lora_is_refused_where_it_cannot_apply(make_cfg, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         to_config(make_cfg("quant=qat_x86_lora", *overrides))
+
+
+def test_a_tied_lm_head_stays_frozen_with_the_embeddings(make_cfg) -> None:
+    """A language model's head that is its input embeddings (tied) is no float head to train: it
+    stays frozen, or the embedding table would train through it."""
+    hf_config = AutoConfig.for_model(
+        "llama",
+        tie_word_embeddings=True,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=60,
+    )
+    model = build_model_from_config(hf_config, AttentionConfig(implementation="sdpa"), AutoModelForCausalLM)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    recipe = make_recipe(
+        to_config(
+            make_cfg("quant=qat_x86_lora", "quant.embeddings=float", "quant.targets.exclude=[lm_head]")
+        ).quant
+    )
+    prepared = recipe.prepare(model.train())
+    assert type(prepared.lm_head) is torch.nn.Linear  # left float
+    add_adapters(prepared, [recipe.prepared_linear(t) for t in recipe.targets], recipe.cfg.lora)
+    trainable = {n.split(".lora_")[0] for n, p in prepared.named_parameters() if p.requires_grad}
+    assert trainable == {recipe.prepared_linear(t) for t in recipe.targets}  # the adapters alone
