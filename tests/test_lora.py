@@ -18,9 +18,11 @@ from qatflash.config import AttentionConfig, to_config
 from qatflash.errors import ConfigError
 from qatflash.models import build_model_from_config
 from qatflash.module import SequenceClassifier
+from qatflash.pipeline import preflight
 from qatflash.quant import make_recipe
 from qatflash.quant.callback import QuantizationAwareTraining
 from qatflash.quant.lora import add_adapters
+from qatflash.tasks import TASKS
 
 RANK, ALPHA = 4, 8.0
 
@@ -129,3 +131,11 @@ def test_a_tied_lm_head_stays_frozen_with_the_embeddings(make_cfg) -> None:
     add_adapters(prepared, [recipe.prepared_linear(t) for t in recipe.targets], recipe.cfg.lora)
     trainable = {n.split(".lora_")[0] for n, p in prepared.named_parameters() if p.requires_grad}
     assert trainable == {recipe.prepared_linear(t) for t in recipe.targets}  # the adapters alone
+
+
+def test_lora_is_refused_for_a_model_trained_from_scratch(make_cfg) -> None:
+    """Adapters beside a frozen, randomly initialised base learn nothing: refused before any data."""
+    config = to_config(make_cfg("quant=qat_x86_lora"))  # the default model: tiny_bert from its config
+    assert config.model.name_or_path is None
+    with pytest.raises(ConfigError, match=r"quant.lora needs a pretrained model \(model.name_or_path\)"):
+        preflight(config, TASKS.load("classification")(config), probe_kernel=False)

@@ -223,6 +223,11 @@ def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
     qat = None
     if recipe is not None and cfg.quant.method == "qat":
         pretrained = cfg.model.name_or_path is not None
+        require(
+            pretrained or cfg.quant.lora is None,
+            "quant.lora needs a pretrained model (model.name_or_path): adapters beside a frozen, randomly "
+            "initialised base (model.arch, trained from scratch) learn nothing",
+        )
         start = fake_quant_start(cfg.quant.fake_quant_start_step, pretrained, recipe)
         qat = QuantizationAwareTraining(recipe, start, cfg.quant.freeze_observers_step, unshipped is None)
     return Checked(task, device, training, recipe, qat, backends, unshipped)
