@@ -8,10 +8,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import torchao.quantization as ao
 from conftest import FAST
 from peft.tuners.lora import LoraLayer
 from test_quant import _data, _quiet_trainer, _tiny_bert
-from torch.ao.nn import quantized as nnq
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qatflash.config import AttentionConfig, to_config
@@ -27,13 +27,13 @@ from qatflash.tasks import TASKS
 RANK, ALPHA = 4, 8.0
 
 
-def _fit(make_cfg) -> dict[str, Any]:
+def _fit(make_cfg, recipe_name: str) -> dict[str, Any]:
     """tiny_bert's QAT with rank-4 adapters for 6 steps; its parameters before, at the end of
     training (adapters not yet merged) and after the fit, and the converted model."""
     config = to_config(
         make_cfg(
             *FAST,
-            "quant=qat_x86_lora",
+            f"quant={recipe_name}",
             f"quant.lora.r={RANK}",
             f"quant.lora.alpha={ALPHA}",
             "data.batch_size=16",
@@ -58,37 +58,52 @@ def _fit(make_cfg) -> dict[str, Any]:
     return {"before": before, **trained, "model": module.model, "callback": callback}
 
 
-def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(make_cfg) -> None:
-    fit = _fit(make_cfg)
+def _quantized_as_shipped(recipe: Any, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` quantized by hand (eager: per-channel symmetric int8, its scale from its own range)
+    or by torchao's convert config on a plain Linear holding it (torchao); as integers."""
+    if recipe.cfg.api == "eager":
+        scale = weight.abs().amax(dim=1) / 127.5
+        zeros = torch.zeros(len(scale), dtype=torch.long)
+        return torch.quantize_per_channel(weight, scale.double(), zeros, 0, torch.qint8).int_repr()
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data.copy_(weight)
+    ao.quantize_(torch.nn.Sequential(linear), recipe.convert_config)
+    return linear.weight.qdata
+
+
+def _integers(linear: torch.nn.Module) -> torch.Tensor:
+    weight = linear.weight
+    return weight().int_repr() if callable(weight) else weight.qdata
+
+
+@pytest.mark.parametrize("recipe_name", ["qat_x86_lora", "qat_torchao_8da4w_lora"])
+def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(make_cfg, recipe_name: str) -> None:
+    fit = _fit(make_cfg, recipe_name)
     before, params, recipe = fit["before"], fit["params"], fit["callback"].recipe
     targets = recipe.targets
     assert len(targets) == 13  # tiny_bert's all_linears
-    adapters = {f"{t}.module.lora_{ab}.default.weight" for t in targets for ab in "AB"}
+    wrapped = {t: recipe.prepared_linear(t) for t in targets}
+    adapters = {f"{wrapped[t]}.lora_{ab}.default.weight" for t in targets for ab in "AB"}
     # Only the adapters and the float head (the classifier, which no recipe quantizes) train.
     assert fit["trainable"] == adapters | {"classifier.weight", "classifier.bias"}
     assert fit["callback"].trainable_parameters == sum(params[n].numel() for n in fit["trainable"])
     assert not torch.equal(params["classifier.weight"], before["classifier.weight"])
     merged = {}
     for target in targets:
-        base = params[f"{target}.module.base_layer.weight"]
+        base = params[f"{wrapped[target]}.base_layer.weight"]
         assert torch.equal(base, before[f"{target}.weight"]), f"{target}: the base weight trained"
-        a, b = (params[f"{target}.module.lora_{ab}.default.weight"] for ab in "AB")
+        a, b = (params[f"{wrapped[target]}.lora_{ab}.default.weight"] for ab in "AB")
         assert b.abs().sum() > 0, f"{target}: B stayed at its zero initialisation"
         merged[target] = base + (ALPHA / RANK) * b @ a
     model = fit["model"]
     assert not any(isinstance(m, LoraLayer) for m in model.modules()), "merged at the fit's end"
     converted = fit["callback"].quantized_model
     for target in targets:
-        torch.testing.assert_close(model.get_submodule(f"{target}.module").weight, merged[target])
-        # The converted Linear is the merged weight quantized: per-channel symmetric int8 with its
-        # scale from the merged weight's own range, not from the base weight the observer watched.
-        linear = converted.get_submodule(f"{target}.module")
-        assert isinstance(linear, nnq.Linear)
-        scale = merged[target].abs().amax(dim=1) / 127.5
-        torch.testing.assert_close(linear.weight().q_per_channel_scales().float(), scale, rtol=1e-6, atol=0)
-        zeros = torch.zeros(len(scale), dtype=torch.long)
-        expected = torch.quantize_per_channel(merged[target], scale.double(), zeros, 0, torch.qint8)
-        assert torch.equal(linear.weight().int_repr(), expected.int_repr()), target
+        torch.testing.assert_close(model.get_submodule(wrapped[target]).weight, merged[target])
+        # The converted Linear is the merged weight quantized, with scales from the merged weight's
+        # own range, not from the base weight the observers watched.
+        shipped = _integers(converted.get_submodule(wrapped[target]))
+        assert torch.equal(shipped, _quantized_as_shipped(recipe, merged[target])), target
 
 
 @pytest.mark.parametrize(
