@@ -40,6 +40,14 @@ def test_fast_job_writes_complete_results(make_cfg, tmp_path: Path) -> None:
     assert latency["iters"] >= 3 and latency["seq_len"] == 64 and latency["batch_size"] == 1
     assert latency["timer"] == {"cpu": "perf_counter", "cuda": "cuda_event"}[latency["device"]]
     assert on_disk["model"]["parameters"] > 100_000
+    # The fit's throughput and its peak memory above what it started with: at least the Adam state,
+    # two float32 moments per parameter (measured: 107 MB for tiny_bert's 0.5M parameters).
+    timing = on_disk["timing"]
+    assert timing["train_tokens_per_s"] > 0
+    assert timing["train_peak_memory_bytes"] > 2 * 4 * on_disk["model"]["parameters"]
+    assert timing["train_memory_method"].startswith(
+        {"cpu": "cpu: VmHWM", "cuda": "cuda: "}[latency["device"]]
+    )
     env = on_disk["env"]
     assert (
         env["torch"]
