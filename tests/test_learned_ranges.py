@@ -99,6 +99,9 @@ def test_eager_ranges_come_from_the_observers_then_train_and_ship(make_cfg) -> N
     quantizers = [m for m in model.modules() if isinstance(m, _LearnableFakeQuantize)]
     # A weight and an output (activation) quantizer per Linear, and each wrapper's input quantizer.
     assert len(quantizers) == 3 * TARGETS
+    # x86's activations keep reduce_range's half grid (no int16 overflow without VNNI), weights the full one.
+    grids = {(q.qscheme, q.quant_min, q.quant_max) for q in quantizers}
+    assert grids == {(torch.per_tensor_affine, 0, 127), (torch.per_channel_symmetric, -128, 127)}
     _check_optimizer(fit, 2 * len(quantizers))
     per_channel = [q for q in quantizers if q.qscheme == torch.per_channel_symmetric]
     assert sorted(q.scale.numel() for q in per_channel) == sorted(
@@ -144,6 +147,11 @@ def test_torchao_ranges_start_from_the_weights_where_fake_quantization_starts_tr
         torch.testing.assert_close(scale.flatten(), expected.flatten(), rtol=1e-6, atol=0)
     assert _changed(scales[0], scales[START]) == TARGETS, "initialised where fake quantization starts"
     assert _changed(scales[START], scales["end"]) == TARGETS, "every range learned"
+    late = fit["weights"][STEPS - 1]  # learned, not recomputed from the weights at every step
+    for name, scale in zip(names, scales[STEPS - 1], strict=True):
+        weight = late[f"{name}.weight"]
+        rule = weight.view(weight.shape[0], -1, 32).abs().amax(-1) / 7.5
+        assert not torch.allclose(scale.flatten(), rule.flatten(), rtol=1e-6, atol=0), name
     shipped = {n: m.weight for n, m in fit["converted"].named_modules() if n in names}
     for name, quantizer in zip(names, quantizers, strict=True):
         assert torch.equal(shipped[name].scale.flatten().float(), quantizer.scale.detach().flatten())

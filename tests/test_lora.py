@@ -27,7 +27,7 @@ from qatflash.tasks import TASKS
 RANK, ALPHA = 4, 8.0
 
 
-def _fit(make_cfg, recipe_name: str) -> dict[str, Any]:
+def _fit(make_cfg, recipe_name: str, *overrides: str) -> dict[str, Any]:
     """tiny_bert's QAT with rank-4 adapters for 6 steps; its parameters before, at the end of
     training (adapters not yet merged) and after the fit, and the converted model."""
     config = to_config(
@@ -37,12 +37,15 @@ def _fit(make_cfg, recipe_name: str) -> dict[str, Any]:
             f"quant.lora.r={RANK}",
             f"quant.lora.alpha={ALPHA}",
             "data.batch_size=16",
+            *overrides,
         )
     )
     data = _data(config)
     module = SequenceClassifier(_tiny_bert(len(data.tokenizer)), config.model.optim, 2)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    callback = QuantizationAwareTraining(make_recipe(config.quant))
+    callback = QuantizationAwareTraining(
+        make_recipe(config.quant), freeze_observers_step=config.quant.freeze_observers_step
+    )
     trained: dict[str, Any] = {}
 
     class Watch(L.Callback):  # training's end comes before the fit's, where the adapters merge
@@ -76,9 +79,16 @@ def _integers(linear: torch.nn.Module) -> torch.Tensor:
     return weight().int_repr() if callable(weight) else weight.qdata
 
 
-@pytest.mark.parametrize("recipe_name", ["qat_x86_lora", "qat_torchao_8da4w_lora"])
-def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(make_cfg, recipe_name: str) -> None:
-    fit = _fit(make_cfg, recipe_name)
+# eager's observers frozen before the end: the merged weights' ranges must still be observed afresh.
+@pytest.mark.parametrize(
+    ("recipe_name", "overrides"),
+    [("qat_x86_lora", ["quant.freeze_observers_step=2"]), ("qat_torchao_8da4w_lora", [])],
+    ids=["eager", "torchao"],
+)
+def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(
+    make_cfg, recipe_name: str, overrides: list[str]
+) -> None:
+    fit = _fit(make_cfg, recipe_name, *overrides)
     before, params, recipe = fit["before"], fit["params"], fit["callback"].recipe
     targets = recipe.targets
     assert len(targets) == 13  # tiny_bert's all_linears
@@ -113,6 +123,8 @@ def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(make_cfg
         (["quant.api=pt2e", "quant.embeddings=float"], r"quant.lora: quant.api=pt2e .* no module tree"),
         (["quant.range_lr=1e-5", "quant.freeze_observers_step=2"], r"quant.lora with quant.range_lr"),
         (["quant.lora.r=0"], r"quant.lora.r=0 must be > 0"),
+        (["quant.lora.alpha=0"], r"quant.lora.alpha=0.0 must be > 0"),
+        (["trainer.strategy=ddp_spawn"], r"trainer.strategy=ddp_spawn with quant.lora: its workers merge"),
         (["quant.lora.dropout=1.0"], r"quant.lora.dropout=1.0 must be in \[0, 1\)"),
     ],
 )

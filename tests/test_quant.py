@@ -108,6 +108,10 @@ def test_every_recipe_trains_converts_evaluates_and_reloads(
     if config.quant.method == "qat":  # a pretrained model (the learned one's folder): from step 0
         assert results["params"]["fake_quant_start_from"] == "default: fine-tunes a pretrained model"
         assert results["params"]["fake_quant_start_step"] == 0
+    if config.quant.range_lr is not None:  # eager: scale and zero point of 3 quantizers per Linear
+        assert results["params"]["learned_ranges"]["tensors"] == (78 if config.quant.api == "eager" else 13)
+    if config.quant.lora is not None:
+        assert results["params"]["lora"]["trainable_parameters"] > 0
     reference = metrics["test/acc_fakequant" if config.quant.method == "qat" else "test/acc_float"]
     assert reference >= 0.9, "the model converted to INT8 predicts no better than chance: nothing to compare"
     assert metrics["test/acc_quantized"] >= reference - INT8_ACCURACY_DROP

@@ -157,6 +157,8 @@ def test_recovery_over_seeds_is_the_mean_with_its_t_interval(report: Path) -> No
         ("qat_x86", "ptq_dynamic", False),  # dynamic activations
         ("qat_x86_a8w7", "ptq_static", False),  # 7-bit weights, 8-bit activations without reduce_range
         ("qad_x86", "ptq_static", True),  # distillation changes how scales are found only
+        ("qat_x86_lsq", "ptq_static", True),  # so do learned ranges
+        ("qat_x86_lora", "ptq_static", True),  # and LoRA's adapters, merged before conversion
         ("qat_torchao_8da4w", "ptq_torchao_8da4w", False),  # the PTQ keeps its embeddings float
     ],
 )

@@ -690,6 +690,11 @@ class Config(SharedRoot):
             f"trainer.strategy={self.trainer.strategy} sends the model to its workers by pickle, which "
             f"quant.api={self.quant.api}'s {unpicklable}; use another quant.api, or one device",
         )
+        _require(
+            not (spawned and self.quant.lora is not None),
+            f"trainer.strategy={self.trainer.strategy} with quant.lora: its workers merge the adapters at "
+            "the fit's end and hand back weights this process's adapted model cannot load; use ddp or one device",
+        )
         TASKS.load(self.task.name).check_config(self)
 
 
