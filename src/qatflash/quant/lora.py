@@ -8,6 +8,8 @@ After the recipe has prepared the model, peft's LoRA wraps each target's fake-qu
 them). At the end of the fit the adapters are merged into the base weights (W + (alpha / r)·B·A)
 and their wrappers removed, so evaluation, ONNX export and conversion see a plain prepared model;
 the recipe then sets the weights' ranges again for the merged weights (`Recipe.reobserve_weights`).
+Not simulated in training: the adapters' term joins after the base layer's fake quantization (for
+torch.ao eager after its output's too), so the merged weight's rounding is first met at conversion.
 """
 
 from __future__ import annotations
