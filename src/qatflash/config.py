@@ -12,7 +12,6 @@ imports no torch.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,10 +377,6 @@ class LoraConfig:
         _require(self.r > 0, f"quant.lora.r={self.r} must be > 0")
         _require(self.alpha > 0, f"quant.lora.alpha={self.alpha} must be > 0")
         _require(0 <= self.dropout < 1, f"quant.lora.dropout={self.dropout} must be in [0, 1)")
-        _require(
-            importlib.util.find_spec("peft") is not None,
-            "quant.lora needs peft, which is not installed: pip install 'qatflash[lora]'",
-        )
 
 
 @dataclass

@@ -12,6 +12,7 @@ particular to it; quantization APIs and timing backends are looked up by name.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import shutil
 import time
@@ -223,6 +224,10 @@ def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
     qat = None
     if recipe is not None and cfg.quant.method == "qat":
         pretrained = cfg.model.name_or_path is not None
+        require(
+            cfg.quant.lora is None or importlib.util.find_spec("peft") is not None,
+            "quant.lora needs peft, which is not installed: pip install 'qatflash[lora]'",
+        )
         require(
             pretrained or cfg.quant.lora is None,
             "quant.lora needs a pretrained model (model.name_or_path): adapters beside a frozen, randomly "
