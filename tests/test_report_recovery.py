@@ -97,6 +97,12 @@ def test_recovery_is_read_between_ptq_and_qat_of_one_scheme_with_its_interval(re
         row = rows.loc[("qat_x86", seed)]
         assert row["ptq_quant"] == "ptq_static" and row["statistic"] == "accuracy" and pd.isna(row["note"])
         assert row["ptq_delta"] == pytest.approx(ptq_delta) and row["recovery"] == pytest.approx(expected)
+        # QAT against PTQ itself, paired: the difference of their right answers over the examples
+        gained = (RIGHT["qat_a"][seed] - RIGHT["ptq_a"][seed]) / EXAMPLES
+        assert (
+            row["qat_vs_ptq"] == pytest.approx(gained)
+            and row["qat_vs_ptq_low"] < gained < row["qat_vs_ptq_high"]
+        )
         # paired: the same resampled examples for the three models, checked against a bootstrap
         # written here; one that draws each model's examples apart is far wider
         rights = (RIGHT["float"], RIGHT["ptq_a"][seed], RIGHT["qat_a"][seed])

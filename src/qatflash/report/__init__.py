@@ -254,6 +254,7 @@ def _readable(frame: pd.DataFrame) -> pd.DataFrame:
         ("delta", 100, 2),
         ("ptq_delta", 100, 2),
         ("qat_delta", 100, 2),
+        ("qat_vs_ptq", 100, 2),
         ("recovery", 100, 1),
         ("ppl", 1, 2),
         ("word_ppl", 1, 1),
