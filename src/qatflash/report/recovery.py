@@ -91,19 +91,21 @@ def _paired(
             _columns(f"{name}_delta", Interval(found["delta"], found["delta_low"], found["delta_high"]))
         )
     ptq_delta = Interval(row["ptq_delta"], row["ptq_delta_low"], row["ptq_delta_high"])
+    frames = _aligned(qat, ptq, training, examples)
+    if frames is not None:  # QAT against PTQ itself, paired over the same examples
+        statistic, float_frame, ptq_frame, qat_frame = frames
+        row.update(
+            statistic=statistic.name,
+            **_columns("qat_vs_ptq", statistic.compare(qat_frame, ptq_frame, qat)[0]),
+        )
     if not ptq_delta.significant:
         return {
             **row,
             "note": f"no recovery to measure: PTQ's change [{ptq_delta.low:.4g}, {ptq_delta.high:.4g}] contains 0",
         }
-    frames = _aligned(qat, ptq, training, examples)
     if frames is None:
         return {**row, "note": "no interval: the three models were tested on other examples"}
-    statistic, float_frame, ptq_frame, qat_frame = frames
-    row.update(
-        statistic=statistic.name,
-        **_columns("recovery", statistic.recovery(float_frame, ptq_frame, qat_frame)),
-    )
+    row.update(_columns("recovery", statistic.recovery(float_frame, ptq_frame, qat_frame)))
     nearest = min(abs(ptq_delta.low), abs(ptq_delta.high))
     if nearest < NEAR_ZERO * abs(ptq_delta.estimate):
         row["note"] = (
