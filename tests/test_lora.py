@@ -82,7 +82,10 @@ def _integers(linear: torch.nn.Module) -> torch.Tensor:
 # eager's observers frozen before the end: the merged weights' ranges must still be observed afresh.
 @pytest.mark.parametrize(
     ("recipe_name", "overrides"),
-    [("qat_x86_lora", ["quant.freeze_observers_step=2"]), ("qat_torchao_8da4w_lora", [])],
+    [
+        ("qat_x86_lora", ["quant.freeze_observers_step=2"]),
+        pytest.param("qat_torchao_8da4w_lora", [], marks=pytest.mark.e2e),  # make test keeps one API
+    ],
     ids=["eager", "torchao"],
 )
 def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(

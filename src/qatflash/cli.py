@@ -25,8 +25,16 @@ from qatflash.errors import ConfigError, first_line
 log = logging.getLogger("qatflash")
 # Libraries that speak at import or start-up about things a run does not use: torchao (which
 # transformers imports wherever it is installed) about CUDA extension libraries it cannot load,
-# torch about its pytree registrations, Lightning about accelerators it found and its tips.
-_QUIET = ("torchao", "torch.utils._pytree", "lightning.pytorch.utilities.rank_zero", "lightning.fabric")
+# torch about its pytree registrations, Lightning about accelerators it found and its tips,
+# bitsandbytes (which peft imports, and transformers imports peft, wherever they are installed)
+# about an optional kernel package its CPU backend does without.
+_QUIET = (
+    "torchao",
+    "torch.utils._pytree",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric",
+    "bitsandbytes",
+)
 
 
 def config_dir() -> str:
