@@ -412,6 +412,10 @@ class QuantConfig:
     range_lr: float | None = None
     # qat: train low-rank adapters on the frozen fake-quantized Linears instead of their weights; null = full QAT.
     lora: LoraConfig | None = None
+    # api=mixed: the recipe of each named part (a precision: its own quant config, whose targets
+    # select the modules it quantizes), applied in turn to one model; the parts share an API whose
+    # recipes compose (torchao) and a method, and no module is in two (`qatflash.quant.mixed`).
+    parts: dict[str, QuantConfig] | None = None
     # qat (eager api, attention=eager): also fake-quantize the inputs of QKᵀ and probabilities·V.
     attention_matmuls: bool = False
     # eager ptq_static/qat: `quantized` = each INT8 Linear rounds its output to uint8 (torch.ao's
@@ -441,7 +445,16 @@ class QuantConfig:
                 f"quant.freeze_observers_step={self.freeze_observers_step} must come after "
                 f"quant.fake_quant_start_step={'null (0 or later)' if start is None else start}",
             )
-        _require(bool(self.targets.include), "quant.targets.include is empty; use ['*'] for every Linear")
+        _require(
+            bool(self.targets.include) or self.embeddings == "int8",
+            "quant.targets.include is empty; use ['*'] for every Linear ([] quantizes the embedding "
+            "table alone, with quant.embeddings=int8)",
+        )
+        _require(
+            (self.api == "mixed") == (self.parts is not None),
+            f"quant.parts is what quant.api=mixed composes, and only it: api={self.api} with "
+            f"parts={None if self.parts is None else list(self.parts)}",
+        )
         for name in ("distill", "range_lr", "lora"):
             _require(
                 getattr(self, name) is None or self.method == "qat",
@@ -639,6 +652,71 @@ class TaskConfig:
         TASKS.check(self.name)
 
 
+# How a sensitivity analysis groups the modules it quantizes one group at a time: each Linear (a
+# fused projection such as GPT-2's c_attn is one), each transformer block, or each kind (the same
+# projection across blocks: q, k, v, o, gate, up, down), the LM head and the embedding table apart.
+SENSITIVITY_GROUPS = ("linear", "block", "kind")
+# A search budget's name for each quality statistic a task may be judged by, in the statistic's
+# reader's unit: accuracy points lost, percent of perplexity gained.
+BUDGETS = {"accuracy": "max_acc_drop", "macro_f1": "max_acc_drop", "ppl": "max_ppl_increase"}
+
+
+@dataclass
+class SearchConfig:
+    """What a mixed-precision search chooses under (`qatflash.sensitivity.search`): one recipe per
+    budget, each from the front of size against the calibration split's summed quality change."""
+
+    # Quality budgets, in the task statistic's unit: accuracy (or F1) points lost ...
+    max_acc_drop: list[float] = field(default_factory=list)
+    # ... or percent of perplexity gained (the task decides which applies).
+    max_ppl_increase: list[float] = field(default_factory=list)
+    # Size ceilings in bytes of the quantizable weights: the least quality change within each.
+    max_bytes: list[int] = field(default_factory=list)
+    # The exact front (every mix no other beats in both size and change) is kept while it has at
+    # most this many mixes; past it, the search turns greedy (and says so).
+    exact_front_limit: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_acc_drop", "max_ppl_increase", "max_bytes"):
+            _require(
+                all(v >= 0 for v in getattr(self, name)),
+                f"sensitivity.search.{name}={list(getattr(self, name))} must be >= 0",
+            )
+        _require(
+            self.exact_front_limit > 0,
+            f"sensitivity.search.exact_front_limit={self.exact_front_limit} must be > 0",
+        )
+
+
+@dataclass
+class SensitivityConfig:
+    """Per-group sensitivity of a float model to quantization (`qatflash.sensitivity`): each group
+    quantized alone in each precision, scored on the validation split (never the test split) against
+    the float model on the same examples, then a mixed-precision search over the table."""
+
+    # name -> a quant config (compose one with `/quant@sensitivity.precisions.<name>: <quant yaml>`),
+    # from the most bytes to the fewest; one precision: float or it, per group.
+    precisions: dict[str, QuantConfig] = field(default_factory=dict)
+    groups: str = "block"
+    # Examples (windows, for a causal LM) of the validation split each group is scored on.
+    examples: int = 512
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("sensitivity.groups", self.groups, SENSITIVITY_GROUPS)
+        _require(self.examples > 0, f"sensitivity.examples={self.examples} must be > 0")
+        _require(
+            1 <= len(self.precisions) <= 2,
+            f"sensitivity.precisions={list(self.precisions)}: give one or two precisions of one recipe family",
+        )
+        for name, precision in self.precisions.items():
+            _require(
+                precision.method in ("ptq_dynamic", "ptq_static", "ptq_weight_only"),
+                f"sensitivity.precisions.{name} has quant.method={precision.method}; a float model's "
+                "sensitivity is measured by post-training quantization (ptq_*)",
+            )
+
+
 @dataclass
 class SharedRoot:
     """The groups both apps read: a task, a model, its attention, timing settings and experiment tracking."""
@@ -671,8 +749,15 @@ class Config(SharedRoot):
     # e.g. [test/acc] or [test/acc, latency/quantized/torch/p50_ms] with directions [maximize, minimize];
     # null = the task's headline figure.
     objective: list[str] | None = None
+    # Also measure each module group's sensitivity and search mixed precisions (a float job only).
+    sensitivity: SensitivityConfig | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.sensitivity is None or self.quant.method == "none",
+            f"sensitivity measures a float model quantized one group at a time; quant.method="
+            f"{self.quant.method} (use quant=fp32: the precisions go in sensitivity.precisions)",
+        )
         _require(
             not self.quant.attention_matmuls or self.attention.implementation == "eager",
             f"quant.attention_matmuls=true fake-quantizes eager attention's matmuls, but "
@@ -690,7 +775,19 @@ class Config(SharedRoot):
             f"trainer.strategy={self.trainer.strategy} with quant.lora: its workers merge the adapters at "
             "the fit's end and hand back weights this process's adapted model cannot load; use ddp or one device",
         )
+        if self.sensitivity is not None:
+            self._check_budgets(self.sensitivity.search)
         TASKS.load(self.task.name).check_config(self)
+
+    def _check_budgets(self, search: SearchConfig) -> None:
+        """A quality budget is in the unit of the statistic the task is judged by."""
+        quality = TASKS.load(self.task.name).quality
+        for name in ("max_acc_drop", "max_ppl_increase"):
+            _require(
+                not getattr(search, name) or name == BUDGETS[quality],
+                f"sensitivity.search.{name}={list(getattr(search, name))}: task={self.task.name} is judged "
+                f"by {quality}; its budget is sensitivity.search.{BUDGETS[quality]}",
+            )
 
 
 @dataclass

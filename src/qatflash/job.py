@@ -60,6 +60,8 @@ _ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("quant", "distill"): None,  # quantization-aware distillation: none before
     ("quant", "range_lr"): None,  # learned ranges: observers set every range before
     ("quant", "lora"): None,  # QAT with LoRA: full QAT before
+    ("quant", "parts"): None,  # mixed precision: one precision per recipe before
+    ("sensitivity",): None,  # per-layer sensitivity: none measured before
 }
 # Mappings whose keys were declared after sweeps were recorded, each null where it was absent
 # before (data.files' splits: null is "found by name"): their null entries are left out of the
@@ -72,8 +74,9 @@ _DEFAULTS_CHANGED = {("quant", "fake_quant_start_step"): 0}
 # logger name the sweep, not a point.
 _PATH_KEYS = ("data.path", "data.cache_dir", "model.name_or_path")
 NOT_IN_FOLDER_NAMES = ("experiment", "logger", "sweep_name", "force", *_PATH_KEYS)
-# What a quantized job's FP32 reference differs in: the recipe and how latency is timed.
-REFERENCE_KEYS = ("quant", "benchmark")
+# What a quantized job's FP32 reference differs in: the recipe, how latency is timed, and whether
+# the float point also measured each layer's sensitivity (the mixes it chose are compared with it).
+REFERENCE_KEYS = ("quant", "benchmark", "sensitivity")
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.ckpt"
 # The package versions every results.json records.
@@ -334,9 +337,16 @@ def resumable(folder: Path, previous: dict[str, Any] | None, config_hash: str, f
     overwritten); force=true always starts over.
     """
     checkpoint = folder / LAST_CHECKPOINT
-    unfinished = previous is not None and previous.get("status") != "ok"
-    same_job = previous is not None and previous.get("config_hash") == config_hash
-    return str(checkpoint) if unfinished and same_job and not force and checkpoint.is_file() else None
+    resuming = unfinished(previous, config_hash, force)
+    return str(checkpoint) if resuming and checkpoint.is_file() else None
+
+
+def unfinished(previous: dict[str, Any] | None, config_hash: str, force: bool) -> bool:
+    """Whether the folder's earlier attempt was this same job and did not finish (and force=false):
+    what it wrote may be taken up."""
+    if previous is None or force:
+        return False
+    return previous.get("status") != "ok" and previous.get("config_hash") == config_hash
 
 
 def checkpointing(folder: Path) -> list[L.Callback]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from qatflash import slurm
+from qatflash import sensitivity, slurm
 from qatflash.attention import (
     PADDED_BATCHES,
     TrainingCall,
@@ -50,6 +50,7 @@ from qatflash.job import (
     open_job,
     resolve_device,
     resumable,
+    unfinished,
 )
 from qatflash.models import (
     build_model,
@@ -66,10 +67,18 @@ from qatflash.quant import make_recipe
 from qatflash.quant.callback import QuantizationAwareTraining, fake_quant_start
 from qatflash.quant.recipe import Recipe
 from qatflash.quant.ship import Shipped, saved, ship
-from qatflash.results import FAKEQUANT, FLOAT, MODEL_CONFIG_FILE, QUANTIZED, RunRecord, summary_figures
+from qatflash.results import (
+    FAKEQUANT,
+    FLOAT,
+    MIXES_DIR,
+    MODEL_CONFIG_FILE,
+    QUANTIZED,
+    RunRecord,
+    summary_figures,
+)
 from qatflash.storage import SafeCheckpointIO
 from qatflash.tasks import TASKS
-from qatflash.tasks.task import Task
+from qatflash.tasks.task import Task, tester
 from qatflash.timing import TIMING_BACKENDS
 from qatflash.timing.attention_profile import add_attention
 from qatflash.timing.backends import BackendModels, JobTiming, TimingBackend
@@ -147,6 +156,10 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
         if not trainer.is_global_zero:  # one task of a multi-task (srun) DDP fit
             log.info("rank %d of %d: fit done; rank 0 goes on alone", trainer.global_rank, trainer.world_size)
             return opened.record.data
+        if cfg.sensitivity is not None:
+            opened.record.data["sensitivity"] = sensitivity_stage(
+                cfg, checked, data, fitted, job, opened.record
+            )
         shipped = ship_stage(cfg, checked, data, built, fitted, job)
         evaluated = evaluate(cfg, checked, trainer, data, fitted, shipped, job)
         started = time.perf_counter()
@@ -396,6 +409,25 @@ def ship_stage(
     return saved(shipped, job.folder, skeleton, checked.task.example_inputs(data.module))
 
 
+def sensitivity_stage(
+    cfg: Config, checked: Checked, data: Data, fitted: Fitted, job: JobContext, record: RunRecord
+) -> dict[str, Any]:
+    """The fine-tuned float model's per-group sensitivity on the validation split, and the mixes
+    searched from it, written under the sweep's (or, alone, the job's) MIXES_DIR; an unfinished
+    attempt of this job is taken up at the group it reached."""
+    return sensitivity.run(
+        cfg,
+        checked.task,
+        data.module,
+        fitted.model,
+        checked.device,
+        partial(_calibration_batches, data),
+        job.folder,
+        (job.sweep_dir or job.folder) / MIXES_DIR,
+        unfinished(record.previous, job.config_hash, cfg.force),
+    )
+
+
 def _calibration_batches(data: Data, count: int) -> list[dict[str, torch.Tensor]]:
     batches = zip(range(count), data.module.train_dataloader(), strict=False)
     return [{k: v for k, v in batch.items() if k != "labels"} for _, batch in batches]
@@ -478,18 +510,9 @@ _CPU = torch.device("cpu")
 
 
 def _trainer_on(device: torch.device, cfg: Config) -> L.Trainer:
-    """A one-device tester on `device` (a quantized model's target, or ONNX Runtime's CPU), whatever
-    device trained the model; the test batches are the fit's (`trainer.limit_test_batches`), so
-    every model of a job is scored on the same examples."""
-    return L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_test_batches=cfg.trainer.limit_test_batches,
-        plugins=slurm.lightning_plugins(),
-    )
+    """A one-device tester on `device`; the test batches are the fit's (`trainer.limit_test_batches`),
+    so every model of a job is scored on the same examples."""
+    return tester(device, cfg.trainer.limit_test_batches)
 
 
 def _job_timing(cfg: Config, checked: Checked, data: Data, shipped: Shipped, job: JobContext) -> JobTiming:

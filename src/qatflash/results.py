@@ -34,6 +34,12 @@ TRACEBACK_FILE = "traceback.txt"
 # Per-example test results of every model a job tested, one row per (model, example): what the
 # report's intervals and paired tests are computed from.
 EXAMPLES_FILE = "examples.parquet"
+# A float job's per-group sensitivity (one row per precision and module group, written as each is
+# measured: what a killed job resumes from) and the mixed-precision front searched from it; the
+# mixes it chose are quant configs under the sweep's MIXES_DIR/quant/ (`qatflash.sensitivity`).
+SENSITIVITY_FILE = "sensitivity.csv"
+FRONT_FILE = "front.csv"
+MIXES_DIR = "mixes"
 
 # The models a job tests and times, as metric suffixes, examples.parquet's `model` column and
 # latency variants name them: the float model (fine-tuned, or QAT's model before fine-tuning), QAT's

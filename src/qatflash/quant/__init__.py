@@ -24,6 +24,7 @@ RECIPES: Registry[type[Recipe]] = Registry(
         "packed": "qatflash.quant.weight_only:PackedRecipe",
         "bitsandbytes": "qatflash.quant.weight_only:BitsAndBytesRecipe",
         "gptq": "qatflash.quant.weight_only:GptqRecipe",
+        "mixed": "qatflash.quant.mixed:MixedRecipe",
     },
     group="qatflash.quant_apis",
 )

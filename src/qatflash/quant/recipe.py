@@ -56,6 +56,9 @@ class Recipe(ABC):
     engines: ClassVar[tuple[str, ...]] = QUANT_ENGINES
     # Why its prepared models cannot be pickled to spawned workers (trainer=ddp), or "" if they can.
     unpicklable: ClassVar[str] = ""
+    # Whether two of its recipes can share a model, each preparing and converting only its own
+    # targets (quant.api=mixed composes them).
+    composable: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, cfg: QuantConfig) -> None:
@@ -91,6 +94,7 @@ class Recipe(ABC):
         kinds). A PTQ and a QAT of one scheme give the same; a QAT's recovery over PTQ is read
         between those two only (`qatflash.report.recovery`)."""
         numbers = {k: v for k, v in asdict(self.cfg).items() if k not in HOW_SCALES_ARE_FOUND}
+        numbers.pop("parts")  # a mixed recipe's own scheme is its parts'
         for tensor in ("activation", "weight"):
             if numbers[tensor] is not None:
                 numbers[tensor].pop("observer")

@@ -57,7 +57,10 @@ def chosen(model: nn.Module, targets: TargetsConfig) -> list[str]:
 
 def linear_targets(model: nn.Module, targets: TargetsConfig) -> list[str]:
     """The projections `targets` selects, refused in one line when the patterns match none or match
-    a module no recipe can quantize; Conv1D targets are swapped for nn.Linear in place."""
+    a module no recipe can quantize; Conv1D targets are swapped for nn.Linear in place. No include
+    pattern selects none (a recipe of the embedding table alone)."""
+    if not targets.include:
+        return []
     selected = chosen(model, targets)
     foreign = Counter(type(model.get_submodule(n)).__name__ for n in selected if not _projection(model, n))
     if foreign:
@@ -102,9 +105,20 @@ def as_linear(conv: Conv1D) -> nn.Linear:
 _BLOCK = re.compile(r"\.(?:layers?|h)\.(\d+)\.")
 
 
+def block_of(name: str) -> int | None:
+    """The index of the transformer block module `name` sits in (None: outside every block)."""
+    found = _BLOCK.search(f".{name}")
+    return int(found.group(1)) if found else None
+
+
+def kind_of(name: str) -> str:
+    """`name` with its block index as `*`: the same projection in every block (encoder.layer.*.attention.self.query)."""
+    return _BLOCK.sub(lambda m: m.group(0).replace(m.group(1), "*"), f".{name}", count=1)[1:]
+
+
 def _inner_blocks(names: list[str]) -> list[str]:
     """`names` without those in the lowest- and highest-numbered transformer block."""
-    blocks = {name: int(m.group(1)) for name in names if (m := _BLOCK.search(f".{name}"))}
+    blocks = {name: block for name in names if (block := block_of(name)) is not None}
     edges = {min(blocks.values()), max(blocks.values())} if blocks else set()
     return [name for name in names if blocks.get(name) not in edges]
 

@@ -203,6 +203,7 @@ class TorchaoRecipe(Recipe):
     Linears, with weight-only int8 embeddings."""
 
     methods = ("ptq_dynamic", "ptq_weight_only", "qat")
+    composable = True  # quantize_ touches only what its filter selects
 
     @classmethod
     def check_config(cls, cfg: QuantConfig) -> None:

@@ -76,11 +76,21 @@ class Statistic(ABC):
         """One model's figure with its CI (`name`, `name_low`, `name_high`), and what goes beside it."""
 
     @abstractmethod
+    def delta(self, frame: pd.DataFrame, reference: pd.DataFrame) -> Interval:
+        """The paired delta to the reference's rows of the same examples (in `frame`'s order) with
+        its CI, as a fraction (0.01: one point, or 1 %)."""
+
+    @abstractmethod
     def compare(
         self, frame: pd.DataFrame, reference: pd.DataFrame, point: pd.Series
     ) -> tuple[Interval, dict[str, Any]]:
-        """The paired delta to the reference's rows of the same examples (in `frame`'s order) with
-        its CI, and the paired test's columns beside it."""
+        """`delta`, and the paired test's columns beside it."""
+
+    def harm(self, delta: Interval) -> Interval:
+        """What a delta loses, in the reader's unit (points or percent; below zero: a gain)."""
+        sign = -100.0 if self.higher_is_better else 100.0
+        low, high = sorted((sign * delta.low, sign * delta.high))
+        return Interval(sign * delta.estimate, low, high)
 
     @abstractmethod
     def recovery(self, float_frame: pd.DataFrame, ptq: pd.DataFrame, qat: pd.DataFrame) -> Interval:
@@ -111,13 +121,15 @@ class Accuracy(_OfLabels):
     def measure(self, frame: pd.DataFrame, point: pd.Series) -> dict[str, Any]:
         return _columns(self.name, accuracy(_correct(frame)))
 
+    def delta(self, frame: pd.DataFrame, reference: pd.DataFrame) -> Interval:
+        return paired_delta(_correct(frame), _correct(reference))
+
     def compare(
         self, frame: pd.DataFrame, reference: pd.DataFrame, point: pd.Series
     ) -> tuple[Interval, dict[str, Any]]:
-        correct, reference_correct = _correct(frame), _correct(reference)
-        test = mcnemar(correct, reference_correct)
+        test = mcnemar(_correct(frame), _correct(reference))
         columns = {"mcnemar_b": test.b, "mcnemar_c": test.c, "mcnemar_p": test.p, "note": test.note}
-        return paired_delta(correct, reference_correct), columns
+        return self.delta(frame, reference), columns
 
     def recovery(self, float_frame: pd.DataFrame, ptq: pd.DataFrame, qat: pd.DataFrame) -> Interval:
         samples = tuple(_correct(frame) for frame in (float_frame, ptq, qat))
@@ -134,6 +146,10 @@ class MacroF1(_OfLabels):
     def measure(self, frame: pd.DataFrame, point: pd.Series) -> dict[str, Any]:
         return _columns(self.name, macro_f1(frame["target"].to_numpy(), frame["prediction"].to_numpy()))
 
+    def delta(self, frame: pd.DataFrame, reference: pd.DataFrame) -> Interval:
+        target, prediction = frame["target"].to_numpy(), frame["prediction"].to_numpy()
+        return macro_f1_delta(target, prediction, reference["prediction"].to_numpy())
+
     def compare(
         self, frame: pd.DataFrame, reference: pd.DataFrame, point: pd.Series
     ) -> tuple[Interval, dict[str, Any]]:
@@ -143,7 +159,7 @@ class MacroF1(_OfLabels):
             "permutation_p": permutation(target, prediction, theirs),
             "note": IDENTICAL if np.array_equal(prediction, theirs) else None,
         }
-        return macro_f1_delta(target, prediction, theirs), columns
+        return self.delta(frame, reference), columns
 
     def recovery(self, float_frame: pd.DataFrame, ptq: pd.DataFrame, qat: pd.DataFrame) -> Interval:
         predictions = tuple(frame["prediction"].to_numpy() for frame in (float_frame, ptq, qat))
@@ -177,12 +193,16 @@ class Perplexity(Statistic):
             "tokens": int(frame["tokens"].sum()),
         }
 
+    def delta(self, frame: pd.DataFrame, reference: pd.DataFrame) -> Interval:
+        nll, tokens = frame["nll"].to_numpy(), frame["tokens"].to_numpy()
+        return relative_perplexity(nll, reference["nll"].to_numpy(), tokens)
+
     def compare(
         self, frame: pd.DataFrame, reference: pd.DataFrame, point: pd.Series
     ) -> tuple[Interval, dict[str, Any]]:
         nll, tokens = frame["nll"].to_numpy(), frame["tokens"].to_numpy()
         reference_nll = reference["nll"].to_numpy()
-        delta = relative_perplexity(nll, reference_nll, tokens)
+        delta = self.delta(frame, reference)
         columns = {
             "word_delta": (1 + delta.estimate) ** _tokens_per_word(point) - 1,
             "wilcoxon_p": wilcoxon(nll, reference_nll, tokens),

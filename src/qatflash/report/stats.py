@@ -13,6 +13,8 @@
   over the windows), a perplexity's relative change to a reference's on the same windows
   (`relative_perplexity`, paired bootstrap) and the Wilcoxon signed-rank test of the windows'
   per-token NLL differences (`wilcoxon`).
+- Spearman's rank correlation of a proxy with what it predicts, with its paired bootstrap CI
+  over the pairs (`spearman`: how well a sensitivity proxy ranks the groups).
 - A verdict for a shipping decision from a delta's interval and a non-inferiority margin (`verdict`).
 - The share of PTQ's loss a QAT of the same scheme recovers, (PTQ − QAT) / (PTQ − float) of the
   quality figure, with its paired bootstrap CI over the examples (`recovery`).
@@ -143,6 +145,22 @@ def recovery(samples: tuple[np.ndarray, ...], figures: Callable[..., tuple[Any, 
             return (ptq - qat) / (ptq - float_figure)
 
     return _bootstrap(tuple(np.asarray(a, dtype=float) for a in samples), statistic, paired=True)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> Interval:
+    """Spearman's rank correlation of paired values (a proxy against what it predicts) with the
+    paired bootstrap percentile CI over the pairs; NaN where either side is constant."""
+
+    def rho(a: np.ndarray, b: np.ndarray, axis: int) -> Any:
+        ra, rb = (stats.rankdata(v, axis=axis) for v in (a, b))
+        ra, rb = (r - r.mean(axis=axis, keepdims=True) for r in (ra, rb))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (ra * rb).sum(axis=axis) / np.sqrt((ra**2).sum(axis=axis) * (rb**2).sum(axis=axis))
+
+    samples = (np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+    if min(len(np.unique(s)) for s in samples) < 2:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    return _bootstrap(samples, rho, paired=True)
 
 
 def wilcoxon(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray) -> float:

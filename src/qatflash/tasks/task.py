@@ -10,11 +10,26 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from qatflash import slurm
 from qatflash.errors import ConfigError, require
 
 if TYPE_CHECKING:
     from qatflash.config import Config, SharedRoot, TimingConfig
     from qatflash.quant.recipe import Recipe
+
+
+def tester(device: torch.device, limit_batches: int | float | None) -> L.Trainer:
+    """A one-device Trainer that tests on `device` (a quantized model's target, ONNX Runtime's CPU),
+    whatever device trained the model, over at most `limit_batches` batches (null: all)."""
+    return L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=limit_batches,
+        plugins=slurm.lightning_plugins(),
+    )
 
 
 class Task(ABC):
