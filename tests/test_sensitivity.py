@@ -316,6 +316,7 @@ def test_the_chosen_mix_leaves_the_planted_layer_float_and_runs_from_the_cli(
     job = sensitivity_run / "job"
     (mix,) = read_results(job)["sensitivity"]["mixes"]
     assert mix["budget"] == "max_ppl_increase" and mix["harm"] <= 1.0
+    assert PLANTED in mix["kept_float"]
     config = OmegaConf.load(job / "mixes" / "quant" / f"{mix['quant']}.yaml")
     assert PLANTED not in config.targets.include and config.targets.include
     tables = int(config.embeddings == "int8")
@@ -349,3 +350,19 @@ def test_a_killed_sensitivity_resumes_at_the_group_it_reached(
     resumed = pd.read_csv(job / SENSITIVITY_FILE)
     assert list(resumed["group"]) == list(table["group"])
     assert (resumed["kl"].iloc[:12] == -1.0).all() and (resumed["kl"].iloc[12:] > 0).all()
+
+
+def test_the_report_shows_each_group_and_the_groups_each_mix_keeps_float(
+    sensitivity_run: Path, tmp_path: Path
+) -> None:
+    from qatflash.report import write_report
+
+    report = write_report([sensitivity_run / "job"], tmp_path)
+    names = {path.name for path in report.files}
+    assert {"sensitivity.csv", "mixes.csv", "sensitivity.png", "front.png"} <= names
+    rows = pd.read_csv(tmp_path / "sensitivity.csv")
+    assert len(rows) == GROUPS and set(rows["params.max_length"]) == {32}
+    assert rows.sort_values("harm").iloc[-1]["group"] == PLANTED
+    (mix,) = pd.read_csv(tmp_path / "mixes.csv").itertuples()
+    assert PLANTED in mix.kept_float.split(", ")
+    assert "the groups it keeps float" in (tmp_path / "report.md").read_text()

@@ -70,12 +70,15 @@ from qatflash.quant.ship import Shipped, saved, ship
 from qatflash.results import (
     FAKEQUANT,
     FLOAT,
+    FRONT_FILE,
     MIXES_DIR,
     MODEL_CONFIG_FILE,
     QUANTIZED,
+    SENSITIVITY_FILE,
     RunRecord,
     summary_figures,
 )
+from qatflash.sensitivity.measure import candidates
 from qatflash.storage import SafeCheckpointIO
 from qatflash.tasks import TASKS
 from qatflash.tasks.task import Task, tester
@@ -160,6 +163,8 @@ def run(cfg: Config, job: JobContext) -> dict[str, Any]:
             opened.record.data["sensitivity"] = sensitivity_stage(
                 cfg, checked, data, fitted, job, opened.record
             )
+            for table in (SENSITIVITY_FILE, FRONT_FILE):
+                tracker.table(f"sensitivity/{Path(table).stem}", job.folder / table)
         shipped = ship_stage(cfg, checked, data, built, fitted, job)
         evaluated = evaluate(cfg, checked, trainer, data, fitted, shipped, job)
         started = time.perf_counter()
@@ -232,6 +237,8 @@ def preflight(cfg: Config, task: Task, probe_kernel: bool = True) -> Checked:
         # are refused now.
         recipe.select_targets(model_on_meta(declared, task.auto_model))
         unshipped = check_target(recipe)
+    if cfg.sensitivity is not None:
+        candidates(cfg.sensitivity.precisions, model_on_meta(declared, task.auto_model))
     if cfg.benchmark.enabled:
         task.check_timing(cfg.benchmark, recipe)
     qat = None

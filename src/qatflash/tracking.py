@@ -78,6 +78,18 @@ class Tracker:
             self.logger.log_metrics({k: v for k, v in values.items() if isinstance(v, int | float)})
             self.logger.save()
 
+    def table(self, key: str, path: Path) -> None:
+        """A CSV the job wrote (a sensitivity table, a front) as a W&B table; other loggers keep it
+        where it is, in the job's folder."""
+        if not isinstance(self.logger, WandbLogger):
+            return
+        import pandas as pd
+
+        try:
+            self.logger.log_table(key=key, dataframe=pd.read_csv(path))
+        except Exception as error:
+            self._warn(f"W&B table {key} failed", error, f"{path} holds it")
+
     def __enter__(self) -> Tracker:
         return self
 

@@ -20,6 +20,7 @@ from qatflash.report.collect import Collected, collect
 from qatflash.report.figures import FIGURES, shipped_latency
 from qatflash.report.quality import STATISTICS, Margins, over_seeds, per_seed
 from qatflash.report.recovery import recovery_over_seeds, recovery_per_seed
+from qatflash.report.sensitivity import mixes_table, sensitivity_table
 from qatflash.results import FLOAT, QUANTIZED
 
 # The columns of the Markdown/HTML summary tables (the CSV keeps every column).
@@ -117,11 +118,14 @@ def write_report(sweeps: list[Path], out: Path, margins: Margins | None = None) 
     files = [out / "results.csv"]
     table.to_csv(files[0], index=False)
     recovered_groups = recovery_over_seeds(recovered)
+    sensitivity, mixes = sensitivity_table(table), mixes_table(table)
     tables = (
         ("quality_per_seed.csv", seeds),
         ("quality.csv", groups),
         ("recovery_per_seed.csv", recovered),
         ("recovery.csv", recovered_groups),
+        ("sensitivity.csv", sensitivity),
+        ("mixes.csv", mixes),
     )
     for name, frame in tables:
         if not frame.empty:
@@ -130,6 +134,10 @@ def write_report(sweeps: list[Path], out: Path, margins: Margins | None = None) 
     summaries = {
         **_quality_summaries(seeds, groups, sweeps, margins),
         **_recovery_summaries(recovered, recovered_groups, sweeps),
+        **_over_and_per_seed(
+            {"Mixed precision: the mix each budget chose, and the groups it keeps float (per length)": mixes},
+            sweeps,
+        ),
         **_summaries(table, sweeps),
     }
     images: dict[str, Path] = {}

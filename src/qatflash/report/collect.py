@@ -16,7 +16,7 @@ from typing import Any
 from qatflash.results import RESULTS_FILE, SCHEMA_VERSION, read_results
 
 REPORT_SCHEMA = 1
-_SECTIONS = ("task", "choices", "params", "metrics", "model", "timing", "examples")
+_SECTIONS = ("task", "choices", "params", "metrics", "model", "timing", "examples", "sensitivity")
 # Latency figures carried into a training job's row (per variant and backend).
 _LATENCY_FIGURES = (
     "p50_ms",

@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from qatflash.report.sensitivity import front_chart, sensitivity_chart
 from qatflash.results import FLOAT, QUANTIZED
 
 # The model a job ships: its quantized form where the job made one, else float; torch first.
@@ -390,6 +391,8 @@ def perplexity_vs_size(table: pd.DataFrame) -> Figure | None:
 
 FIGURES = {
     "pareto": quality_vs_latency,
+    "sensitivity": sensitivity_chart,
+    "front": front_chart,
     "scaling": attention_scaling,
     "generation": generation_scaling,
     "sizes": model_sizes,

@@ -24,7 +24,7 @@ from qatflash.report.quality import STATISTICS
 from qatflash.report.stats import spearman
 from qatflash.results import FRONT_FILE, SENSITIVITY_FILE
 from qatflash.sensitivity.measure import Batch, measure
-from qatflash.sensitivity.mixes import budgets, chosen, mix_config, options, write_front, write_mix
+from qatflash.sensitivity.mixes import FLOAT, budgets, chosen, mix_config, options, write_front, write_mix
 from qatflash.sensitivity.search import search_front
 from qatflash.tasks.task import Task
 
@@ -74,9 +74,16 @@ def run(
                 f"Load it with hydra.searchpath=[file://{mixes.resolve()}] quant={name}"
             )
             write_mix(config, mixes / "quant" / f"{name}.yaml", header)
-        quantized = sum(choice != "float" for choice in mix.choices)
+        kept = [group.name for group, choice in zip(groups, mix.choices, strict=True) if choice == FLOAT]
         chosen_mixes.append(
-            {**entry, "quant": name, "bytes": mix.bytes, "harm": mix.harm, "groups_quantized": quantized}
+            {
+                **entry,
+                "quant": name,
+                "bytes": mix.bytes,
+                "harm": mix.harm,
+                "groups_quantized": len(groups) - len(kept),
+                "kept_float": kept,
+            }
         )
     return {
         "groups": sensitivity.groups,

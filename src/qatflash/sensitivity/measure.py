@@ -94,8 +94,9 @@ def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
 
 
 def candidates(precisions: dict[str, QuantConfig], model: nn.Module) -> tuple[list[str], list[str]]:
-    """The Linear modules and embedding tables the precisions quantize: the same for every precision
-    (a mix chooses between them per group), refused otherwise."""
+    """The Linear modules and embedding tables the precisions quantize in `model` (left as it is: a
+    model on the meta device will do): the same for every precision (a mix chooses between them per
+    group), refused otherwise. Preflight asks it of the declared model, before any data is loaded."""
     selected = {}
     for name, precision in precisions.items():
         recipe = make_recipe(precision)
