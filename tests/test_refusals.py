@@ -214,6 +214,47 @@ ROWS: list[tuple[str, list[str], Callable[[Path], object] | None, int, str]] = [
     ),
     ("bad logger mode", ["logger.mode=cloud"], None, REFUSED, "logger.mode='cloud' is not allowed"),
     (
+        "sensitivity of a quantized job",
+        ["quant=ptq_static", "+quant@sensitivity.precisions.int8=ptq_static"],
+        None,
+        REFUSED,
+        "sensitivity measures a float model quantized one group at a time; quant.method=ptq_static",
+    ),
+    (
+        "sensitivity budget in another task's unit",
+        ["+quant@sensitivity.precisions.int8=ptq_static", "sensitivity.search.max_ppl_increase=[1]"],
+        None,
+        REFUSED,
+        "sensitivity.search.max_ppl_increase=[1.0]: task=classification is judged by accuracy; its budget "
+        "is sensitivity.search.max_acc_drop",
+    ),
+    (
+        "sensitivity precision that trains",
+        ["+quant@sensitivity.precisions.int8=qat_x86"],
+        None,
+        REFUSED,
+        "sensitivity.precisions.int8 has quant.method=qat; a float model's sensitivity is measured by "
+        "post-training quantization",
+    ),
+    (
+        "sensitivity precisions of other modules",
+        [
+            "+quant@sensitivity.precisions.int8=ptq_static",
+            "+quant@sensitivity.precisions.int8ffn=ptq_static",
+            "sensitivity.precisions.int8ffn.targets.include=[*intermediate.dense]",
+        ],
+        None,
+        REFUSED,
+        "sensitivity.precisions.int8ffn selects other modules than sensitivity.precisions.int8",
+    ),
+    (
+        "unknown sensitivity grouping",
+        ["+quant@sensitivity.precisions.int8=ptq_static", "sensitivity.groups=layer"],
+        None,
+        REFUSED,
+        "sensitivity.groups='layer' is not allowed; choose one of ['linear', 'block', 'kind']",
+    ),
+    (
         "negative labels",
         ["data=local", "data.path={tmp}/d"],
         lambda t: _csv_folder(t / "d", rows="a,-1\nb,1\n"),

@@ -366,3 +366,27 @@ def test_the_report_shows_each_group_and_the_groups_each_mix_keeps_float(
     (mix,) = pd.read_csv(tmp_path / "mixes.csv").itertuples()
     assert PLANTED in mix.kept_float.split(", ")
     assert "the groups it keeps float" in (tmp_path / "report.md").read_text()
+
+
+def test_a_group_is_quantized_alone() -> None:
+    """A group's recipe is its precision's with the group's Linears as the only targets, and the
+    embedding table only in the table's own group."""
+    from qatflash.sensitivity.groups import Group
+    from qatflash.sensitivity.measure import group_recipe
+
+    precision = OmegaConf.to_object(compose_config("config", ["quant=ptq_static"]).quant)
+    assert precision.embeddings == "int8"
+    linears = group_recipe(precision, Group("block.0", ("a.q", "a.k")))
+    assert (list(linears.targets.include), linears.targets.exclude, linears.embeddings) == (
+        ["a.q", "a.k"],
+        [],
+        "float",
+    )
+    assert not linears.targets.skip_edge_blocks
+    table = group_recipe(precision, Group("embed", table="embed"))
+    assert (list(table.targets.include), table.embeddings) == ([], "int8")
+    assert (table.activation, table.weight, table.engine) == (
+        precision.activation,
+        precision.weight,
+        precision.engine,
+    )
