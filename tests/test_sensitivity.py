@@ -30,14 +30,16 @@ from qatflash.sensitivity.search import EXACT, GREEDY, Option, best_within, sear
 
 
 def _random_options(rng: np.random.Generator, groups: int) -> list[list[Option]]:
-    """Per group: float (most bytes, no harm) and two precisions of fewer bytes and random harm."""
+    """Per group: float (most bytes, no harm) and two precisions of fewer bytes and random harm, a
+    third of the int8 ones none (a measured gain counts as none), so mixes tie in harm."""
     options = []
     for _ in range(groups):
         size = int(rng.integers(100, 1000))
+        int8 = float(rng.exponential(0.3)) if rng.random() > 1 / 3 else 0.0
         options.append(
             [
                 Option("float", 4 * size, 0.0),
-                Option("int8", size, float(rng.exponential(0.3))),
+                Option("int8", size, int8),
                 Option("int4", size // 2, float(rng.exponential(1.0))),
             ]
         )
