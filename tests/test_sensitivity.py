@@ -16,7 +16,8 @@ import torch
 from conftest import LM_FAST, TINY_DECODER, _learn_decoder
 from omegaconf import OmegaConf
 from scipy import stats
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from test_attention_profile import _llama
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from qatflash.config import QuantConfig
 from qatflash.errors import ConfigError
@@ -157,15 +158,7 @@ def _mixed(**parts: dict[str, Any]) -> QuantConfig:
 
 def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    return _llama("sdpa")
 
 
 def test_a_mixed_recipe_quantizes_each_part_in_its_own_precision(tmp_path: Path) -> None:
@@ -184,7 +177,7 @@ def test_a_mixed_recipe_quantizes_each_part_in_its_own_precision(tmp_path: Path)
     assert {n for n, d in dtypes.items() if d == torch.int4} == {n for n in dtypes if ".self_attn." in n}
     assert dtypes["lm_head"] is None
     assert str(recipe.target()) == "8da8w+8da4w/cpu/float32"
-    inputs = torch.randint(0, 256, (2, 16))
+    inputs = torch.randint(0, 128, (2, 16))
     recipe.save(quantized, tmp_path / "mixed.pt")
     reloaded = recipe.load(tmp_path / "mixed.pt", _tiny_llama)
     with torch.inference_mode():
@@ -270,10 +263,10 @@ def sensitivity_run(text_corpus: Path, hf_cache: Path, tmp_path_factory: pytest.
     planted = _plant_outlier(decoder.folder, root / "planted")
     stage = pipeline.sensitivity.run
 
-    def without_test_split(cfg: Any, task: Any, data: Any, *args: Any) -> Any:
+    def without_test_split(cfg: Any, subject: Any, *args: Any) -> Any:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(type(data), "test_dataloader", _refuse)
-            return stage(cfg, task, data, *args)
+            patch.setattr(type(subject.data), "test_dataloader", _refuse)
+            return stage(cfg, subject, *args)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline.sensitivity, "run", without_test_split)

@@ -78,7 +78,7 @@ from qatflash.results import (
     RunRecord,
     summary_figures,
 )
-from qatflash.sensitivity.measure import candidates
+from qatflash.sensitivity.measure import Subject, candidates
 from qatflash.storage import SafeCheckpointIO
 from qatflash.tasks import TASKS
 from qatflash.tasks.task import Task, tester
@@ -422,13 +422,11 @@ def sensitivity_stage(
     """The fine-tuned float model's per-group sensitivity on the validation split, and the mixes
     searched from it, written under the sweep's (or, alone, the job's) MIXES_DIR; an unfinished
     attempt of this job is taken up at the group it reached."""
+    calibration = partial(_calibration_batches, data)
+    subject = Subject(checked.task, data.module, fitted.model, checked.device, calibration)
     return sensitivity.run(
         cfg,
-        checked.task,
-        data.module,
-        fitted.model,
-        checked.device,
-        partial(_calibration_batches, data),
+        subject,
         job.folder,
         (job.sweep_dir or job.folder) / MIXES_DIR,
         unfinished(record.previous, job.config_hash, cfg.force),

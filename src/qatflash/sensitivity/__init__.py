@@ -11,22 +11,16 @@ and one quant config per budget, written under the sweep's `mixes/quant/`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
-from lightning import LightningDataModule
-from torch import nn
 
 from qatflash.config import BUDGETS, Config
 from qatflash.report.quality import STATISTICS
 from qatflash.report.stats import spearman
 from qatflash.results import FRONT_FILE, SENSITIVITY_FILE
-from qatflash.sensitivity.measure import Batch, measure
+from qatflash.sensitivity.measure import Subject, measure
 from qatflash.sensitivity.mixes import FLOAT, budgets, chosen, mix_config, options, write_front, write_mix
 from qatflash.sensitivity.search import search_front
-from qatflash.tasks.task import Task
 
 # How a mix's file name abbreviates its budget.
 _SHORT = {"max_acc_drop": "acc", "max_ppl_increase": "ppl", "max_bytes": "bytes"}
@@ -37,28 +31,18 @@ def mix_name(cfg: Config, key: str, value: float) -> str:
     return f"mix_L{cfg.data.max_length}_s{cfg.seed}_{_SHORT[key]}{value:g}".replace(".", "p")
 
 
-def run(
-    cfg: Config,
-    task: Task,
-    data: LightningDataModule,
-    model: nn.Module,
-    device: torch.device,
-    calibration: Callable[[int], list[Batch]],
-    folder: Path,
-    mixes: Path,
-    resume: bool,
-) -> dict[str, Any]:
+def run(cfg: Config, subject: Subject, folder: Path, mixes: Path, resume: bool) -> dict[str, Any]:
     """Measure, search, and write the mixes under `mixes`; returns results.json's sensitivity section."""
     assert cfg.sensitivity is not None, "the pipeline runs this stage only with a sensitivity section"
     started = time.perf_counter()
     sensitivity = cfg.sensitivity
-    groups, table = measure(sensitivity, task, data, model, device, calibration, folder, resume)
-    statistic = STATISTICS[task.quality]
+    groups, table = measure(sensitivity, subject, folder, resume)
+    statistic = STATISTICS[subject.task.quality]
     rank = spearman(table["kl"].to_numpy(), table["harm"].to_numpy())
     front = search_front(options(table, groups), sensitivity.search.exact_front_limit)
     write_front(front, groups, folder / FRONT_FILE)
     chosen_mixes = []
-    for key, value in budgets(sensitivity.search, BUDGETS[task.quality]):
+    for key, value in budgets(sensitivity.search, BUDGETS[subject.task.quality]):
         mix = chosen(front, key, value)
         entry: dict[str, Any] = {"budget": key, "value": value}
         if mix is None:

@@ -52,6 +52,18 @@ class Scored:
 
 
 @dataclass(frozen=True)
+class Subject:
+    """The float model a sensitivity analysis quantizes: its task, data, device, and where the
+    calibration batches of a static precision come from (`count` training batches)."""
+
+    task: Task
+    data: LightningDataModule
+    model: nn.Module
+    device: torch.device
+    calibration: Callable[[int], list[Batch]]
+
+
+@dataclass(frozen=True)
 class Setting:
     """What every group's measurement shares: the task and its statistic, the data, the float model
     and its scores, the calibration batches, and how many validation batches are scored."""
@@ -145,19 +157,13 @@ def measure_group(setting: Setting, precision: QuantConfig, group: Group) -> dic
 
 
 def measure(
-    cfg: SensitivityConfig,
-    task: Task,
-    data: LightningDataModule,
-    model: nn.Module,
-    device: torch.device,
-    calibration: Callable[[int], list[Batch]],
-    folder: Path,
-    resume: bool,
+    cfg: SensitivityConfig, subject: Subject, folder: Path, resume: bool
 ) -> tuple[list[Group], pd.DataFrame]:
     """The groups, and the sensitivity table: one row per (precision, group), written to
     SENSITIVITY_FILE in `folder` row by row; with `resume`, the rows an earlier attempt of this job
     wrote there are kept and their groups not measured again."""
-    model = copy.deepcopy(model).eval()
+    task, data, device = subject.task, subject.data, subject.device
+    model = copy.deepcopy(subject.model).eval()
     linears, tables = candidates(cfg.precisions, model)
     groups = module_groups(linears, tables, cfg.groups)
     batch_size = data.val_dataloader().batch_size or 1
@@ -174,7 +180,8 @@ def measure(
             len(groups) * len(cfg.precisions),
         )
     for name, precision in cfg.precisions.items():
-        batches_in = calibration(precision.calibration_batches) if precision.method == "ptq_static" else []
+        static = precision.method == "ptq_static"
+        batches_in = subject.calibration(precision.calibration_batches) if static else []
         setting = Setting(task, statistic, data, model, device, batches, reference, batches_in)
         for group in groups:
             if (name, group.name) in done:
