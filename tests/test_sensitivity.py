@@ -385,3 +385,138 @@ def test_a_group_is_quantized_alone() -> None:
         precision.weight,
         precision.engine,
     )
+
+
+# --- the pieces between the table and the YAML ------------------------------------------------------
+
+
+def test_harm_reads_each_statistic_in_its_direction() -> None:
+    from qatflash.report.quality import STATISTICS
+    from qatflash.report.stats import Interval
+
+    lost = STATISTICS["accuracy"].harm(Interval(-0.02, -0.03, -0.01))  # 2 points lost [1, 3]
+    assert (lost.estimate, lost.low, lost.high) == pytest.approx((2.0, 1.0, 3.0))
+    worse = STATISTICS["ppl"].harm(Interval(0.01, 0.005, 0.02))  # perplexity 1 % up [0.5, 2]
+    assert (worse.estimate, worse.low, worse.high) == pytest.approx((1.0, 0.5, 2.0))
+
+
+def _table(*rows: tuple[str, str, float]) -> pd.DataFrame:
+    """A sensitivity table of (precision, group, harm) rows, 400 float and 100 quantized bytes each."""
+    return pd.DataFrame(
+        [{"precision": p, "group": g, "harm": h, "float_bytes": 400, "bytes": 100} for p, g, h in rows]
+    )
+
+
+def test_options_count_a_gain_as_none_and_need_every_precision() -> None:
+    from qatflash.sensitivity.groups import Group
+    from qatflash.sensitivity.mixes import options
+
+    groups = [Group("a", ("a",)), Group("b", ("b",))]
+    (a, b) = options(_table(("int8", "a", -0.3), ("int8", "b", 0.2)), groups)
+    assert [(o.choice, o.bytes, o.harm) for o in a] == [("float", 400, 0.0), ("int8", 100, 0.0)]
+    assert b[1].harm == pytest.approx(0.2)
+    with pytest.raises(RuntimeError, match="has \\['int8'\\] for b, not each of \\['int4', 'int8'\\]"):
+        options(_table(("int8", "a", 0.1), ("int4", "a", 0.5), ("int8", "b", 0.2)), groups)
+
+
+def test_a_size_ceiling_searches_by_size() -> None:
+    from qatflash.config import SearchConfig
+    from qatflash.sensitivity.mixes import budgets, chosen
+
+    assert budgets(SearchConfig(max_ppl_increase=[0.5], max_bytes=[10]), "max_ppl_increase") == [
+        ("max_ppl_increase", 0.5),
+        ("max_bytes", 10.0),
+    ]
+    front = search_front(_random_options(np.random.default_rng(5), groups=4), limit=10_000)
+    ceiling = front.mixes[len(front.mixes) // 2].bytes
+    assert chosen(front, "max_bytes", ceiling) == best_within(front, ceiling)
+    assert chosen(front, "max_ppl_increase", 0.5) == smallest_within(front, 0.5)
+
+
+def test_the_greedy_search_buys_back_the_most_loss_per_byte_first() -> None:
+    costly = [Option("float", 400, 0.0), Option("int8", 100, 1.0)]
+    cheap = [Option("float", 400, 0.0), Option("int8", 100, 0.1)]
+    front = search_front([costly, cheap], limit=1)
+    assert front.method == GREEDY
+    assert [m.choices for m in front.mixes] == [("int8", "int8"), ("float", "int8"), ("float", "float")]
+
+
+def test_the_proxy_is_the_kl_from_the_float_model_to_the_quantized_one() -> None:
+    from qatflash.sensitivity.measure import mean_kl
+
+    p, q = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.5, 0.5]])
+    expected = float((p * (p / q).log()).sum())  # KL(float || quantized), not the reverse
+    assert mean_kl([p.log()], [q.log()]) == pytest.approx(expected)
+    assert expected != pytest.approx(float((q * (q / p).log()).sum()))
+
+
+def test_a_mix_of_two_precisions_loads_as_a_mixed_recipe(tmp_path: Path) -> None:
+    from qatflash.sensitivity.groups import Group
+    from qatflash.sensitivity.mixes import mix_config, write_mix
+    from qatflash.sensitivity.search import Mix
+
+    precisions = {
+        name: OmegaConf.to_object(compose_config("config", [f"quant=wo_packed_{name}"]).quant)
+        for name in ("int8", "int4")
+    }
+    groups = [
+        Group("block.0", ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj")),
+        Group("block.1", ("model.layers.1.mlp.up_proj",)),
+        Group("lm_head", ("lm_head",)),
+    ]
+    config = mix_config(Mix(("int8", "int4", "float"), 0, 0.0), groups, precisions)
+    assert config is not None and config["api"] == "mixed" and config["method"] == "ptq_weight_only"
+    assert config["parts"]["int8"]["targets"]["include"] == list(groups[0].linears)
+    assert config["parts"]["int4"]["targets"]["include"] == list(groups[1].linears)
+    write_mix(config, tmp_path / "mix.yaml", "a test mix")
+    loaded = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(tmp_path / "mix.yaml"))
+    )
+    recipe = make_recipe(loaded)
+    quantized = recipe.converted(recipe.prepare(_tiny_llama()))
+    assert recipe.check_converted(quantized) == 3
+    kinds = {name: type(quantized.get_submodule(name)).__name__ for g in groups for name in g.linears}
+    assert kinds["model.layers.0.mlp.up_proj"] != kinds["model.layers.1.mlp.up_proj"] != "Linear"
+    assert kinds["lm_head"] == "Linear"
+    assert mix_config(Mix(("float", "float", "float"), 0, 0.0), groups, precisions) is None
+
+
+def test_a_table_group_and_a_one_precision_mix() -> None:
+    from qatflash.sensitivity.groups import Group
+    from qatflash.sensitivity.mixes import mix_config
+    from qatflash.sensitivity.search import Mix
+
+    precision = OmegaConf.to_object(compose_config("config", ["quant=ptq_static"]).quant)
+    groups = [Group("a", ("a",)), Group("t", table="t")]
+    kept_table = mix_config(Mix(("int8", "float"), 0, 0.0), groups, {"int8": precision})
+    assert (kept_table["api"], kept_table["embeddings"], kept_table["targets"]["include"]) == (
+        "eager",
+        "float",
+        ["a"],
+    )
+    table_only = mix_config(Mix(("float", "int8"), 0, 0.0), groups, {"int8": precision})
+    assert (table_only["embeddings"], table_only["targets"]["include"]) == ("int8", [])
+
+
+@pytest.mark.parametrize(
+    ("precisions", "tied", "refusal"),
+    [
+        (["ptq_static", "ptq_static"], False, "do not compose"),
+        (["ptq_static"], True, "an LM head tied to the embedding table"),
+    ],
+)
+def test_mixes_that_could_not_ship_are_refused_before_any_data(
+    precisions: list[str], tied: bool, refusal: str
+) -> None:
+    from qatflash.sensitivity.measure import candidates
+
+    configs = {
+        f"p{i}": OmegaConf.to_object(compose_config("config", [f"quant={name}"]).quant)
+        for i, name in enumerate(precisions)
+    }
+    model = _tiny_llama()
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    with pytest.raises(ConfigError, match=refusal):
+        candidates(configs, model)

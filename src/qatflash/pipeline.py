@@ -44,6 +44,7 @@ from qatflash.fit_plan import FitPlan
 from qatflash.job import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
+    REFERENCE_KEYS,
     JobContext,
     checkpointing,
     environment,
@@ -429,8 +430,15 @@ def sensitivity_stage(
         subject,
         job.folder,
         (job.sweep_dir or job.folder) / MIXES_DIR,
+        mix_prefix(cfg, job),
         unfinished(record.previous, job.config_hash, cfg.force),
     )
+
+
+def mix_prefix(cfg: Config, job: JobContext) -> str:
+    """What a float point's mixes are named by: its length and seed, which a reader looks for, and
+    the hash of its float model's config, which tells apart the points of a sweep over anything else."""
+    return f"mix_L{cfg.data.max_length}_s{cfg.seed}_{job.hash_without(*REFERENCE_KEYS)[:6]}"
 
 
 def _calibration_batches(data: Data, count: int) -> list[dict[str, torch.Tensor]]:

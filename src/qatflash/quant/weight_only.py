@@ -102,6 +102,7 @@ class WeightOnlyRecipe(Recipe):
 
     methods = ("ptq_weight_only",)
     engines = ("x86", "fbgemm", "qnnpack", "onednn")
+    composable = True  # convert swaps its own targets only
     weight_dtypes: ClassVar[tuple[str, ...]]
     # weight_dtype -> the multiple of output features its kernel packs at a time
     output_multiple: ClassVar[dict[str, int]] = {}

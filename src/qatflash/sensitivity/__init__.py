@@ -26,13 +26,18 @@ from qatflash.sensitivity.search import search_front
 _SHORT = {"max_acc_drop": "acc", "max_ppl_increase": "ppl", "max_bytes": "bytes"}
 
 
-def mix_name(cfg: Config, key: str, value: float) -> str:
-    """quant/<name>.yaml of the mix a budget chose: its length, seed and budget (mix_L128_s0_acc0p5)."""
-    return f"mix_L{cfg.data.max_length}_s{cfg.seed}_{_SHORT[key]}{value:g}".replace(".", "p")
+def mix_name(prefix: str, key: str, value: float) -> str:
+    """quant/<name>.yaml of the mix a budget chose: the point's prefix, then the budget (…_acc0p5,
+    …_bytes12000000)."""
+    amount = f"{int(value)}" if key == "max_bytes" else f"{value:g}".replace(".", "p")
+    return f"{prefix}_{_SHORT[key]}{amount}"
 
 
-def run(cfg: Config, subject: Subject, folder: Path, mixes: Path, resume: bool) -> dict[str, Any]:
-    """Measure, search, and write the mixes under `mixes`; returns results.json's sensitivity section."""
+def run(
+    cfg: Config, subject: Subject, folder: Path, mixes: Path, prefix: str, resume: bool
+) -> dict[str, Any]:
+    """Measure, search, and write the mixes under `mixes`, named from `prefix` (which tells the
+    points of a sweep apart); returns results.json's sensitivity section."""
     assert cfg.sensitivity is not None, "the pipeline runs this stage only with a sensitivity section"
     started = time.perf_counter()
     sensitivity = cfg.sensitivity
@@ -49,7 +54,7 @@ def run(cfg: Config, subject: Subject, folder: Path, mixes: Path, resume: bool) 
             chosen_mixes.append({**entry, "quant": None, "why": "no mix of the front fits"})
             continue
         config = mix_config(mix, groups, sensitivity.precisions)
-        name = mix_name(cfg, key, value) if config is not None else "fp32"
+        name = mix_name(prefix, key, value) if config is not None else "fp32"
         if config is not None:
             header = (
                 f"Chosen by qatflash's sensitivity search ({front.method} front) from {folder}:\n"

@@ -107,12 +107,17 @@ def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
 
 def candidates(precisions: dict[str, QuantConfig], model: nn.Module) -> tuple[list[str], list[str]]:
     """The Linear modules and embedding tables the precisions quantize in `model` (left as it is: a
-    model on the meta device will do): the same for every precision (a mix chooses between them per
-    group), refused otherwise. Preflight asks it of the declared model, before any data is loaded."""
+    model on the meta device will do), refused in one line unless a mix of them can be shipped:
+    every precision selects the same modules (a mix chooses between them per group), runs on this
+    machine, and composes with the others into one recipe (`quant.api=mixed`); and an LM head tied
+    to the embedding table is not a group (quantizing it alone unties the two, which no per-group
+    size prices). Preflight asks it of the declared model, before any data is loaded."""
     selected = {}
     for name, precision in precisions.items():
         recipe = make_recipe(precision)
         recipe.select_targets(copy.deepcopy(model))
+        reason = recipe.unshippable()
+        require(reason is None, f"sensitivity.precisions.{name} cannot run here: {reason}")
         selected[name] = (recipe.targets, recipe.tables)
     first, *others = selected.items()
     for name, chosen in others:
@@ -122,7 +127,23 @@ def candidates(precisions: dict[str, QuantConfig], model: nn.Module) -> tuple[li
             f"({len(chosen[0])} Linears and tables {chosen[1]} against {len(first[1][0])} and {first[1][1]}); "
             "give them the same quant.targets and quant.embeddings",
         )
+    if others:  # what a mix of both is: refused now, not when its YAML is loaded
+        QuantConfig(api="mixed", method=next(iter(precisions.values())).method, parts=dict(precisions))
+    head = tied_head(model)
+    require(
+        head is None or head not in first[1][0],
+        f"sensitivity of {head}, an LM head tied to the embedding table: quantizing it alone unties "
+        f"the two; leave it out (quant.targets.exclude=[{head}]) in sensitivity.precisions",
+    )
     return first[1]
+
+
+def tied_head(model: nn.Module) -> str | None:
+    """The name of the model's LM head when it shares its weight with the input embedding table."""
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or table is None or head.weight is not table.weight:
+        return None
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def group_recipe(precision: QuantConfig, group: Group) -> QuantConfig:

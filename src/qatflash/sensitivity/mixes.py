@@ -29,6 +29,11 @@ def options(table: pd.DataFrame, groups: list[Group]) -> list[list[Option]]:
     """Per group (in `groups`' order): float at its float bytes and no harm, then each precision at
     its measured bytes and harm (a gain counts as none)."""
     by_group = {name: rows for name, rows in table.groupby("group", sort=False)}
+    precisions = sorted(set(table["precision"]))
+    for group in groups:
+        measured = sorted(by_group[group.name]["precision"]) if group.name in by_group else []
+        if measured != precisions:
+            raise RuntimeError(f"the sensitivity table has {measured} for {group.name}, not each of {precisions}")
     return [
         [
             Option(FLOAT, int(by_group[g.name]["float_bytes"].iloc[0]), 0.0),
