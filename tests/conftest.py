@@ -337,6 +337,14 @@ def _learn_decoder(model: str, corpus: Path, root: Path, hf_cache: Path) -> Lear
     return LearnedDecoder(*train_and_save(trained, root, "test/ppl"))
 
 
+@pytest.fixture(scope="session")
+def learned_llama(
+    text_corpus: Path, tmp_path_factory: pytest.TempPathFactory, hf_cache: Path
+) -> LearnedDecoder:
+    """The tiny Llama, trained once per session (a few seconds)."""
+    return _learn_decoder("llama_tiny", text_corpus, tmp_path_factory.mktemp("llama_tiny"), hf_cache)
+
+
 @pytest.fixture(scope="session", params=["llama_tiny", "qwen2_tiny"])
 def learned_decoder(
     request: pytest.FixtureRequest,
@@ -345,4 +353,6 @@ def learned_decoder(
     hf_cache: Path,
 ) -> LearnedDecoder:
     """Each tiny decoder family, trained once per session (a few seconds each)."""
+    if request.param == "llama_tiny":
+        return request.getfixturevalue("learned_llama")
     return _learn_decoder(request.param, text_corpus, tmp_path_factory.mktemp(request.param), hf_cache)

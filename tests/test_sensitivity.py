@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import LM_FAST, TINY_DECODER, _learn_decoder
+from conftest import LM_FAST, TINY_DECODER, LearnedDecoder
 from omegaconf import OmegaConf
 from scipy import stats
 from test_attention_profile import _llama
@@ -252,15 +252,16 @@ def _sensitivity_job(planted: Path, corpus: Path, folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sensitivity_run(text_corpus: Path, hf_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sensitivity_run(
+    learned_llama: LearnedDecoder, text_corpus: Path, hf_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A float job on the planted decoder that measures each Linear's (and the table's)
     sensitivity, with the test split's loader refusing every call while the stage runs."""
     from qatflash import pipeline
     from qatflash.cli import main
 
     root = tmp_path_factory.mktemp("sensitivity")
-    decoder = _learn_decoder("llama_tiny", text_corpus, root, hf_cache)
-    planted = _plant_outlier(decoder.folder, root / "planted")
+    planted = _plant_outlier(learned_llama.folder, root / "planted")
     stage = pipeline.sensitivity.run
 
     def without_test_split(cfg: Any, subject: Any, *args: Any) -> Any:
