@@ -11,16 +11,18 @@ and one quant config per budget, written under the sweep's `mixes/quant/`.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qatflash.config import BUDGETS, Config
+from qatflash.config import BUDGETS, Config, QuantConfig
 from qatflash.report.quality import STATISTICS
 from qatflash.report.stats import spearman
 from qatflash.results import FRONT_FILE, SENSITIVITY_FILE
+from qatflash.sensitivity.groups import Group
 from qatflash.sensitivity.measure import Subject, measure
 from qatflash.sensitivity.mixes import FLOAT, budgets, chosen, mix_config, options, write_front, write_mix
-from qatflash.sensitivity.search import search_front
+from qatflash.sensitivity.search import Front, search_front
 
 # How a mix's file name abbreviates its budget.
 _SHORT = {"max_acc_drop": "acc", "max_ppl_increase": "ppl", "max_bytes": "bytes"}
@@ -31,6 +33,47 @@ def mix_name(prefix: str, key: str, value: float) -> str:
     …_bytes12000000)."""
     amount = f"{int(value)}" if key == "max_bytes" else f"{value:g}".replace(".", "p")
     return f"{prefix}_{_SHORT[key]}{amount}"
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """Where a search's mixes go and what they are made of: the front, its groups, the precisions,
+    the statistic's unit, the mixes folder and the point's name prefix, and where they came from."""
+
+    front: Front
+    groups: list[Group]
+    precisions: dict[str, QuantConfig]
+    unit: str
+    folder: Path
+    prefix: str
+    source: str
+
+    def write(self, key: str, value: float) -> dict[str, Any]:
+        """The mix `key` = `value` picks from the front, written as a quant config (none when it
+        keeps every group float: that is fp32), and what results.json says of it."""
+        entry: dict[str, Any] = {"budget": key, "value": value}
+        mix = chosen(self.front, key, value)
+        if mix is None:
+            return {**entry, "quant": None, "why": "no mix of the front fits"}
+        config = mix_config(mix, self.groups, self.precisions)
+        name = mix_name(self.prefix, key, value) if config is not None else "fp32"
+        if config is not None:
+            header = (
+                f"Chosen by qatflash's sensitivity search ({self.source}):\n"
+                f"{key} = {value:g}; predicted on the validation examples: {mix.harm:.4g} {self.unit} "
+                f"lost, {mix.bytes} bytes of quantizable weights.\n"
+                f"Load it with hydra.searchpath=[file://{self.folder.resolve()}] quant={name}"
+            )
+            write_mix(config, self.folder / "quant" / f"{name}.yaml", header)
+        kept = [g.name for g, choice in zip(self.groups, mix.choices, strict=True) if choice == FLOAT]
+        return {
+            **entry,
+            "quant": name,
+            "bytes": mix.bytes,
+            "harm": mix.harm,
+            "groups_quantized": len(self.groups) - len(kept),
+            "kept_float": kept,
+        }
 
 
 def run(
@@ -46,34 +89,9 @@ def run(
     rank = spearman(table["kl"].to_numpy(), table["harm"].to_numpy())
     front = search_front(options(table, groups), sensitivity.search.exact_front_limit)
     write_front(front, groups, folder / FRONT_FILE)
-    chosen_mixes = []
-    for key, value in budgets(sensitivity.search, BUDGETS[subject.task.quality]):
-        mix = chosen(front, key, value)
-        entry: dict[str, Any] = {"budget": key, "value": value}
-        if mix is None:
-            chosen_mixes.append({**entry, "quant": None, "why": "no mix of the front fits"})
-            continue
-        config = mix_config(mix, groups, sensitivity.precisions)
-        name = mix_name(prefix, key, value) if config is not None else "fp32"
-        if config is not None:
-            header = (
-                f"Chosen by qatflash's sensitivity search ({front.method} front) from {folder}:\n"
-                f"{key} = {value:g}; predicted on the validation examples: {mix.harm:.4g} {statistic.unit} lost, "
-                f"{mix.bytes} bytes of quantizable weights.\n"
-                f"Load it with hydra.searchpath=[file://{mixes.resolve()}] quant={name}"
-            )
-            write_mix(config, mixes / "quant" / f"{name}.yaml", header)
-        kept = [group.name for group, choice in zip(groups, mix.choices, strict=True) if choice == FLOAT]
-        chosen_mixes.append(
-            {
-                **entry,
-                "quant": name,
-                "bytes": mix.bytes,
-                "harm": mix.harm,
-                "groups_quantized": len(groups) - len(kept),
-                "kept_float": kept,
-            }
-        )
+    source = f"{front.method} front of {folder}"
+    writer = _Chosen(front, groups, sensitivity.precisions, statistic.unit, mixes, prefix, source)
+    written = [writer.write(*budget) for budget in budgets(sensitivity.search, BUDGETS[statistic.name])]
     return {
         "groups": sensitivity.groups,
         "group_count": len(groups),
@@ -88,6 +106,6 @@ def run(
         "front_file": FRONT_FILE,
         "front_mixes": len(front.mixes),
         "mixes_dir": str(mixes),
-        "mixes": chosen_mixes,
+        "mixes": written,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -33,7 +33,9 @@ def options(table: pd.DataFrame, groups: list[Group]) -> list[list[Option]]:
     for group in groups:
         measured = sorted(by_group[group.name]["precision"]) if group.name in by_group else []
         if measured != precisions:
-            raise RuntimeError(f"the sensitivity table has {measured} for {group.name}, not each of {precisions}")
+            raise RuntimeError(
+                f"the sensitivity table has {measured} for {group.name}, not each of {precisions}"
+            )
     return [
         [
             Option(FLOAT, int(by_group[g.name]["float_bytes"].iloc[0]), 0.0),
