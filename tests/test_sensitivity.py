@@ -521,3 +521,19 @@ def test_mixes_that_could_not_ship_are_refused_before_any_data(
         model.tie_weights()
     with pytest.raises(ConfigError, match=refusal):
         candidates(configs, model)
+
+
+def test_the_tables_reach_wandb_as_tables(sensitivity_run: Path, tmp_path: Path) -> None:
+    """Tracker.table: the sensitivity CSV as a W&B table of the same columns and rows (offline run)."""
+    from qatflash.config import LoggerConfig
+    from qatflash.tracking import Tracker
+
+    table = pd.read_csv(sensitivity_run / "job" / SENSITIVITY_FILE)
+    with Tracker(LoggerConfig(), tmp_path, "sensitivity", "test", "train", {}) as tracker:
+        tracker.table("sensitivity/sensitivity", sensitivity_run / "job" / SENSITIVITY_FILE)
+    assert not tracker.warnings
+    (logged,) = tmp_path.rglob("media/table/sensitivity/sensitivity_*.table.json")
+    written = json.loads(logged.read_text())
+    assert written["columns"] == list(table.columns)
+    assert len(written["data"]) == len(table) == GROUPS
+    assert [row[written["columns"].index("group")] for row in written["data"]] == list(table["group"])
