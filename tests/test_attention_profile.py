@@ -13,15 +13,17 @@ from test_bench import QUICK
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qatflash.bench.app import run_benchmark
-from qatflash.config import to_config
+from qatflash.config import TimingConfig, to_config
 from qatflash.job import JobContext
 from qatflash.timing.attention_profile import (
     UNRECOGNIZED,
+    AttentionProfile,
+    add_attention,
     attention_modules,
     kernel_of,
     profile_attention,
 )
-from qatflash.timing.latency import Contender
+from qatflash.timing.latency import Contender, timing_mode
 
 CPU = torch.device("cpu")
 ONE_POINT = [*QUICK, "bench.isolate=false", "bench.seq_lens=[64]"]
@@ -75,8 +77,9 @@ def test_a_causal_decoders_attention_counts_half_the_pairs(make_bench_cfg, tmp_p
     assert row["attention_kernel"] == "flash"
 
 
-def _llama(implementation: str) -> LlamaForCausalLM:
+def _llama(implementation: str, **config: float) -> LlamaForCausalLM:
     config = LlamaConfig(
+        **config,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -88,10 +91,34 @@ def _llama(implementation: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def _profile(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> AttentionProfile:
+    contender = Contender(model, CPU)
+    with timing_mode({"float": contender}, TimingConfig()):
+        return profile_attention(contender, inputs)
+
+
+def test_a_model_left_in_training_mode_is_profiled_as_it_was_timed() -> None:
+    """A fit leaves its model in training mode; profiled so, its attention dropout would run and
+    SDPA would take the math kernel on a CPU where the timed forward (eval mode) took flash."""
+    model = _llama("sdpa", attention_dropout=0.5).train()
+    seen: list[tuple[bool, bool, int]] = []
+    model.register_forward_pre_hook(
+        lambda m, _: seen.append((m.training, torch.is_inference_mode_enabled(), torch.get_num_threads()))
+    )
+    figures: dict[str, dict] = {"float": {}}
+    inputs = {"input_ids": torch.randint(0, 128, (1, 64))}
+    timing = TimingConfig(threads=1)
+    add_attention(figures, {"float": Contender(model, CPU)}, {}, model.config, inputs, True, timing)
+    assert seen == [(False, True, 1)]  # eval mode, inference mode, the timing's threads
+    assert figures["float"]["attention_kernel"] == "flash"
+    assert "aten::bernoulli_" not in figures["float"]["attention_costliest_ms"]
+    assert model.training  # given back as it came
+
+
 def test_the_attention_core_leaves_out_the_projections() -> None:
     model = _llama("eager")
     assert [type(m).__name__ for m in attention_modules(model)] == ["LlamaAttention"] * 2
-    found = profile_attention(Contender(model, CPU), {"input_ids": torch.randint(0, 128, (1, 96))})
+    found = _profile(model, {"input_ids": torch.randint(0, 128, (1, 96))})
     assert found.kernel == "eager" and found.core_ms > 0
     # inside the attention modules less their q/k/v/o projections: no Linear's matmul
     assert "aten::bmm" in found.costliest
@@ -101,7 +128,7 @@ def test_the_attention_core_leaves_out_the_projections() -> None:
 def test_a_compiled_model_is_named_from_all_its_events_without_a_core_time() -> None:
     """A compiled model's modules run as one graph: no range can delimit its attention."""
     model = torch.compile(_llama("sdpa"), backend="eager")
-    found = profile_attention(Contender(model, CPU), {"input_ids": torch.randint(0, 128, (1, 32))})
+    found = _profile(model, {"input_ids": torch.randint(0, 128, (1, 32))})
     assert found.kernel == "flash" and found.core_ms is None
 
 
@@ -158,6 +185,6 @@ class ToyAttention(torch.nn.Module):
 
 
 def test_the_core_time_is_the_attention_less_its_childrens_time() -> None:
-    found = profile_attention(Contender(ToyAttention(), CPU), {"input_ids": torch.ones(1, 8)})
+    found = _profile(ToyAttention(), {"input_ids": torch.ones(1, 8)})
     assert found.kernel == "eager"
     assert 10 <= found.core_ms < 40  # the body's 10 ms, not the projection's 60 on top

@@ -603,7 +603,7 @@ def latency_rows(
         timed = measure_side_by_side(timed_models, cfg.benchmark, seq_len, vocab_size, task.timing_inputs)
         figures = {key: {**t.stats.as_dict(), "scenario": "forward"} for key, t in timed.items()}
         extra = {key: {} for key in timed}
-    add_attention(figures, profiled, ceilings, hf_config, inputs, task.attends_causally)
+    add_attention(figures, profiled, ceilings, hf_config, inputs, task.attends_causally, cfg.benchmark)
     ratios = paired_ratios(timed, conditions)
     return [
         {

@@ -176,7 +176,7 @@ def _measure(job: PointJob, isolated: bool) -> list[dict[str, Any]]:
         )
         figures = {v: {**t.stats.as_dict(), "scenario": "forward"} for v, t in timed.items()}
     if backend.runs_torch:
-        add_attention(figures, contenders, ceilings, hf_config, inputs, task.attends_causally)
+        add_attention(figures, contenders, ceilings, hf_config, inputs, task.attends_causally, timing)
     rows = []
     for variant, model in models.items():
         row = {

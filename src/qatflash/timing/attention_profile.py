@@ -26,7 +26,8 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import PretrainedConfig
 
-from qatflash.timing.latency import Contender
+from qatflash.config import TimingConfig
+from qatflash.timing.latency import Contender, timing_mode
 from qatflash.timing.roofline import Ceilings, attention_flops
 
 K = TypeVar("K")
@@ -135,15 +136,18 @@ def kernel_of(names: list[str]) -> tuple[str, str | None]:
 
 def profile_attention(contender: Contender, inputs: Mapping[str, torch.Tensor]) -> AttentionProfile:
     """Profile one forward of `contender`'s model on `inputs` (placed on its device, under its
-    autocast), as it was timed: under the caller's forced SDPA kernel, if any."""
+    autocast), as it was timed: under the caller's forced SDPA kernel, if any, and under
+    `latency.timing_mode` (eval and inference mode, the timing's threads), as `add_attention` calls it."""
     model, device = contender.model, contender.device
+    # In training mode (where a fit leaves a model) dropout runs, and SDPA takes the math kernel on
+    # a CPU where the timed forward took flash: the profile would describe another forward.
+    assert not model.training and torch.is_inference_mode_enabled(), "profile under timing_mode"
     on_cuda = device.type == "cuda"
     compiled = any(isinstance(module, OptimizedModule) for module in model.modules())
     modules = [] if compiled else attention_modules(model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     placed = {k: v.to(device) for k, v in inputs.items()}
     with (
-        torch.inference_mode(),
         contender.autocast(),
         _ranges(modules),
         profile(activities=activities) as prof,
@@ -217,11 +221,13 @@ def add_attention(
     config: PretrainedConfig,
     inputs: Mapping[str, torch.Tensor],
     causal: bool,
+    timing: TimingConfig,
 ) -> None:
     """Add each contender's attention fields to its row: one profiled forward on `inputs` (the
-    timed batch; a generation's prompt)."""
+    timed batch; a generation's prompt) under the conditions it was timed in (`timing_mode`)."""
     batch, tokens = inputs["input_ids"].shape
     flops = attention_flops(config, batch, tokens, causal)
-    for key, contender in contenders.items():
-        found = profile_attention(contender, inputs)
-        figures[key].update(attention_figures(found, flops, ceilings.get(contender.device)))
+    with timing_mode(contenders, timing):
+        for key, contender in contenders.items():
+            found = profile_attention(contender, inputs)
+            figures[key].update(attention_figures(found, flops, ceilings.get(contender.device)))
