@@ -16,7 +16,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qatflash.config import AttentionConfig, to_config
 from qatflash.errors import ConfigError
 from qatflash.models import build_model_from_config
-from qatflash.module import SequenceClassifier
 from qatflash.pipeline import preflight
 from qatflash.quant import make_recipe
 from qatflash.quant.callback import QuantizationAwareTraining
@@ -24,7 +23,7 @@ from qatflash.quant.lora import add_adapters
 from qatflash.tasks import TASKS
 
 pytestmark = pytest.mark.needs("lora")
-RANK, ALPHA = 4, 8.0
+RANK, ALPHA, LORA_LR = 4, 8.0, 3e-3
 
 
 def _fit(make_cfg, recipe_name: str, *overrides: str) -> dict[str, Any]:
@@ -36,12 +35,13 @@ def _fit(make_cfg, recipe_name: str, *overrides: str) -> dict[str, Any]:
             f"quant={recipe_name}",
             f"quant.lora.r={RANK}",
             f"quant.lora.alpha={ALPHA}",
+            f"quant.lora.lr={LORA_LR}",
             "data.batch_size=16",
             *overrides,
         )
     )
     data = _data(config)
-    module = SequenceClassifier(_tiny_bert(len(data.tokenizer)), config.model.optim, 2)
+    module = TASKS.load("classification")(config).lightning_module(_tiny_bert(len(data.tokenizer)), data)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     callback = QuantizationAwareTraining(
         make_recipe(config.quant), freeze_observers_step=config.quant.freeze_observers_step
@@ -53,6 +53,7 @@ def _fit(make_cfg, recipe_name: str, *overrides: str) -> dict[str, Any]:
             model = pl_module.model
             trained["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
             trained["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            trained["rates"] = {g["initial_lr"] for g in trainer.optimizers[0].param_groups}
 
     trainer = _quiet_trainer(
         max_steps=6, limit_val_batches=0, enable_checkpointing=False, callbacks=[callback, Watch()]
@@ -100,6 +101,7 @@ def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(
     # Only the adapters and the float head (the classifier, which no recipe quantizes) train.
     assert fit["trainable"] == adapters | {"classifier.weight", "classifier.bias"}
     assert fit["callback"].trainable_parameters == sum(params[n].numel() for n in fit["trainable"])
+    assert fit["rates"] == {LORA_LR}  # quant.lora.lr, not model.optim.lr
     assert not torch.equal(params["classifier.weight"], before["classifier.weight"])
     merged = {}
     for target in targets:
@@ -131,6 +133,7 @@ def test_adapters_train_on_a_frozen_base_and_are_merged_into_what_ships(
         (["quant.lora.alpha=0"], r"quant.lora.alpha=0.0 must be > 0"),
         (["trainer.strategy=ddp_spawn"], r"trainer.strategy=ddp_spawn with quant.lora: its workers merge"),
         (["quant.lora.dropout=1.0"], r"quant.lora.dropout=1.0 must be in \[0, 1\)"),
+        (["quant.lora.lr=0"], r"quant.lora.lr=0.0 must be > 0 \(or null\)"),
     ],
 )
 def test_lora_is_refused_where_it_cannot_apply(make_cfg, overrides: list[str], message: str) -> None:

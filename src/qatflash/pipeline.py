@@ -189,7 +189,7 @@ def job_params(cfg: Config, overrides: list[str]) -> dict[str, Any]:
         "train_subset": cfg.data.train_subset,
         "max_epochs": cfg.trainer.max_epochs,
         "max_steps": cfg.trainer.max_steps,
-        "lr": cfg.model.optim.lr,
+        "lr": cfg.optim.lr,
         "bench_batch_size": cfg.benchmark.batch_size,
         "bench_seq_len": cfg.benchmark.seq_len or cfg.data.max_length,
         "overrides": overrides,

@@ -75,7 +75,7 @@ class CausalLMTask(Task):
 
     def lightning_module(self, model: nn.Module, data: LanguageModelingData) -> CausalLanguageModel:
         return CausalLanguageModel(
-            model, self.cfg.model.optim, self.cfg.attention.sdpa_backend, data.test_words, data.test_tokens
+            model, self.cfg.optim, self.cfg.attention.sdpa_backend, data.test_words, data.test_tokens
         )
 
     def example_inputs(self, data: LanguageModelingData) -> dict[str, torch.Tensor]:

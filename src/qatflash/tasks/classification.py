@@ -28,9 +28,7 @@ class ClassificationTask(Task):
         return model_config(self.cfg.model, data.num_labels, vocab_size=len(data.tokenizer))
 
     def lightning_module(self, model: nn.Module, data: TextClassificationData) -> SequenceClassifier:
-        return SequenceClassifier(
-            model, self.cfg.model.optim, data.num_labels, self.cfg.attention.sdpa_backend
-        )
+        return SequenceClassifier(model, self.cfg.optim, data.num_labels, self.cfg.attention.sdpa_backend)
 
     def example_inputs(self, data: TextClassificationData) -> dict[str, torch.Tensor]:
         return {k: v for k, v in next(iter(data.test_dataloader())).items() if k != "labels"}
