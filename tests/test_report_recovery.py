@@ -22,9 +22,10 @@ from test_report_statistic import _describe, _predictions
 from qatflash.config import to_config
 from qatflash.models import declared_config, model_on_meta
 from qatflash.quant import make_recipe
-from qatflash.report import write_report
+from qatflash.report import stats, write_report
 from qatflash.report.quality import STATISTICS
 from qatflash.report.recovery import NO_PTQ
+from qatflash.report.stats import Interval
 from qatflash.tasks import TASKS
 
 EXAMPLES = 400
@@ -199,3 +200,31 @@ def test_each_statistic_reads_recovery_off_its_own_figure() -> None:
     found = STATISTICS["macro_f1"].recovery(frame(20, 2), frame(0, 0), frame(10, 2))
     assert found.estimate == pytest.approx((29 / 45 - 20 / 21) / (29 / 45 - 19 / 21))
     assert found.low < found.estimate < found.high
+
+
+def _accuracy_recovery(ptq_wrong: list[int], qat_wrong: list[int]) -> Interval:
+    """Recovery on 10 examples the float model gets all right, PTQ and QAT wrong where listed."""
+    correct = {}
+    for name, wrong in (("ptq", ptq_wrong), ("qat", qat_wrong)):
+        correct[name] = np.ones(10)
+        correct[name][wrong] = 0
+    return stats.recovery(
+        (np.ones(10), correct["ptq"], correct["qat"]), lambda *c, axis: [x.mean(axis) for x in c]
+    )
+
+
+def test_a_resample_with_no_loss_to_recover_is_left_out_of_the_interval() -> None:
+    """PTQ wrong on examples 0 and 1, QAT on 0: a resample's recovery is (its 1s) / (its 0s and 1s),
+    in [0, 1]; the ~11 % of resamples holding neither are 0/0, left out rather than voiding the CI."""
+    found = _accuracy_recovery([0, 1], [0])
+    assert found.estimate == pytest.approx(0.5)
+    assert (found.low, found.high) == (0.0, 1.0)
+
+
+def test_a_denominator_at_zero_on_a_resample_widens_the_interval_to_infinity() -> None:
+    """PTQ wrong on example 0, QAT on 1: 1 − (its 1s) / (its 0s); a third of the resamples miss
+    example 0 and hold example 1 (QAT's loss over PTQ's none: +inf): the upper bound is +inf, not
+    the NaN an interpolation between two infinite resamples gives."""
+    found = _accuracy_recovery([0], [1])
+    assert found.estimate == 0.0
+    assert found.high == np.inf and np.isfinite(found.low)

@@ -137,32 +137,41 @@ def recovery(samples: tuple[np.ndarray, ...], figures: Callable[..., tuple[Any, 
     1 when QAT scores what float does, 0 when it scores what PTQ does. Paired bootstrap percentile
     CI over the examples, each resampled with all three models' results. A resample on which PTQ
     scores what float does gives ±inf, which lands in the tails (a denominator near zero shows as a
-    wide interval, never a narrow one), or NaN where QAT does too, which leaves no interval."""
+    wide interval, never a narrow one); one on which QAT does too has no recovery (0/0) and is left
+    out of the percentiles."""
 
     def statistic(*arrays: np.ndarray, axis: int) -> Any:
         float_figure, ptq, qat = figures(*arrays, axis=axis)
         with np.errstate(divide="ignore", invalid="ignore"):
             return (ptq - qat) / (ptq - float_figure)
 
-    return _bootstrap(tuple(np.asarray(a, dtype=float) for a in samples), statistic, paired=True)
+    return _bootstrap_where_defined(tuple(np.asarray(a, dtype=float) for a in samples), statistic)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> Interval:
     """Spearman's rank correlation of paired values (a proxy against what it predicts) with the
     paired bootstrap percentile CI over the pairs. Sensitivities tie often (an accuracy change is a
     whole number of examples), so a resample in which either side is constant has no rank
-    correlation: those resamples are left out of the percentiles (all of them: NaN bounds)."""
+    correlation: those resamples are left out of the percentiles."""
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    nan = float("nan")
     if min(len(np.unique(a)), len(np.unique(b))) < 2:
+        nan = float("nan")
         return Interval(nan, nan, nan)
+    return _bootstrap_where_defined((a, b), lambda a, b, axis: _rank_correlation(a, b))
+
+
+def _bootstrap_where_defined(samples: tuple[np.ndarray, ...], statistic: Any) -> Interval:
+    """`statistic` of paired `samples` with its percentile bootstrap CI (the fixed resamples and seed
+    above) over the resamples on which it is defined: scipy's bootstrap gives no interval once one
+    resample is NaN. NaN bounds where none is. Each bound is an observed resample's value: an
+    interpolation between two infinite ones (a recovery's denominator at 0) would give NaN."""
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    picks = rng.integers(0, len(a), size=(BOOTSTRAP_RESAMPLES, len(a)))
-    resampled = _rank_correlation(a[picks], b[picks])
-    kept = resampled[np.isfinite(resampled)]
+    picks = rng.integers(0, len(samples[0]), size=(BOOTSTRAP_RESAMPLES, len(samples[0])))
+    resampled = np.asarray(statistic(*(s[picks] for s in samples), axis=-1), dtype=float)
+    kept = resampled[~np.isnan(resampled)]
     tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(kept, [tail, 100 - tail]) if kept.size else (nan, nan)
-    return Interval(float(_rank_correlation(a, b)), float(low), float(high))
+    bounds = np.percentile(kept, [tail, 100 - tail], method="nearest") if kept.size else [float("nan")] * 2
+    return Interval(float(statistic(*samples, axis=-1)), float(bounds[0]), float(bounds[1]))
 
 
 def _rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
