@@ -146,7 +146,16 @@ def test_recovery_over_seeds_is_the_mean_with_its_t_interval(report: Path) -> No
     assert (row["recovery"], row["recovery_low"], row["recovery_high"]) == pytest.approx(
         (0.575, 0.575 - half, 0.575 + half)
     )
+    # QAT's paired change against PTQ over the same seeds: (345 − 300) / 400 and (330 − 310) / 400
+    half = T_1 * (0.1125 - 0.05) / 2
+    assert (row["qat_vs_ptq"], row["qat_vs_ptq_low"], row["qat_vs_ptq_high"]) == pytest.approx(
+        (0.08125, 0.08125 - half, 0.08125 + half)
+    )
+    assert row["qat_vs_ptq_interval"] == "t over 2 seeds"
     assert groups.loc["qat_b", "seeds_without"] == 2
+    # no recovery to measure, but the change against PTQ is still given: (350 − 359) / 400 twice
+    assert groups.loc["qat_b", "qat_vs_ptq"] == pytest.approx(-0.0225)
+    assert np.isnan(groups.loc["qat_b", "recovery"])
     markdown = (report / "report" / "report.md").read_text()
     assert "## Recovery over PTQ of the same scheme, over seeds" in markdown
     assert "57.5 [" in markdown  # the mean recovery in percent with its interval

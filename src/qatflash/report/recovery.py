@@ -14,7 +14,8 @@ Per seed, its paired bootstrap CI over the examples (windows for a language mode
 change to float has an interval containing 0 there is no loss to recover, and no recovery is
 given; where that interval's bound nearest 0 is within `NEAR_ZERO` of its estimate, the
 denominator could be a fraction of what was measured, and the row says so. Over seeds, the mean of
-the seeds' recoveries with its t-interval.
+the seeds' recoveries with its t-interval, and so for QAT's paired change against PTQ (given for
+every paired seed, also where there is no recovery to measure).
 """
 
 from __future__ import annotations
@@ -134,31 +135,39 @@ def _aligned(
 
 
 def recovery_over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Per QAT configuration and PTQ configuration (each's points over seeds) it pairs with: the seeds' mean recovery with its
-    t-interval (one seed: its bootstrap CI), and how many seeds had none to measure."""
+    """Per QAT configuration and PTQ configuration (each's points over seeds) it pairs with: the
+    seeds' mean recovery and mean paired change against PTQ, each with its t-interval (one seed: its
+    bootstrap CI), and how many seeds had no recovery to measure (their change against PTQ counts)."""
     if per_seed.empty or "recovery" not in per_seed:
         return pd.DataFrame()
     rows = []
     keys = ["seed_group_hash", "quant", "ptq_seed_group_hash", "ptq_quant"]
-    present = per_seed.reindex(columns=[*per_seed.columns, *(k for k in keys if k not in per_seed)])
+    wanted = [*keys, "qat_vs_ptq"]
+    present = per_seed.reindex(columns=[*per_seed.columns, *(k for k in wanted if k not in per_seed)])
     for (group, quant, ptq_group, ptq_quant), seeds in present.groupby(keys, sort=False, dropna=False):
         measured = seeds.dropna(subset=["recovery"])
-        row = {
-            "quant": quant,
-            "ptq_quant": ptq_quant,
-            "seed_group_hash": group,
-            "ptq_seed_group_hash": ptq_group,
-            "seeds": len(measured),
-            "seeds_without": len(seeds) - len(measured),
-        }
-        if len(measured) == 1:
-            only = measured.iloc[0]
-            interval = Interval(only["recovery"], only["recovery_low"], only["recovery_high"])
-            row.update(_columns("recovery", interval), recovery_interval="bootstrap (1 seed)")
-        elif len(measured) > 1:
-            spread = t_interval(measured["recovery"].to_numpy())
-            row.update(_columns("recovery", spread.interval), recovery_interval=f"t over {spread.n} seeds")
-        else:
-            row["recovery"] = np.nan
-        rows.append(row)
+        rows.append(
+            {
+                "quant": quant,
+                "ptq_quant": ptq_quant,
+                "seed_group_hash": group,
+                "ptq_seed_group_hash": ptq_group,
+                "seeds": len(measured),
+                "seeds_without": len(seeds) - len(measured),
+                **_over_seeds("recovery", measured),
+                **_over_seeds("qat_vs_ptq", seeds.dropna(subset=["qat_vs_ptq"])),
+            }
+        )
     return pd.DataFrame(rows)
+
+
+def _over_seeds(name: str, seeds: pd.DataFrame) -> dict[str, Any]:
+    """`name`'s mean over the seeds with its t-interval; one seed's own bootstrap CI; NaN for none."""
+    if len(seeds) == 1:
+        only = seeds.iloc[0]
+        interval = Interval(only[name], only[f"{name}_low"], only[f"{name}_high"])
+        return {**_columns(name, interval), f"{name}_interval": "bootstrap (1 seed)"}
+    if len(seeds) > 1:
+        spread = t_interval(seeds[name].to_numpy())
+        return {**_columns(name, spread.interval), f"{name}_interval": f"t over {spread.n} seeds"}
+    return {name: np.nan}
