@@ -1,9 +1,10 @@
 """Peak memory of one forward: CUDA allocator statistics, or the process's resident-set high-water mark.
 
 On CPU there is no allocator to ask, so the figure is Linux's VmHWM (peak resident set) after
-resetting it to the current RSS (`/proc/self/clear_refs`, value 5): the forward's peak above the
-memory already resident. Measured in a fresh process before any full-size forward, the baseline
-holds no freed-but-cached blocks of an earlier, larger point, which would hide part of the peak.
+resetting it to the current RSS (`/proc/self/clear_refs`, value 5), freed memory handed back to the
+OS first (`malloc_trim`): the forward's peak above the memory live just before. Measured in a fresh
+process before any full-size forward, the baseline holds no freed-but-cached blocks of an earlier,
+larger point, which would hide part of the peak.
 """
 
 from __future__ import annotations
@@ -22,12 +23,35 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD_MIN, _MMAP_THRESHOLD_MAX = 128 * 1024, 32 * 2**20
 
 
-def _mallopt(*settings: tuple[int, int]) -> bool:
+def _libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return all(libc.mallopt(param, value) == 1 for param, value in settings)
-    except (OSError, AttributeError, TypeError):
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    libc = _libc()
+    return (
+        libc is not None
+        and hasattr(libc, "mallopt")
+        and all(libc.mallopt(param, value) == 1 for param, value in settings)
+    )
+
+
+def _release_freed_memory() -> bool:
+    """Hand memory that glibc keeps from freed blocks back to the OS (`malloc_trim(0)`).
+
+    Freed blocks inside the heap stay resident, and a later allocation reuses them without raising
+    the RSS: after a process has freed more than a fit then allocates (a test session, a sweep's
+    earlier points), VmHWM above the RSS read 0 for a whole fit. Trimmed first, the baseline is the
+    live memory (plus fragmentation) and what the measured step allocates shows. False without glibc.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
         return False
+    libc.malloc_trim(0)
+    return True
 
 
 def exact_host_allocator() -> bool:
@@ -85,6 +109,7 @@ def reset_peak(device: torch.device) -> int:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
+    _release_freed_memory()
     before = rss_bytes()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     return before
@@ -101,6 +126,6 @@ def peak_since(before: int, device: torch.device, exact: bool = False) -> dict[s
         }
     return {
         "peak_memory_bytes": _status_kib("VmHWM") * 1024 - before,
-        "memory_method": "cpu: VmHWM - VmRSS at the start (peak reset via /proc/self/clear_refs)"
+        "memory_method": "cpu: VmHWM - VmRSS at the start (freed memory trimmed, peak reset via /proc/self/clear_refs)"
         + ("; glibc one arena, mmap threshold 128 KiB" if exact else ""),
     }
