@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD_MIN, _MMAP_THRESHOLD_MAX = 128 * 1024, 32 * 2**20
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (`find_library` runs `ldconfig`); None where there is none."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c"))
     except (OSError, TypeError):
@@ -39,19 +42,17 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     )
 
 
-def _release_freed_memory() -> bool:
+def _release_freed_memory() -> None:
     """Hand memory that glibc keeps from freed blocks back to the OS (`malloc_trim(0)`).
 
     Freed blocks inside the heap stay resident, and a later allocation reuses them without raising
     the RSS: after a process has freed more than a fit then allocates (a test session, a sweep's
     earlier points), VmHWM above the RSS read 0 for a whole fit. Trimmed first, the baseline is the
-    live memory (plus fragmentation) and what the measured step allocates shows. False without glibc.
+    live memory (plus fragmentation) and what the measured step allocates shows. A no-op without glibc.
     """
     libc = _libc()
-    if libc is None or not hasattr(libc, "malloc_trim"):
-        return False
-    libc.malloc_trim(0)
-    return True
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def exact_host_allocator() -> bool:
